@@ -1,0 +1,1 @@
+"""YAML job configs and their loader."""

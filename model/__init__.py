@@ -1,0 +1,1 @@
+"""mosaiq models: the p-MOS regressor and the QA-MDT diffusion transformer."""

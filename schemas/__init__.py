@@ -1,0 +1,1 @@
+"""Versioned definitions of every mosaiq table, the shard sample JSON and the quality-stats JSON."""

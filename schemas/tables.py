@@ -1,0 +1,137 @@
+"""The one definition of every mosaiq table: column names, units and pyarrow schemas.
+
+Each stage's table is the previous stage's table plus the columns that stage writes, so a
+row carries its whole history. Names carry their units (`start_s`, `duration_s`).
+Every table has `status` (`ok`, `rejected`, `error`) and `reason` (empty when `ok`).
+Bump the version of a table whenever its columns change.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# --- status values ---------------------------------------------------------------------
+OK = "ok"
+REJECTED = "rejected"
+ERROR = "error"
+STATUSES = (OK, REJECTED, ERROR)
+
+# --- clip manifest (ingest) ------------------------------------------------------------
+CLIP_ID = "clip_id"  # hex digest of (file content digest, start, duration)
+AUDIO_PATH = "audio_path"  # path or fsspec URI of the source file
+SOURCE_DIGEST = "source_digest"  # blake2b-128 of the file's bytes ("" when unreadable)
+START_S = "start_s"  # clip start in the source, seconds
+DURATION_S = "duration_s"  # clip duration, seconds
+SOURCE_DURATION_S = "source_duration_s"  # whole file duration, seconds
+SOURCE_SAMPLE_RATE = "source_sample_rate"  # native rate, Hz
+SOURCE_CHANNELS = "source_channels"
+SOURCE_FORMAT = "source_format"  # container as the decoder reports it (WAV, FLAC, ...)
+CAPTION_ORIGINAL = "caption_original"  # caption as given by the input ("" when missing)
+TAGS = "tags"  # list of tags as given by the input
+METADATA_JSON = "metadata_json"  # other input columns, as a JSON object string
+STATUS = "status"
+REASON = "reason"
+
+# --- scores (score) ----------------------------------------------------------------------
+PMOS = "pmos"  # pseudo-MOS in [1, 5]
+SCORER = "scorer"  # name of the scorer that wrote pmos
+
+# --- quality (quantize) -----------------------------------------------------------------
+QUALITY_LEVEL = "quality_level"  # 1..5, empirical-rule bands
+QUALITY_PREFIX = "quality_prefix"  # "low quality" / "medium quality" / "high quality" / ""
+STATS_ID = "stats_id"  # content id of the quality-stats JSON used
+
+# --- captions (caption) -----------------------------------------------------------------
+CANDIDATES = "candidates"  # LLM candidate captions, after validation (kept ones only)
+CANDIDATE_REJECTS = "candidate_rejects"  # reasons for LLM outputs that failed validation
+CLAP_ORIGINAL = "clap_original"  # CLAP similarity of the original caption
+CLAP_CANDIDATES = "clap_candidates"  # CLAP similarity of each kept candidate
+CLAP_SCORE = "clap_score"  # CLAP similarity of the chosen caption
+CAPTION = "caption"  # the chosen caption
+CAPTION_SOURCE = "caption_source"  # "original" or "candidate"
+CAPTION_NOTE = "caption_note"  # why the original was kept, e.g. "llm_no_usable_output"
+PROMPT = "prompt"  # "<quality_prefix>, <caption>" or just the caption
+
+NUM_QUALITY_LEVELS = 5
+
+CLIPS_VERSION = 1
+SCORES_VERSION = 1
+QUALITY_VERSION = 1
+CAPTIONS_VERSION = 1
+
+CLIP_FIELDS = [
+    pa.field(CLIP_ID, pa.string(), nullable=False),
+    pa.field(AUDIO_PATH, pa.string(), nullable=False),
+    pa.field(SOURCE_DIGEST, pa.string(), nullable=False),
+    pa.field(START_S, pa.float64(), nullable=False),
+    pa.field(DURATION_S, pa.float64(), nullable=False),
+    pa.field(SOURCE_DURATION_S, pa.float64()),
+    pa.field(SOURCE_SAMPLE_RATE, pa.int32()),
+    pa.field(SOURCE_CHANNELS, pa.int32()),
+    pa.field(SOURCE_FORMAT, pa.string()),
+    pa.field(CAPTION_ORIGINAL, pa.string(), nullable=False),
+    pa.field(TAGS, pa.list_(pa.string()), nullable=False),
+    pa.field(METADATA_JSON, pa.string(), nullable=False),
+    pa.field(STATUS, pa.string(), nullable=False),
+    pa.field(REASON, pa.string(), nullable=False),
+]
+
+SCORE_FIELDS = [
+    pa.field(PMOS, pa.float64()),
+    pa.field(SCORER, pa.string(), nullable=False),
+]
+
+QUALITY_FIELDS = [
+    pa.field(QUALITY_LEVEL, pa.int8()),
+    pa.field(QUALITY_PREFIX, pa.string(), nullable=False),
+    pa.field(STATS_ID, pa.string(), nullable=False),
+]
+
+CAPTION_FIELDS = [
+    pa.field(CANDIDATES, pa.list_(pa.string()), nullable=False),
+    pa.field(CANDIDATE_REJECTS, pa.list_(pa.string()), nullable=False),
+    pa.field(CLAP_ORIGINAL, pa.float64()),
+    pa.field(CLAP_CANDIDATES, pa.list_(pa.float64()), nullable=False),
+    pa.field(CLAP_SCORE, pa.float64()),
+    pa.field(CAPTION, pa.string(), nullable=False),
+    pa.field(CAPTION_SOURCE, pa.string(), nullable=False),
+    pa.field(CAPTION_NOTE, pa.string(), nullable=False),
+    pa.field(PROMPT, pa.string(), nullable=False),
+]
+
+
+def _schema(fields: list[pa.Field], name: str, version: int) -> pa.Schema:
+    return pa.schema(fields, metadata={b"mosaiq.table": name.encode(), b"mosaiq.version": str(version).encode()})
+
+
+CLIPS_SCHEMA = _schema(CLIP_FIELDS, "clips", CLIPS_VERSION)
+SCORES_SCHEMA = _schema(CLIP_FIELDS + SCORE_FIELDS, "scores", SCORES_VERSION)
+QUALITY_SCHEMA = _schema(CLIP_FIELDS + SCORE_FIELDS + QUALITY_FIELDS, "quality", QUALITY_VERSION)
+CAPTIONS_SCHEMA = _schema(
+    CLIP_FIELDS + SCORE_FIELDS + QUALITY_FIELDS + CAPTION_FIELDS, "captions", CAPTIONS_VERSION
+)
+
+SCHEMAS = {"clips": CLIPS_SCHEMA, "scores": SCORES_SCHEMA, "quality": QUALITY_SCHEMA, "captions": CAPTIONS_SCHEMA}
+
+
+class SchemaError(ValueError):
+    """A table does not have the columns a stage needs."""
+
+
+def require_columns(table: pa.Table | pa.Schema, columns, stage: str) -> None:
+    """Raise naming every column that `stage` needs and `table` lacks."""
+    names = set(table.schema.names if isinstance(table, pa.Table) else table.names)
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise SchemaError(f"{stage}: input is missing column(s) {missing}; it has {sorted(names)}")
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Select and cast `table`'s columns to `schema` (in its order), raising on missing ones."""
+    require_columns(table, schema.names, f"table {schema.metadata.get(b'mosaiq.table', b'?').decode()}")
+    arrays = [table.column(f.name).cast(f.type) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def empty(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
