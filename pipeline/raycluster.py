@@ -1,0 +1,33 @@
+"""Starting or joining Ray: the same code runs embedded on a laptop and under `ray job submit`."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS, as `ray job submit` sets), else start one.
+
+    Idempotent: a driver that already called `ray.init` keeps its connection.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        log.info("starting an embedded Ray (num_cpus=%s)", num_cpus)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+
+
+def add_ray_args(parser) -> None:
+    parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else start an embedded Ray)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for an embedded Ray (default: all)")
