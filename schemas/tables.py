@@ -53,6 +53,9 @@ CAPTION_NOTE = "caption_note"  # why the original was kept, e.g. "llm_no_usable_
 PROMPT = "prompt"  # "<quality_prefix>, <caption>" or just the caption
 
 NUM_QUALITY_LEVELS = 5
+CLIP_SECONDS = 10.24  # QA-MDT's clip length
+PMOS_SAMPLE_RATE = 16_000  # what the p-MOS scorers (wav2vec2, DistillMOS) take
+CLAP_SAMPLE_RATE = 48_000  # what CLAP takes
 
 CLIPS_VERSION = 1
 SCORES_VERSION = 1

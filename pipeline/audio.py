@@ -1,0 +1,164 @@
+"""Audio I/O: probe a file without decoding it all, decode one clip, check its samples.
+
+Decoding goes through `soundfile` (libsndfile: wav, flac, ogg/vorbis/opus, mp3, aiff, ...),
+which needs no FFmpeg. Resampling is torchaudio's (pure Python, works on the CPU torch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
+
+# the container each extension should hold, as libsndfile names it (sf.info().format)
+_EXPECTED_FORMAT = {
+    ".wav": {"WAV", "WAVEX", "RF64"},
+    ".flac": {"FLAC"},
+    ".ogg": {"OGG"},
+    ".oga": {"OGG"},
+    ".opus": {"OGG"},
+    ".mp3": {"MP3"},
+    ".aif": {"AIFF"},
+    ".aiff": {"AIFF"},
+    ".au": {"AU"},
+    ".w64": {"W64"},
+    ".caf": {"CAF"},
+}
+
+_SHOULD_BE = re.compile(r"^(data|RIFF|SSND|FORM)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_DIGEST_CHUNK = 1 << 20
+_LENGTH_SLACK_S = 0.25  # how far a lossy header's frame count may overstate the real length
+
+
+class AudioError(Exception):
+    """A file or clip that cannot be used; the message is the row's reason."""
+
+    def __init__(self, reason: str, status: str = "error"):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Probe:
+    sample_rate: int
+    channels: int
+    frames: int
+    format: str
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def file_digest(path: str | Path) -> str:
+    """blake2b-128 of the file's bytes, hex."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(_DIGEST_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def probe(path: str | Path) -> Probe:
+    """Read the header, check the extension matches the content, check the end is readable.
+
+    Raises AudioError with the decoder's reason for zero-byte, non-audio, mislabelled and
+    truncated files. Only the last few frames are decoded.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise AudioError(f"unreadable: {e.strerror or e}") from e
+    if size == 0:
+        raise AudioError("empty file (0 bytes)")
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise AudioError(f"not decodable audio: {_decoder_message(e)}") from e
+    expected = _EXPECTED_FORMAT.get(path.suffix.lower())
+    if expected is not None and info.format not in expected:
+        raise AudioError(f"wrong extension: {path.suffix} file holds {info.format} audio")
+    m = _SHOULD_BE.search(info.extra_info or "")
+    if m:
+        raise AudioError(f"truncated: header declares {m.group(1)} chunk of {m.group(2)} bytes, file holds {m.group(3)}")
+    if info.frames <= 0 or info.samplerate <= 0 or info.channels <= 0:
+        raise AudioError(f"no audio frames (frames={info.frames}, rate={info.samplerate}, channels={info.channels})")
+    try:  # lossy headers only estimate the length (MP3: by up to ~0.1 s), so read the last second
+        with sf.SoundFile(str(path)) as f:
+            f.seek(max(0, info.frames - info.samplerate))
+            tail = f.read(info.samplerate, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise AudioError(f"truncated: cannot read the end of the stream: {_decoder_message(e)}") from e
+    if len(tail) == 0:
+        raise AudioError(f"truncated: the header declares {info.frames} frames but the end holds none")
+    return Probe(int(info.samplerate), int(info.channels), int(info.frames), str(info.format))
+
+
+def _decoder_message(e: Exception) -> str:
+    msg = str(e)
+    # libsndfile prefixes "Error opening 'PATH': "; the path is already in the row
+    return re.sub(r"^Error opening .*?: ", "", msg).strip() or type(e).__name__
+
+
+def load_clip(path: str | Path, start_s: float, duration_s: float, target_sr: int | None, mono: bool = True) -> np.ndarray:
+    """Decode [start_s, start_s + duration_s) of a file as float32, mono (T,) or (C, T).
+
+    Raises AudioError when the file is shorter than declared (truncated) or cannot be decoded.
+    """
+    try:
+        with sf.SoundFile(str(path)) as f:
+            sr = f.samplerate
+            start = int(round(start_s * sr))
+            n = int(round(duration_s * sr))
+            f.seek(start)
+            data = f.read(n, dtype="float32", always_2d=True)  # (T, C)
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise AudioError(f"decode failed: {_decoder_message(e)}") from e
+    if len(data) < n - int(_LENGTH_SLACK_S * sr):
+        raise AudioError(f"truncated: decoded {len(data)} of {n} frames at {start_s:.2f}s")
+    if len(data) < n:  # a lossy header overstated the length a little: pad the end
+        data = np.pad(data, ((0, n - len(data)), (0, 0)))
+    audio = data.T  # (C, T)
+    if mono:
+        audio = audio.mean(axis=0)  # (T,)
+    if target_sr is not None and target_sr != sr:
+        audio = resample(audio, sr, target_sr)
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    import torch
+    import torchaudio.functional as AF
+
+    with torch.no_grad():
+        out = AF.resample(torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), orig_sr, target_sr)
+    return out.numpy()
+
+
+@dataclass(frozen=True)
+class SignalChecks:
+    """Thresholds for samples that are there but unusable."""
+
+    silence_dbfs: float = -60.0  # RMS of the signal minus its mean below this: silent
+
+    def reason(self, audio: np.ndarray) -> str | None:
+        """Why this clip is unusable (`rejected`), or None when it is fine."""
+        if audio.size == 0:
+            return "empty clip"
+        finite = np.isfinite(audio)
+        if not finite.all():
+            return f"non_finite_samples: {int((~finite).sum())} NaN/Inf sample(s)"
+        ac = audio - audio.mean(axis=-1, keepdims=True)
+        rms = float(np.sqrt(np.mean(ac.astype(np.float64) ** 2)))
+        level = 20 * np.log10(rms) if rms > 0 else -np.inf
+        if level < self.silence_dbfs:
+            return f"silent: {level:.1f} dBFS after removing DC (threshold {self.silence_dbfs} dBFS)"
+        return None
