@@ -1,0 +1,129 @@
+"""QA-MDT architecture: patchify, masking path, quality token, guidance, presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.diffusion import DiffusionConfig, GaussianDiffusion
+from model.qamdt import PRESETS, Patchifier, QAMDTConfig, build_model, model_config
+
+COND = 16
+
+
+def _tiny(**kw) -> torch.nn.Module:
+    cfg = model_config("tiny", in_channels=2, freq_size=16, patch_size=(4, 4), cond_dim=COND, **kw)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # open the zero-initialised branches so every path matters
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _inputs(n=2, T=32, F=16, S=5):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 2, T, F, generator=g)
+    t = torch.tensor([10, 900])[:n]
+    q = torch.tensor([5, 1])[:n]
+    y = torch.randn(n, S, COND, generator=g)
+    m = torch.ones(n, S, dtype=torch.bool)
+    m[0, 3:] = False
+    return x, t, q, y, m
+
+
+@pytest.mark.parametrize("patch,overlap,size", [((4, 4), (0, 0), (32, 16)), ((4, 2), (2, 1), (30, 15)), ((16, 4), (4, 0), (100, 64))])
+def test_patchify_unpatchify_identity(patch, overlap, size):
+    p = Patchifier(patch, overlap)
+    x = torch.randn(3, 2, *size)
+    tokens = p.patchify(x)
+    gt, gf = p.grid(size)
+    assert tokens.shape == (3, gt * gf, 2 * patch[0] * patch[1])
+    assert p.positions(size).shape == (gt * gf, 2)
+    torch.testing.assert_close(p.unpatchify(tokens, size), x)
+
+
+def test_overlap_is_averaged():
+    p = Patchifier((4, 1), (2, 0))
+    tokens = torch.ones(1, p.grid((8, 1))[0], 4)
+    tokens[:, 1] = 3.0  # patch 1 covers rows 2..5, overlapping patches 0 and 2 on two rows each
+    out = p.unpatchify(tokens, (8, 1))[0, 0, :, 0]
+    torch.testing.assert_close(out, torch.tensor([1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 1.0, 1.0]))
+
+
+def test_mask_ratio_zero_equals_unmasked_path():
+    model = _tiny()
+    x, t, q, y, m = _inputs()
+    full = model(x, t, q, y, m, mask_ratio=None)
+    masked = model(x, t, q, y, m, mask_ratio=0.0)  # shuffles tokens, runs the side interpolator
+    assert full.shape == x.shape
+    torch.testing.assert_close(masked, full, atol=1e-5, rtol=1e-4)
+    # and a real mask ratio does change the prediction
+    assert not torch.allclose(model(x, t, q, y, m, mask_ratio=0.5), full, atol=1e-4)
+
+
+def test_quality_token_changes_output_and_is_stripped():
+    model = _tiny()
+    x, t, _, y, m = _inputs()
+    seen = []
+    hook = model.final_layer.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    hi = model(x, t, torch.tensor([5, 5]), y, m)
+    lo = model(x, t, torch.tensor([1, 1]), y, m)
+    model(x, t, torch.tensor([5, 5]), y, m, mask_ratio=0.3)
+    hook.remove()
+    assert not torch.allclose(hi, lo, atol=1e-4)
+    L = model.patchifier.patchify(x).shape[1]
+    assert seen == [torch.Size([2, L, model.cfg.hidden_size])] * 3  # no prefix token reaches the final layer
+
+
+def test_variable_length_and_text_padding():
+    model = _tiny()
+    x, t, q, y, m = _inputs(T=48)
+    assert model(x, t, q, y, m).shape == x.shape
+    # padded text positions do not matter
+    y2 = y.clone()
+    y2[0, 3:] = 100.0
+    torch.testing.assert_close(model(x, t, q, y2, m), model(x, t, q, y, m))
+
+
+def test_guidance_w0_is_conditional_and_formula():
+    model = _tiny()
+    x, t, q, y, m = _inputs()
+    null_y, null_m = torch.zeros(1, 1, COND), torch.zeros(1, 1, dtype=torch.bool)
+    cond = model(x, t, q, y, m)
+    guided0 = GaussianDiffusion.guided_eps(model, x, t, q, y, m, null_y, null_m, w=0.0, uncond_quality=1)
+    torch.testing.assert_close(guided0, cond)
+    unc = model(x, t, torch.tensor([1, 1]), null_y.expand(2, 5, COND).clone(), torch.zeros(2, 5, dtype=torch.bool))
+    guided = GaussianDiffusion.guided_eps(model, x, t, q, y, m, null_y, null_m, w=3.5, uncond_quality=1)
+    torch.testing.assert_close(guided, cond + 3.5 * (cond - unc), atol=1e-4, rtol=1e-4)
+
+
+def test_ddim_sample_shape_and_seed():
+    model = _tiny()
+    diff = GaussianDiffusion(DiffusionConfig(ddim_steps=5))
+    _, _, q, y, m = _inputs()
+    null_y, null_m = torch.zeros(1, 1, COND), torch.zeros(1, 1, dtype=torch.bool)
+    a = diff.ddim_sample(model, (2, 2, 32, 16), q, y, m, null_y, null_m, generator=torch.Generator().manual_seed(3))
+    b = diff.ddim_sample(model, (2, 2, 32, 16), q, y, m, null_y, null_m, generator=torch.Generator().manual_seed(3))
+    assert a.shape == (2, 2, 32, 16) and torch.isfinite(a).all()
+    torch.testing.assert_close(a, b)
+
+
+def test_schedule_endpoints():
+    d = GaussianDiffusion(DiffusionConfig())
+    assert d.betas.shape == (1000,)
+    assert d.betas[0].item() == pytest.approx(0.0015) and d.betas[-1].item() == pytest.approx(0.0195)
+
+
+def test_presets_and_bad_config():
+    assert set(PRESETS) == {"tiny", "small", "base", "large", "xl"}
+    xl = model_config("xl")
+    assert (xl.hidden_size, xl.num_heads, xl.depth) == (1152, 16, 28)
+    with pytest.raises(ValueError, match="huge"):
+        model_config("huge")
+    with pytest.raises(ValueError, match="overlap"):
+        QAMDTConfig(patch_size=(4, 1), overlap=(4, 0))
+    # the depth split of the official code: (28 - 8) / 2 in, 10 out, 8 decoder blocks
+    m = build_model(model_config("tiny"))
+    assert (len(m.en_inblocks), len(m.en_outblocks), len(m.de_blocks)) == (1, 1, 2)
