@@ -1,0 +1,278 @@
+"""`mosaiq verify SHARDS_DIR`: re-read every shard and check it against the export's records.
+
+Checks, per shard: the tar reads to its end-of-archive blocks (a truncated shard fails); every
+member is a regular file with a safe name (no `/`, no `..`, a key without dots and a known
+extension); the members of a sample are adjacent; every sample has audio and JSON; the JSON
+matches schemas/shard.py, names its own key and the stats id of the folder; the FLAC decodes to
+the declared rate and length (round(seconds_total * sample_rate) frames). Across the folder:
+counts match `sizes.json`, clips and positions match `index.parquet`, bytes match `SHA256SUMS`,
+and no temporary file of a killed run is left. Nothing is extracted to disk and nothing is
+written. Exits 1 with the list of problems, 0 when there are none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from jobs import config as jobconfig
+from pipeline import export as E
+from schemas import shard as S
+from schemas import stats as Q
+from schemas import tables as T
+
+log = logging.getLogger(__name__)
+
+SAMPLE_EXTS = (S.AUDIO_EXT, S.JSON_EXT, S.LATENT_EXT)
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """What to verify; the only defaults."""
+
+    shards_dir: str
+    max_problems_shown: int = 200  # the CLI prints at most this many (the count is always shown)
+
+
+@dataclass
+class ShardCheck:
+    name: str
+    keys: list[str] = field(default_factory=list)  # complete samples, in tar order
+    problems: list[str] = field(default_factory=list)
+    sha256: str = ""
+
+
+@dataclass
+class VerifyResult:
+    shards: int
+    samples: int
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_sample(key: str, members: dict[str, bytes], stats_id: str | None) -> list[str]:
+    """Problems with one sample (its members by extension)."""
+    problems = []
+    for ext in (S.AUDIO_EXT, S.JSON_EXT):
+        if ext not in members:
+            problems.append(f"sample {key!r} has no .{ext} member")
+    if S.JSON_EXT not in members:
+        return problems
+    try:
+        obj = json.loads(members[S.JSON_EXT].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        return problems + [f"sample {key!r}: JSON does not parse: {e}"]
+    bad = S.validate_sample_json(obj)
+    problems += [f"sample {key!r}: {p}" for p in bad]
+    if bad:
+        return problems
+    if obj[S.CLIP_ID] != key:
+        problems.append(f"sample {key!r}: JSON {S.CLIP_ID!r} is {obj[S.CLIP_ID]!r}")
+    if stats_id is not None and obj[S.STATS_ID] != stats_id:
+        problems.append(f"sample {key!r}: {S.STATS_ID!r} is {obj[S.STATS_ID]!r}, the folder's stats id is {stats_id!r}")
+    if S.AUDIO_EXT in members:
+        problems += check_audio(key, members[S.AUDIO_EXT], obj[S.SAMPLE_RATE], obj[S.SECONDS_TOTAL])
+    return problems
+
+
+def check_audio(key: str, data: bytes, sample_rate: int, seconds_total: float) -> list[str]:
+    """Decode the audio fully; check rate, length and finiteness against the JSON."""
+    import soundfile as sf
+
+    try:
+        audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        return [f"sample {key!r}: audio does not decode: {e}"]
+    problems = []
+    expected = round(seconds_total * sample_rate)
+    if rate != sample_rate:
+        problems.append(f"sample {key!r}: audio is {rate} Hz, JSON says {sample_rate} Hz")
+    if len(audio) != expected:
+        problems.append(f"sample {key!r}: audio has {len(audio)} frames, JSON declares {expected} ({seconds_total} s at {sample_rate} Hz)")
+    if audio.size and not np.isfinite(audio).all():
+        problems.append(f"sample {key!r}: audio has non-finite samples")
+    return problems
+
+
+def check_shard(path: str | Path, stats_id: str | None = None) -> ShardCheck:
+    """Read one shard end to end, in memory; collect its complete sample keys and problems."""
+    path = Path(path)
+    res = ShardCheck(path.name)
+    res.sha256 = E.sha256_file(path)
+    seen: set[str] = set()
+    key, members = None, {}
+
+    def close_sample():
+        if key is None:
+            return
+        res.problems.extend(f"{path.name}: {p}" for p in check_sample(key, members, stats_id))
+        if S.AUDIO_EXT in members and S.JSON_EXT in members:
+            res.keys.append(key)
+
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for m in tar:
+                name = m.name
+                if "/" in name or "\\" in name or ".." in name:
+                    res.problems.append(f"{path.name}: refused member name {name!r} (contains '/' or '..')")
+                    continue
+                if not m.isfile():
+                    res.problems.append(f"{path.name}: member {name!r} is not a regular file")
+                    continue
+                mkey, _, ext = name.partition(".")
+                if not E.KEY_RE.match(mkey) or ext not in SAMPLE_EXTS:
+                    res.problems.append(f"{path.name}: member {name!r} is not <key>.{{{','.join(SAMPLE_EXTS)}}} with a key matching {E.KEY_RE.pattern}")
+                    continue
+                data = tar.extractfile(m).read()
+                if len(data) != m.size:
+                    raise tarfile.ReadError(f"member {name!r} holds {len(data)} of {m.size} bytes")
+                if mkey != key:
+                    close_sample()
+                    if mkey in seen:
+                        res.problems.append(f"{path.name}: sample {mkey!r} appears twice or its members are not adjacent")
+                    seen.add(mkey)
+                    key, members = mkey, {}
+                if ext in members:
+                    res.problems.append(f"{path.name}: sample {mkey!r} has two .{ext} members")
+                members[ext] = data
+            close_sample()
+            end = tar.offset
+        size = path.stat().st_size
+        if size < end + 2 * tarfile.BLOCKSIZE:
+            res.problems.append(f"{path.name}: truncated: {size} bytes, the end-of-archive blocks after byte {end} are missing")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        res.problems.append(f"{path.name}: truncated or corrupt tar: {e} (after {len(res.keys)} complete sample(s))")
+    return res
+
+
+def _read_json(path: Path, problems: list[str]):
+    if not path.is_file():
+        problems.append(f"{path.name} is missing")
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        problems.append(f"{path.name} does not parse: {e}")
+        return None
+
+
+def _read_checksums(path: Path, problems: list[str]) -> dict[str, str]:
+    if not path.is_file():
+        problems.append(f"{path.name} is missing")
+        return {}
+    sums = {}
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            problems.append(f"{path.name} line {i} is not '<sha256>  <file>': {line!r}")
+            continue
+        sums[name] = digest
+    return sums
+
+
+def main(cfg: VerifyConfig) -> VerifyResult:
+    """Verify every shard in `cfg.shards_dir` against sizes.json, index.parquet and SHA256SUMS."""
+    folder = Path(cfg.shards_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"shards folder {cfg.shards_dir!r} does not exist")
+    problems: list[str] = []
+    sizes = _read_json(folder / E.SIZES_FILE, problems)
+    if sizes is not None and not (isinstance(sizes, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in sizes.values())):
+        problems.append(f"{E.SIZES_FILE} is not an object of shard -> integer count: {str(sizes)[:200]}")
+        sizes = None
+    sums = _read_checksums(folder / E.CHECKSUMS_FILE, problems)
+    stats_id = None
+    if (folder / Q.STATS_FILE).is_file():
+        try:
+            stats_id = Q.load(folder / Q.STATS_FILE).id
+        except Q.StatsError as e:
+            problems.append(f"{Q.STATS_FILE}: {e}")
+    index = None
+    if (folder / E.INDEX_FILE).is_file():
+        try:
+            index = pq.read_table(folder / E.INDEX_FILE)
+            T.require_columns(index, E.INDEX_SCHEMA.names, "verify")
+        except (OSError, ValueError) as e:
+            problems.append(f"{E.INDEX_FILE} cannot be read: {e}")
+            index = None
+    else:
+        problems.append(f"{E.INDEX_FILE} is missing")
+    problems += [f"temporary file {p.name} of an interrupted run is left" for p in sorted(folder.glob(f".*{E.PARTIAL_SUFFIX}"))]
+
+    on_disk = sorted(p.name for p in folder.glob(f"*{E.SHARD_EXT}") if p.is_file())
+    declared = sorted(sizes) if sizes is not None else on_disk
+    problems += [f"{name} is in {E.SIZES_FILE} but missing" for name in declared if name not in on_disk]
+    problems += [f"{name} is not in {E.SIZES_FILE}" for name in on_disk if sizes is not None and name not in sizes]
+    found: dict[str, tuple[str, int]] = {}  # clip -> (shard, position)
+    samples = 0
+    for name in on_disk:
+        res = check_shard(folder / name, stats_id)
+        problems += res.problems
+        samples += len(res.keys)
+        if sizes is not None and name in sizes and sizes[name] != len(res.keys):
+            problems.append(f"{name}: {len(res.keys)} complete sample(s), {E.SIZES_FILE} says {sizes[name]}")
+        if name not in sums:
+            problems.append(f"{name} has no line in {E.CHECKSUMS_FILE}")
+        elif sums[name] != res.sha256:
+            problems.append(f"{name}: sha256 {res.sha256} differs from {E.CHECKSUMS_FILE} ({sums[name]})")
+        for pos, key in enumerate(res.keys):
+            if key in found:
+                problems.append(f"{name}: sample {key!r} is also in {found[key][0]}")
+            found[key] = (name, pos)
+    problems += [f"{name} is in {E.CHECKSUMS_FILE} but missing" for name in sorted(sums) if name not in on_disk]
+    if index is not None:
+        problems += _check_index(index, found)
+    log.info("verify: %d shard(s), %d sample(s), %d problem(s)", len(on_disk), samples, len(problems))
+    return VerifyResult(len(on_disk), samples, problems)
+
+
+def _check_index(index, found: dict[str, tuple[str, int]]) -> list[str]:
+    problems = []
+    rows = zip(*(index.column(c).to_pylist() for c in (T.CLIP_ID, E.SHARD, E.POSITION)))
+    listed = {}
+    for clip, shard, pos in rows:
+        if clip in listed:
+            problems.append(f"{E.INDEX_FILE}: clip {clip!r} is listed twice")
+        listed[clip] = (shard, pos)
+    for clip, where in sorted(listed.items()):
+        if clip not in found:
+            problems.append(f"{E.INDEX_FILE}: clip {clip!r} ({where[0]}) is in no shard")
+        elif found[clip] != where:
+            problems.append(f"{E.INDEX_FILE}: clip {clip!r} is at {where}, found at {found[clip]}")
+    problems += [f"{E.INDEX_FILE}: clip {clip!r} in {found[clip][0]} is not listed" for clip in sorted(set(found) - set(listed))]
+    return problems
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mosaiq verify", description="re-read shards and check counts, keys, audio and JSON")
+    p.add_argument("shards_dir", help="folder written by `mosaiq export`")
+    p.add_argument("--max-problems-shown", type=int, default=None)
+    args = p.parse_args(argv)
+    try:
+        cfg = jobconfig.load(VerifyConfig, None, shards_dir=args.shards_dir, max_problems_shown=args.max_problems_shown)
+        result = main(cfg)
+    except (jobconfig.ConfigError, FileNotFoundError) as e:
+        print(f"mosaiq verify: error: {e}", file=sys.stderr)
+        return 2
+    if result.ok:
+        print(f"OK: {result.shards} shard(s), {result.samples} sample(s) verified in {cfg.shards_dir}")
+        return 0
+    print(f"FAILED: {len(result.problems)} problem(s) in {cfg.shards_dir} ({result.shards} shard(s), {result.samples} complete sample(s)):")
+    for line in result.problems[: cfg.max_problems_shown]:
+        print(f"  - {line}")
+    if len(result.problems) > cfg.max_problems_shown:
+        print(f"  ... and {len(result.problems) - cfg.max_problems_shown} more")
+    return 1
+

@@ -1,0 +1,304 @@
+"""Export: WebDataset shards read by plain webdataset, byte-identical re-runs, resume, reports."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from pipeline import export as E
+from pipeline.runner import read_folder, write_parts
+from schemas import shard as S
+from schemas import stats as Q
+from schemas import tables as T
+
+pytestmark = pytest.mark.slow
+
+CLIP_S = 0.5
+LEFT_OUT = [  # (status, reason) of the rows that must not be exported
+    (T.REJECTED, "text_audio_mismatch"),
+    (T.REJECTED, "silent: -71.0 dBFS after removing DC (threshold -60.0 dBFS)"),
+    (T.ERROR, "decode failed: unexpected end of file"),
+]
+
+
+# --- fixtures: seeded synthetic audio and a caption table that points at it ------------------
+
+
+def make_stats() -> Q.QualityStats:
+    return Q.make(count=10, fit=None, mu=3.8, sigma=0.2, fixed=True, band_multipliers=(-2, -1, 1, 2),
+                  prefix_low_below=-2, prefix_medium_within=1, prefix_high_above=2)
+
+
+def make_captions(root: Path, n_ok: int = 13, seed: int = 0, stats: Q.QualityStats | None = None) -> Path:
+    """Write source audio (mono 16 kHz WAV, stereo 22.05 kHz FLAC) and a 2-part caption table."""
+    rng = np.random.default_rng(seed)
+    stats = stats or make_stats()
+    audio_dir = root / "audio"
+    audio_dir.mkdir(parents=True)
+    sources = []
+    for i, (rate, channels, ext) in enumerate([(16000, 1, "wav"), (22050, 2, "flac")]):
+        n = int(rate * CLIP_S * (n_ok + len(LEFT_OUT)))
+        t = np.arange(n) / rate
+        tone = 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t)[:, None] + 0.05 * rng.standard_normal((n, channels))
+        path = audio_dir / f"src{i}.{ext}"
+        sf.write(path, tone.astype(np.float32), rate, subtype="PCM_16")
+        sources.append((str(path), rate, channels, n / rate))
+    rows = []
+    statuses = [(T.OK, "")] * n_ok + LEFT_OUT
+    for j, (status, reason) in enumerate(statuses):
+        path, rate, channels, total = sources[j % 2]
+        ok = status == T.OK
+        level = int(rng.integers(1, 6))
+        prefix = [Q.PREFIX_LOW, "", Q.PREFIX_MEDIUM, "", Q.PREFIX_HIGH][level - 1]
+        original = f"a synth tune number {j} | with <b>odd</b> text"
+        caption = original if j % 3 == 0 else f"bright synthesizer melody {j} over soft noise"
+        rows.append({
+            T.CLIP_ID: f"{j:04d}c{seed:02d}" + "ab" * 4, T.AUDIO_PATH: path, T.SOURCE_DIGEST: f"d{j % 2}",
+            T.START_S: (j // 2) * CLIP_S, T.DURATION_S: CLIP_S, T.SOURCE_DURATION_S: total,
+            T.SOURCE_SAMPLE_RATE: rate, T.SOURCE_CHANNELS: channels, T.SOURCE_FORMAT: "WAV" if rate == 16000 else "FLAC",
+            T.CAPTION_ORIGINAL: original, T.TAGS: ["synth"], T.METADATA_JSON: "{}",
+            T.STATUS: status, T.REASON: reason,
+            T.PMOS: None if status == T.ERROR else float(3.0 + rng.random() * 1.5), T.SCORER: "test",
+            T.QUALITY_LEVEL: level if ok else None, T.QUALITY_PREFIX: prefix, T.STATS_ID: stats.id,
+            T.CANDIDATES: [caption], T.CANDIDATE_REJECTS: [], T.CLAP_ORIGINAL: float(rng.random() * 0.5),
+            T.CLAP_CANDIDATES: [0.4], T.CLAP_SCORE: float(0.2 + rng.random() * 0.5) if status != T.ERROR else None,
+            T.CAPTION: caption, T.CAPTION_SOURCE: "original" if caption == original else "candidate",
+            T.CAPTION_NOTE: "", T.PROMPT: f"{prefix}, {caption}" if prefix else caption,
+        })
+    table = T.conform(pa.Table.from_pylist(rows), T.CAPTIONS_SCHEMA)
+    captions = root / "captions"
+    write_parts(table, captions, rows_per_part=7)
+    Q.dump(stats, captions / Q.STATS_FILE)
+    return captions
+
+
+def export(captions: Path, out: Path, **kw) -> E.ExportConfig:
+    cfg = E.ExportConfig(input=str(captions), output=str(out), **{"shard_max_count": 3, **kw})
+    E.main(cfg)
+    return cfg
+
+
+def decode_flac(data: bytes):
+    audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    return audio, rate
+
+
+def shard_urls(out: Path) -> list[str]:
+    return [str(p) for p in sorted(out.glob("*.tar"))]
+
+
+def folder_bytes(out: Path, skip=(E.CONFIG_FILE,)) -> dict[str, bytes]:
+    """Every file under `out` (state included) except the resolved config, which names `out`."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_captions(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def exported(dataset, tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("shards")
+    export(dataset, out)
+    return out
+
+
+# --- tests -----------------------------------------------------------------------------------
+
+
+def test_plain_webdataset_reads_every_ok_sample(dataset, exported):
+    import webdataset as wds
+
+    ds = wds.WebDataset(shard_urls(exported), shardshuffle=False, empty_check=False).decode(
+        wds.handle_extension(S.AUDIO_EXT, decode_flac))
+    samples = list(ds)
+    table = read_folder(dataset).to_pylist()
+    ok = {r[T.CLIP_ID]: r for r in table if r[T.STATUS] == T.OK}
+    assert sorted(s["__key__"] for s in samples) == sorted(ok)
+    for s in samples:
+        assert set(s) >= {S.AUDIO_EXT, S.JSON_EXT}
+        meta = s[S.JSON_EXT]
+        assert S.validate_sample_json(meta) == []
+        row = ok[s["__key__"]]
+        assert meta[S.PROMPT] == row[T.PROMPT] and meta[S.QUALITY_LEVEL] == row[T.QUALITY_LEVEL]
+        audio, rate = s[S.AUDIO_EXT]
+        assert rate == row[T.SOURCE_SAMPLE_RATE] == meta[S.SAMPLE_RATE]
+        assert audio.shape == (round(CLIP_S * rate), row[T.SOURCE_CHANNELS])
+        start = round(row[T.START_S] * rate)
+        src, _ = sf.read(row[T.AUDIO_PATH], start=start, frames=len(audio), dtype="float32", always_2d=True)
+        np.testing.assert_allclose(audio, src, atol=1.5 / 32768)  # lossless at PCM_16
+
+
+def test_samples_are_shuffled_and_shards_cut_by_count(exported):
+    sizes = json.loads((exported / E.SIZES_FILE).read_text())
+    assert list(sizes.values()) == [3, 3, 3, 3, 1]
+    index = pq.read_table(exported / E.INDEX_FILE).to_pylist()
+    order = [r[T.CLIP_ID] for r in index]
+    assert order != sorted(order)  # shuffled before sharding
+    assert [(r[E.SHARD], r[E.POSITION]) for r in index][:4] == [("shard-000000.tar", 0), ("shard-000000.tar", 1),
+                                                                 ("shard-000000.tar", 2), ("shard-000001.tar", 0)]
+
+
+def test_non_ok_rows_are_reported_not_exported(dataset, exported):
+    report = json.loads((exported / E.REPORT_FILE).read_text())
+    table = read_folder(dataset).to_pylist()
+    left = sorted((r[T.CLIP_ID], r[T.STATUS], r[T.REASON]) for r in table if r[T.STATUS] != T.OK)
+    assert sorted((r[T.CLIP_ID], r[T.STATUS], r[T.REASON]) for r in report["left_out"]["rows"]) == left
+    assert report["left_out"]["counts"][T.REJECTED] == {LEFT_OUT[0][1]: 1, LEFT_OUT[1][1]: 1}
+    assert report["exported"] == 13 and report["input_rows"] == 16
+    exported_ids = set(pq.read_table(exported / E.INDEX_FILE).column(T.CLIP_ID).to_pylist())
+    assert exported_ids.isdisjoint(r[0] for r in left)
+    card = (exported / "README.md").read_text()
+    assert "text_audio_mismatch" in card and "| rejected | silent | 1 |" in card and "decode failed" in card
+    assert "&lt;b&gt;odd&lt;/b&gt;" in card and "<b>" not in card and "\\|" in card  # captions escaped
+    for png in ("status_reasons.png", "pmos.png", "levels.png", "clap.png"):
+        assert (exported / "card" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stats_and_config_travel_with_the_shards(dataset, exported):
+    assert (exported / Q.STATS_FILE).read_bytes() == (dataset / Q.STATS_FILE).read_bytes()
+    sid = Q.load(exported / Q.STATS_FILE).id
+    index = pq.read_table(exported / E.INDEX_FILE)
+    assert index.num_rows == 13
+    cfg = json.loads((exported / E.CONFIG_FILE).read_text())
+    assert cfg["seed"] == 0 and cfg["shard_max_count"] == 3
+    import webdataset as wds
+
+    metas = [s[S.JSON_EXT] for s in wds.WebDataset(shard_urls(exported), shardshuffle=False).decode()]
+    assert {m[S.STATS_ID] for m in metas} == {sid}
+
+
+def test_export_twice_gives_byte_identical_shards(dataset, exported, tmp_path):
+    again = tmp_path / "again"
+    export(dataset, again)
+    assert folder_bytes(again) == folder_bytes(exported)
+    before = {p.name: p.stat().st_mtime_ns for p in again.glob("*.tar")}
+    stage = E.main(E.ExportConfig(input=str(dataset), output=str(again), shard_max_count=3))
+    assert stage.parts_skipped == stage.parts_total == 5  # a re-run writes no shard again
+    assert {p.name: p.stat().st_mtime_ns for p in again.glob("*.tar")} == before
+    assert folder_bytes(again) == folder_bytes(exported)
+
+
+def test_interrupted_run_resumes_to_the_same_shards(dataset, exported, tmp_path):
+    out = tmp_path / "killed"
+    export(dataset, out)
+    # what a run killed half way leaves: shards missing, one cut short, a stale state record,
+    # a half-written temporary shard, and none of the final index files
+    (out / "shard-000001.tar").unlink()
+    with open(out / "shard-000002.tar", "r+b") as f:
+        f.truncate(os.path.getsize(out / "shard-000002.tar") // 2)
+    (out / "shard-000004.tar").unlink()
+    (out / E.STATE_DIR / "shard-000003.tar.json").unlink()
+    (out / ".shard-000004.tar.4242.partial").write_bytes(b"half a tar")
+    for name in (E.SIZES_FILE, E.INDEX_FILE, E.CHECKSUMS_FILE, E.REPORT_FILE, "README.md"):
+        (out / name).unlink()
+    stage = E.main(E.ExportConfig(input=str(dataset), output=str(out), shard_max_count=3))
+    assert stage.parts_skipped == 1  # shard 0 only; 1-4 were missing, cut short or unrecorded
+    assert folder_bytes(out) == folder_bytes(exported)
+    assert not list(out.glob(".*.partial"))
+
+
+def test_changed_plan_rewrites_and_removes_stale_shards(dataset, exported, tmp_path):
+    out = tmp_path / "replan"
+    export(dataset, out, shard_max_count=2)  # 7 shards
+    assert len(shard_urls(out)) == 7
+    export(dataset, out)  # 5 shards of 3: every name's content changes, two names go
+    assert folder_bytes(out) == folder_bytes(exported)
+
+
+def test_seed_changes_the_order(dataset, exported, tmp_path):
+    out = tmp_path / "seed1"
+    export(dataset, out, seed=1)
+    a = pq.read_table(exported / E.INDEX_FILE).column(T.CLIP_ID).to_pylist()
+    b = pq.read_table(out / E.INDEX_FILE).column(T.CLIP_ID).to_pylist()
+    assert sorted(a) == sorted(b) and a != b
+
+
+def test_resample_and_mono(dataset, tmp_path, ray_local):
+    import webdataset as wds
+
+    out = tmp_path / "mono8k"
+    export(dataset, out, sample_rate=8000, mono=True, shard_max_count=100)
+    for s in wds.WebDataset(shard_urls(out), shardshuffle=False).decode(wds.handle_extension(S.AUDIO_EXT, decode_flac)):
+        audio, rate = s[S.AUDIO_EXT]
+        assert rate == s[S.JSON_EXT][S.SAMPLE_RATE] == 8000
+        assert audio.shape == (round(CLIP_S * 8000), 1)
+        assert 0.1 < float(np.abs(audio).max()) <= 1.0
+
+
+def test_shard_bytes_bound(dataset, tmp_path, ray_local):
+    out = tmp_path / "bybytes"
+    limit = 50_000  # a 0.5 s stereo 22.05 kHz clip is ~44 kB as PCM: one or two per shard
+    export(dataset, out, shard_max_count=100, shard_max_bytes=limit)
+    sizes = json.loads((out / E.SIZES_FILE).read_text())
+    assert len(sizes) > 5 and sum(sizes.values()) == 13
+    assert all(p.stat().st_size <= limit for p in out.glob("*.tar"))
+
+
+def test_plan_is_independent_of_part_layout(dataset, tmp_path):
+    table = E.read_captions(dataset)
+    one = tmp_path / "one"
+    write_parts(table.take(np.arange(table.num_rows)[::-1]), one, rows_per_part=100)
+    cfg = E.ExportConfig(input=str(dataset), output=str(tmp_path / "x"), shard_max_count=3)
+    a = E.plan_shards(E.split_rows(table)[0], cfg)
+    b = E.plan_shards(E.split_rows(E.read_captions(one))[0], cfg)
+    assert [s.digest() for s in a] == [s.digest() for s in b]
+
+
+@pytest.mark.parametrize("key", ["a.b", "../etc", "a/b", "", "x" * 91, "a b", "..", ".hidden"])
+def test_refuses_unsafe_keys(dataset, key):
+    table = E.read_captions(dataset)
+    ids = table.column(T.CLIP_ID).to_pylist()
+    ids[0] = key
+    bad = table.set_column(table.schema.get_field_index(T.CLIP_ID), T.CLIP_ID, pa.array(ids))
+    with pytest.raises(E.ExportError, match="refusing"):
+        E.split_rows(bad)
+    with pytest.raises(E.ExportError, match="refusing"):
+        E.check_key(key)
+
+
+def test_refuses_duplicate_ids_and_mismatched_stats(dataset, tmp_path):
+    table = E.read_captions(dataset)
+    with pytest.raises(E.ExportError, match="duplicate"):
+        E.split_rows(pa.concat_tables([table, table.slice(0, 1)]))
+    other = Q.make(count=1, fit=None, mu=3.0, sigma=0.5, fixed=True, band_multipliers=(-2, -1, 1, 2),
+                   prefix_low_below=-2, prefix_medium_within=1, prefix_high_above=2)
+    Q.dump(other, tmp_path / "other.json")
+    with pytest.raises(E.ExportError, match="stats id"):
+        E.load_stats(tmp_path / "other.json", E.split_rows(table)[0])
+
+
+def test_ok_row_with_missing_level_is_an_error_not_a_silent_skip(dataset):
+    table = E.read_captions(dataset)
+    ok, _ = E.split_rows(table)
+    levels = ok.column(T.QUALITY_LEVEL).to_pylist()
+    levels[2] = None
+    ok = ok.set_column(ok.schema.get_field_index(T.QUALITY_LEVEL), T.QUALITY_LEVEL, pa.array(levels, pa.int8()))
+    with pytest.raises(E.ExportError, match="quality_level"):
+        E.plan_shards(ok, E.ExportConfig(input="i", output="o"))
+
+
+def test_cli_writes_shards(dataset, tmp_path, ray_local, capsys):
+    out = tmp_path / "cli"
+    assert E.cli(["--input", str(dataset), "--output", str(out), "--shard-max-count", "5", "--seed", "3"]) == 0
+    assert json.loads((out / E.SIZES_FILE).read_text()) == {"shard-000000.tar": 5, "shard-000001.tar": 5, "shard-000002.tar": 3}
+    assert "mosaiq verify" in capsys.readouterr().out
+    assert E.cli(["--input", str(tmp_path / "nope"), "--output", str(out)]) == 2
