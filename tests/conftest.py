@@ -1,0 +1,34 @@
+"""Shared fixtures: offline environment, the bundled sample, one embedded Ray per session."""
+
+from __future__ import annotations
+
+import os
+
+# no network at test time: any hub lookup fails fast instead of downloading
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60 clusters use token auth after a first init
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """An embedded Ray for the whole test session (stages call init_ray, which reuses it)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory):
+    """The bundled sample (6 tracks x clean + 4 degraded copies, plus 3 broken files)."""
+    from pipeline.sample import SampleConfig, write_sample
+
+    out = tmp_path_factory.mktemp("sample")
+    write_sample(out, SampleConfig(tracks=6, seed=0))
+    return out
