@@ -104,7 +104,7 @@ def folder_bytes(out: Path, skip=(E.CONFIG_FILE,)) -> dict[str, bytes]:
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
