@@ -95,16 +95,17 @@ class Wav2Vec2Scorer:
 
     @torch.no_grad()
     def __call__(self, wavs: list[np.ndarray]) -> np.ndarray:
-        out = np.empty(len(wavs), np.float64)
-        if not wavs:
-            return out
-        lengths = torch.tensor([len(w) for w in wavs])
-        batch = torch.zeros(len(wavs), int(lengths.max()))  # (B, T)
-        for i, w in enumerate(wavs):
-            batch[i, : len(w)] = torch.from_numpy(w)
-        scores = self.model(batch.to(self.device), lengths.to(self.device))  # (B,)
-        out[:] = scores.float().cpu().numpy()
-        return out
+        return _score_by_length(wavs, lambda x: self.model(x.to(self.device)))
+
+
+def _score_by_length(wavs: list[np.ndarray], fn) -> np.ndarray:
+    """Run `fn` on batches of equal-length clips: zero-padding would change a clip's score
+    (attention and normalisation see the padding), and clips are nearly always one length."""
+    out = np.empty(len(wavs), np.float64)
+    for _, idx in sorted(_length_groups(wavs).items()):
+        x = torch.from_numpy(np.stack([wavs[i] for i in idx]))  # (b, T)
+        out[idx] = fn(x).reshape(-1).float().cpu().numpy()
+    return np.clip(out, PMOS_MIN, PMOS_MAX)
 
 
 class DistillMOSScorer:
@@ -123,13 +124,8 @@ class DistillMOSScorer:
 
     @torch.no_grad()
     def __call__(self, wavs: list[np.ndarray]) -> np.ndarray:
-        out = np.empty(len(wavs), np.float64)
-        # DistillMOS crops long inputs into windows itself; zero-padding would change a score,
-        # so clips of different lengths run as separate batches
-        for _, idx in sorted(_length_groups(wavs).items()):
-            x = torch.from_numpy(np.stack([wavs[i] for i in idx])).to(self.device)  # (b, T)
-            out[idx] = self.model(x).reshape(-1).float().cpu().numpy()
-        return np.clip(out, PMOS_MIN, PMOS_MAX)
+        # DistillMOS crops long inputs into windows itself
+        return _score_by_length(wavs, lambda x: self.model(x.to(self.device)))
 
 
 def build_scorer(name: str, model_path: str | Path | None = None, device: str = "cpu"):
