@@ -1,0 +1,176 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from pipeline import ingest, score
+from pipeline.runner import WORK_DIR, read_folder
+from schemas import tables as T
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+def write(path, x, sr=16000, **kw):
+    sf.write(path, x, sr, **kw)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stage():
+    return score.ScoreStage(score.ScoreConfig())
+
+
+def test_stage_scores_ok_rows_and_reports_bad_samples(tmp_path, stage):
+    rng = np.random.default_rng(0)
+    t = np.arange(3 * 16000) / 16000
+    music = (0.3 * np.sin(2 * np.pi * 330 * t) * (1 + 0.5 * np.sin(2 * np.pi * 2 * t))).astype(np.float32)
+    nan = music.copy()
+    nan[100:200] = np.nan
+    inf = music.copy()
+    inf[5] = np.inf
+    write(tmp_path / "music.wav", music)
+    write(tmp_path / "nan.wav", nan, subtype="FLOAT")
+    write(tmp_path / "inf.wav", inf, subtype="FLOAT")
+    write(tmp_path / "silent.wav", np.zeros_like(music))
+    write(tmp_path / "dc.wav", np.full_like(music, 0.5))  # clipped to a constant: no signal left
+    write(tmp_path / "hiss.flac", (1e-5 * rng.standard_normal(len(music))).astype(np.float32), subtype="PCM_24")
+    table = ingest.main(tmp_path, tmp_path / "clips", progress=False)
+    # a row that was already rejected upstream passes through untouched
+    out = stage(table)
+    rows = {Path(r[T.AUDIO_PATH]).name: r for r in out.to_pylist()}
+    assert out.num_rows == table.num_rows and out.schema.equals(T.SCORES_SCHEMA)
+    assert rows["music.wav"][T.STATUS] == T.OK and 1 <= rows["music.wav"][T.PMOS] <= 5
+    assert rows["music.wav"][T.SCORER] == "distillmos"
+    assert rows["nan.wav"][T.STATUS] == T.REJECTED and rows["nan.wav"][T.REASON].startswith("non_finite_samples: 100 ")
+    assert rows["inf.wav"][T.REASON].startswith("non_finite_samples: 1 ")
+    for name in ("silent.wav", "dc.wav", "hiss.flac"):
+        assert rows[name][T.STATUS] == T.REJECTED and rows[name][T.REASON].startswith("silent"), name
+        assert rows[name][T.PMOS] is None
+
+
+def test_stage_passes_non_ok_rows_and_catches_files_that_changed(tmp_path, stage):
+    write(tmp_path / "a.wav", (0.2 * np.sin(np.arange(48000) / 7)).astype(np.float32))
+    write(tmp_path / "b.wav", (0.2 * np.sin(np.arange(48000) / 5)).astype(np.float32))
+    (tmp_path / "z.wav").write_bytes(b"")
+    table = ingest.main(tmp_path, tmp_path / "clips", progress=False)
+    data = (tmp_path / "b.wav").read_bytes()
+    (tmp_path / "b.wav").write_bytes(data[: len(data) // 3])  # truncated after ingest
+    rows = {Path(r[T.AUDIO_PATH]).name: r for r in stage(table).to_pylist()}
+    assert rows["z.wav"][T.STATUS] == T.ERROR and rows["z.wav"][T.REASON] == "empty file (0 bytes)"
+    assert rows["b.wav"][T.STATUS] == T.ERROR and "truncated" in rows["b.wav"][T.REASON]
+    assert rows["a.wav"][T.STATUS] == T.OK
+
+
+def test_stage_names_missing_columns(stage):
+    import pyarrow as pa
+
+    with pytest.raises(T.SchemaError, match="score: input is missing column"):
+        stage(pa.table({T.CLIP_ID: ["x"]}))
+
+
+@pytest.fixture(scope="module")
+def sample_clips(sample_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clips")
+    ingest.main(sample_dir / "manifest.csv", out, ingest.IngestConfig(rows_per_part=12), progress=False)
+    return out
+
+
+def test_ray_job_is_resumable_and_deterministic(sample_clips, tmp_path, ray_session):
+    cfg = score.ScoreConfig()
+    first = tmp_path / "s1"
+    report = score.main(sample_clips, first, cfg)
+    assert report.rows_written == 33 and report.status_counts == {T.OK: 30, T.ERROR: 3}
+    assert not (first / WORK_DIR).exists()
+    parts = sorted(p.name for p in first.glob("part-*.parquet"))
+    assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    # a re-run over finished output does nothing
+    again = score.main(sample_clips, first, cfg)
+    assert again.parts_skipped == 3 and again.rows_written == 0
+
+    # the state a worker killed mid-run leaves: one part missing, some of its rows already in
+    # _work/ (from the first run), and a half-written work file; the re-run must fill in the
+    # rest without duplicates and give the same bytes
+    second = tmp_path / "s2"
+    shutil.copytree(first, second)
+    (second / "part-00001.parquet").unlink()
+    done = pq.read_table(first / "part-00001.parquet").slice(0, 5)
+    work = second / WORK_DIR
+    work.mkdir()
+    pq.write_table(done.append_column("__mosaiq_part", [["part-00001.parquet"] * 5]), work / "earlier_0.parquet")
+    (work / "killed_1.parquet").write_bytes(b"PAR1 half a file")
+    resumed = score.main(sample_clips, second, cfg)
+    assert resumed.parts_skipped == 2 and resumed.rows_written == 12
+    for name in parts:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    assert read_folder(second).num_rows == 33
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A real Ray head started with `ray start --head`, stopped afterwards."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    port, dash = _free_port(), _free_port()
+    subprocess.run([str(VENV_BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(port),
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _submit(address, env, args, timeout_s=900):
+    """`ray job submit`, retried while the head's job agent is still starting."""
+    deadline = time.time() + 120
+    while True:
+        proc = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+                               "--", "python", "pipeline/score.py", *args],
+                              env=env, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
+        if "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:
+            return proc
+        time.sleep(3)
+
+
+def test_ray_job_submit_scores_the_sample(sample_clips, tmp_path, ray_head):
+    address, env = ray_head
+    out = tmp_path / "scores"
+    proc = _submit(address, env, ["--input", str(sample_clips), "--output", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
+    table = read_folder(out)
+    clips = read_folder(sample_clips)
+    assert sorted(table.column(T.CLIP_ID).to_pylist()) == sorted(clips.column(T.CLIP_ID).to_pylist())
+    rows = table.to_pylist()
+    errors = {Path(r[T.AUDIO_PATH]).name for r in rows if r[T.STATUS] == T.ERROR}
+    assert errors == {"bad_empty.wav", "bad_notes.mp3", "bad_truncated.wav"}
+    ok = [r for r in rows if r[T.STATUS] == T.OK]
+    assert len(ok) == 30 and all(1 <= r[T.PMOS] <= 5 for r in ok)
+    assert json.loads((out / "score_config.json").read_text())["scorer"] == "distillmos"
+
+    # the default scorer ranks each clean clip above its degraded copies for most pairs
+    by_pair = {}
+    for r in ok:
+        meta = json.loads(r[T.METADATA_JSON])
+        by_pair.setdefault(meta["pair_id"], {})[meta["degradation"]] = r[T.PMOS]
+    pairs = [(p["none"], s) for p in by_pair.values() for d, s in p.items() if d != "none"]
+    wins = sum(clean > degraded for clean, degraded in pairs)
+    assert len(pairs) == 24
+    assert wins / len(pairs) >= 0.75, f"clean ranked above degraded in only {wins}/{len(pairs)} pairs: {by_pair}"
