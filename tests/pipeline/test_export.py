@@ -5,6 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +218,29 @@ def test_interrupted_run_resumes_to_the_same_shards(dataset, exported, tmp_path)
     assert stage.parts_skipped == 1  # shard 0 only; 1-4 were missing, cut short or unrecorded
     assert folder_bytes(out) == folder_bytes(exported)
     assert not list(out.glob(".*.partial"))
+
+
+def test_run_killed_mid_way_resumes_to_the_same_shards(dataset, exported, tmp_path):
+    """SIGKILL a real `mosaiq export` (driver, its Ray and its workers) once some shards exist."""
+    out = tmp_path / "sigkill"
+    cmd = [sys.executable, "-c", "import sys; from pipeline import export; sys.exit(export.cli(sys.argv[1:]))",
+           "--input", str(dataset), "--output", str(out), "--shard-max-count", "1", "--address", "local"]
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(cmd, cwd=repo, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / E.STATE_DIR).glob("*.json")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its raylet/GCS and workers: one group
+        proc.wait(timeout=30)
+    done = len(list((out / E.STATE_DIR).glob("*.json")))
+    assert 0 < done < 13, f"{done} of 13 shards were done when the run was killed"
+    assert not (out / E.SIZES_FILE).exists()
+    E.main(E.ExportConfig(input=str(dataset), output=str(out), shard_max_count=1))
+    reference = tmp_path / "reference"
+    export(dataset, reference, shard_max_count=1)
+    assert folder_bytes(out) == folder_bytes(reference)
 
 
 def test_changed_plan_rewrites_and_removes_stale_shards(dataset, exported, tmp_path):
