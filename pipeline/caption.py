@@ -1,0 +1,436 @@
+"""Stage caption: LLM candidate captions, validated, scored against the audio by CLAP.
+
+Pure parts (no Ray): `attach_candidates` (LLM outputs -> validated candidates per clip),
+`select` (scores -> chosen caption, status, prompt) and `ClapSelectStage` (a row-wise callable
+class that loads CLAP once). The Ray adapter, `run`, goes in three resumable steps over the
+pending parts of the quality table:
+1. LLM: every `ok` clip -> K prompt rows -> `ray.data.llm` processor (vLLM engine or an
+   OpenAI-compatible server) -> `<output>/_llm/` (clips already there are not asked again);
+2. candidates: one Ray task per part joins its LLM rows, validates them, writes
+   `<output>/_candidates/part-NNNNN.parquet`;
+3. CLAP: `pipeline.runner.run_stage` runs `ClapSelectStage` over those parts and writes the
+   final parts (same names as the input) atomically; work folders are removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+if __package__ in (None, ""):  # `python pipeline/caption.py ...` (e.g. a `ray job submit` entrypoint)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import llm as L
+from pipeline.validate_caption import ValidationConfig, validate
+from schemas import tables as T
+
+log = logging.getLogger(__name__)
+
+STAGE = "caption"
+LLM_DIR = "_llm"
+CANDIDATES_DIR = "_candidates"
+RESOLVED_CONFIG = "caption_config.json"
+
+# caption_source values
+SOURCE_ORIGINAL = "original"
+SOURCE_CANDIDATE = "candidate"
+# caption_note values ("" when a candidate was chosen or the row is not ok)
+NOTE_NO_LLM_OUTPUT = "llm_no_usable_output"
+NOTE_ORIGINAL_BEST = "original_best"  # no candidate beat the original by the margin
+NOTE_UNSCORED = "clap_disabled"  # clap.backend none: candidates kept, original caption used
+# reasons
+MISMATCH = "text_audio_mismatch"
+
+QUALITY_INPUT = T.QUALITY_SCHEMA.names
+_LIST = pa.list_(pa.string())
+CANDIDATES_SCHEMA = pa.schema(
+    list(T.QUALITY_SCHEMA) + [f for f in T.CAPTION_FIELDS if f.name in (T.CANDIDATES, T.CANDIDATE_REJECTS)]
+)  # internal work table of step 2
+
+
+@dataclass(frozen=True)
+class ClapConfig:
+    """Which CLAP scores text against audio, and how it runs on Ray."""
+
+    backend: Literal["laion", "hf", "none"] = "laion"
+    path: str = ""  # laion: a LAION .pt checkpoint; hf: a transformers CLAP folder
+    text_model: str = ""  # laion only: local roberta-style folder (config + tokenizer)
+    audio_model: str = "HTSAT-base"  # laion only
+    seed: int = 0  # crop offsets
+    device: str = "cpu"
+    batch_size: int = 8
+    concurrency: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """When a candidate replaces the original, and when a clip is rejected."""
+
+    margin: float = 0.02  # a candidate must beat the original's CLAP score by this much
+    reject_threshold: float = 0.1  # best CLAP score under this: rejected, text_audio_mismatch
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    llm: L.LLMConfig = field(default_factory=L.LLMConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    clap: ClapConfig = field(default_factory=ClapConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+    def check_runnable(self) -> None:
+        """Raise with what to do when the config cannot run (no CLAP given)."""
+        if self.clap.backend != "none" and not self.clap.path:
+            raise ValueError(
+                "caption needs a CLAP model and none is given: pass --clap PATH (a LAION .pt checkpoint "
+                "with --clap-text-model DIR, or a transformers CLAP folder), or --clap none to keep the "
+                "original captions with the LLM candidates unscored"
+            )
+        if self.clap.backend == "laion" and not self.clap.text_model:
+            raise ValueError(f"laion CLAP {self.clap.path!r} needs --clap-text-model DIR (a local roberta-style folder)")
+
+
+# --- pure functions ----------------------------------------------------------------------
+
+
+def final_prompt(prefix: str, caption: str) -> str:
+    """`"<quality_prefix>, <caption>"`, or just the caption when there is no prefix."""
+    return f"{prefix}, {caption}" if prefix else caption
+
+
+def attach_candidates(table: pa.Table, llm_rows: pa.Table, llm_cfg: L.LLMConfig, val_cfg: ValidationConfig) -> pa.Table:
+    """Quality rows + validated LLM candidates (kept ones) and reject reasons, in row order."""
+    T.require_columns(table, QUALITY_INPUT, STAGE)
+    outputs: dict[str, list[tuple[int, str]]] = {}
+    for cid, k, text in zip(*(llm_rows.column(c).to_pylist() for c in L.LLM_ROW_COLUMNS)):
+        outputs.setdefault(cid, []).append((k, text))
+    instructions = L.instruction_text(llm_cfg)
+    kept_col, rejects_col = [], []
+    for cid, status, original in zip(*(table.column(c).to_pylist() for c in (T.CLIP_ID, T.STATUS, T.CAPTION_ORIGINAL))):
+        if status != T.OK:
+            kept_col.append([])
+            rejects_col.append([])
+            continue
+        got = {k: text for k, text in outputs.get(cid, [])}
+        missing = [k for k in range(llm_cfg.num_candidates) if k not in got]
+        if missing:
+            raise RuntimeError(f"{STAGE}: clip {cid!r} has no LLM output for candidate(s) {missing}")
+        kept, rejects = validate([got[k] for k in range(llm_cfg.num_candidates)], original, instructions, val_cfg)
+        kept_col.append(kept)
+        rejects_col.append(rejects)
+    table = table.select(QUALITY_INPUT)
+    table = table.append_column(T.CANDIDATES, pa.array(kept_col, _LIST))
+    table = table.append_column(T.CANDIDATE_REJECTS, pa.array(rejects_col, _LIST))
+    return T.conform(table, CANDIDATES_SCHEMA)
+
+
+def choose(original: float | None, candidates: list[float], sel: SelectionConfig) -> tuple[int, str, str]:
+    """(index of the chosen candidate or -1 for the original, caption_note, reason if rejected)."""
+    if original is None:
+        return -1, NOTE_UNSCORED, ""
+    best_k = int(np.argmax(candidates)) if candidates else -1
+    best = max([original] + list(candidates))
+    if best < sel.reject_threshold:
+        reason = MISMATCH
+    else:
+        reason = ""
+    if best_k >= 0 and candidates[best_k] >= original + sel.margin:
+        return best_k, "", reason
+    return -1, (NOTE_ORIGINAL_BEST if candidates else NOTE_NO_LLM_OUTPUT), reason
+
+
+def select(table: pa.Table, clap_original: list, clap_candidates: list, sel: SelectionConfig, errors: list | None = None) -> pa.Table:
+    """Candidates table + CLAP scores (None for unscored rows) -> the captions table.
+
+    `errors[i]`, when not empty, turns an `ok` row into an `error` row with that reason.
+    """
+    T.require_columns(table, CANDIDATES_SCHEMA.names, STAGE)
+    n = table.num_rows
+    errors = errors or [""] * n
+    cols = {c: table.column(c).to_pylist() for c in (T.STATUS, T.REASON, T.CAPTION_ORIGINAL, T.QUALITY_PREFIX, T.CANDIDATES)}
+    status, reason = list(cols[T.STATUS]), list(cols[T.REASON])
+    caption, source, note, score, prompt = [], [], [], [], []
+    for i in range(n):
+        original, cands = cols[T.CAPTION_ORIGINAL][i], cols[T.CANDIDATES][i]
+        chosen, why, mismatch = -1, "", ""
+        if status[i] == T.OK and errors[i]:
+            status[i], reason[i] = T.ERROR, errors[i]
+        elif status[i] == T.OK:
+            chosen, why, mismatch = choose(clap_original[i], clap_candidates[i] or [], sel)
+            if not cands:  # the more useful note: there was nothing to choose from
+                why = NOTE_NO_LLM_OUTPUT
+            if mismatch:
+                status[i], reason[i] = T.REJECTED, mismatch
+        text = cands[chosen] if chosen >= 0 else original
+        caption.append(text)
+        source.append(SOURCE_CANDIDATE if chosen >= 0 else SOURCE_ORIGINAL)
+        note.append(why)
+        if clap_original[i] is None:
+            score.append(None)
+        else:
+            score.append(clap_candidates[i][chosen] if chosen >= 0 else clap_original[i])
+        prompt.append(final_prompt(cols[T.QUALITY_PREFIX][i], text))
+    out = table.set_column(table.schema.get_field_index(T.STATUS), T.STATUS, pa.array(status, pa.string()))
+    out = out.set_column(out.schema.get_field_index(T.REASON), T.REASON, pa.array(reason, pa.string()))
+    new = {
+        T.CLAP_ORIGINAL: pa.array(clap_original, pa.float64()),
+        T.CLAP_CANDIDATES: pa.array([c or [] for c in clap_candidates], pa.list_(pa.float64())),
+        T.CLAP_SCORE: pa.array(score, pa.float64()),
+        T.CAPTION: pa.array(caption, pa.string()),
+        T.CAPTION_SOURCE: pa.array(source, pa.string()),
+        T.CAPTION_NOTE: pa.array(note, pa.string()),
+        T.PROMPT: pa.array(prompt, pa.string()),
+    }
+    for name, arr in new.items():
+        out = out.append_column(name, arr)
+    return T.conform(out, T.CAPTIONS_SCHEMA)
+
+
+class ClapSelectStage:
+    """Row-wise model stage: candidates table -> captions table (CLAP loaded once per actor)."""
+
+    output_schema = T.CAPTIONS_SCHEMA
+
+    def __init__(self, clap: ClapConfig, selection: SelectionConfig):
+        from model import clap as C
+
+        self.cfg, self.sel = clap, selection
+        self.model = None
+        if clap.backend != "none":
+            self.model = C.load_clap(clap.backend, clap.path, clap.text_model, clap.audio_model, clap.seed, clap.device)
+
+    def _load(self, table: pa.Table) -> tuple[list, list[str]]:
+        from model.clap import SAMPLE_RATE
+        from pipeline.audio import AudioError, load_clip
+
+        waves, errors = [], []
+        for path, start, dur in zip(*(table.column(c).to_pylist() for c in (T.AUDIO_PATH, T.START_S, T.DURATION_S))):
+            try:
+                waves.append(load_clip(path, start, dur, SAMPLE_RATE, mono=True))
+                errors.append("")
+            except AudioError as e:
+                waves.append(None)
+                errors.append(f"clap: {e.reason}")
+        return waves, errors
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        n = table.num_rows
+        clap_original: list = [None] * n
+        clap_candidates: list = [[] for _ in range(n)]
+        errors = [""] * n
+        ok = [i for i, s in enumerate(table.column(T.STATUS).to_pylist()) if s == T.OK]
+        if self.model is not None and ok:
+            sub = table.take(ok)
+            waves, errs = self._load(sub)
+            ids = sub.column(T.CLIP_ID).to_pylist()
+            originals = sub.column(T.CAPTION_ORIGINAL).to_pylist()
+            cands = sub.column(T.CANDIDATES).to_pylist()
+            good = [j for j, e in enumerate(errs) if not e]
+            for j, e in enumerate(errs):
+                errors[ok[j]] = e
+            if good:
+                audio = self.model.embed_audio([waves[j] for j in good], [ids[j] for j in good])  # (G, D)
+                texts, spans = [], []
+                for j in good:
+                    spans.append((len(texts), 1 + len(cands[j])))
+                    texts += [originals[j]] + cands[j]
+                text = self.model.embed_text(texts)  # (M, D)
+                for g, j in enumerate(good):
+                    a, m = spans[g]
+                    sims = (text[a : a + m] @ audio[g]).astype(np.float64).tolist()  # (m,)
+                    clap_original[ok[j]] = sims[0]
+                    clap_candidates[ok[j]] = sims[1:]
+        return select(table, clap_original, clap_candidates, self.sel, errors)
+
+
+# --- Ray adapter -------------------------------------------------------------------------
+
+
+def _llm_done(work_dir: Path, k: int) -> set[str]:
+    """Clips whose K LLM outputs are all in the work folder (from this or an earlier run)."""
+    from pipeline.runner import _readable_work_files  # noqa: PLC2701 - same package, same contract
+
+    files = _readable_work_files(work_dir)
+    if not files:
+        return set()
+    rows = pa.concat_tables([pq.read_table(f, columns=[T.CLIP_ID, L.K_COL]) for f in files])
+    per_clip: dict[str, set[int]] = {}
+    for cid, kk in zip(rows.column(T.CLIP_ID).to_pylist(), rows.column(L.K_COL).to_pylist()):
+        per_clip.setdefault(cid, set()).add(kk)
+    return {cid for cid, ks in per_clip.items() if len(ks) >= k}
+
+
+def _llm_step(cfg: CaptionConfig, pending: list[Path], work_dir: Path) -> int:
+    """Ask the LLM for the clips of `pending` parts not yet in `work_dir`; returns prompts sent."""
+    import ray
+
+    done = _llm_done(work_dir, cfg.llm.num_candidates)
+    todo = 0
+    for p in pending:
+        t = pq.read_table(p, columns=[T.CLIP_ID, T.STATUS])
+        ok = pc.equal(t.column(T.STATUS), T.OK)
+        ids = t.column(T.CLIP_ID).filter(ok).to_pylist()
+        todo += sum(1 for c in ids if c not in done)
+    if todo == 0:
+        log.info("%s: no clip needs the LLM (all done or none ok)", STAGE)
+        return 0
+    log.info("%s: asking the LLM for %d candidate(s) of %d clip(s)", STAGE, cfg.llm.num_candidates, todo)
+    done_ids = pa.array(sorted(done), pa.string())
+    ds = ray.data.read_parquet([str(p) for p in pending], columns=[T.CLIP_ID, T.STATUS, T.CAPTION_ORIGINAL, T.TAGS, T.METADATA_JSON])
+    ds = ds.filter(expr=f"{T.STATUS} == '{T.OK}'")
+    if len(done_ids):
+        ds = ds.filter(lambda row: row[T.CLIP_ID] not in done)
+    ds = ds.flat_map(L.expand_prompts, fn_kwargs={"cfg": cfg.llm}, num_cpus=cfg.llm.aux_num_cpus)
+    ds = L.build_processor(cfg.llm)(ds)
+    ds.select_columns(list(L.LLM_ROW_COLUMNS)).write_parquet(str(work_dir))
+    return todo * cfg.llm.num_candidates
+
+
+def _candidates_part(part: str, work_dir: str, out_path: str, llm_cfg: L.LLMConfig, val_cfg: ValidationConfig) -> int:
+    """Step 2 for one part (a Ray task): join its LLM rows, validate, write atomically."""
+    import pyarrow.dataset as pads
+
+    from pipeline.runner import write_table_atomic
+
+    table = pq.read_table(part)
+    ids = table.column(T.CLIP_ID)
+    files = sorted(str(f) for f in Path(work_dir).glob("*.parquet"))
+    if files:
+        rows = pads.dataset(files, format="parquet").to_table(columns=list(L.LLM_ROW_COLUMNS), filter=pc.field(T.CLIP_ID).isin(ids))
+    else:
+        rows = pa.table({T.CLIP_ID: pa.array([], pa.string()), L.K_COL: pa.array([], pa.int64()), L.TEXT_COL: pa.array([], pa.string())})
+    write_table_atomic(attach_candidates(table, rows, llm_cfg, val_cfg), out_path)
+    return table.num_rows
+
+
+def run(cfg: CaptionConfig, input_dir: str | Path, output_dir: str | Path):
+    """Caption every pending part of `input_dir` into `output_dir` (Ray must be initialised)."""
+    import ray
+
+    from jobs.config import save_resolved
+    from pipeline.runner import Resources, StageReport, list_parts, run_stage, status_counts
+
+    cfg.check_runnable()
+    t0 = time.perf_counter()
+    input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
+    parts = list_parts(input_dir)
+    for p in parts[:1]:
+        T.require_columns(pq.read_schema(p), QUALITY_INPUT, STAGE)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, output_dir / RESOLVED_CONFIG)
+    pending = [p for p in parts if not (output_dir / p.name).exists()]
+    if not pending:
+        log.info("%s: all %d part(s) already in %s; nothing to do", STAGE, len(parts), output_dir)
+        return StageReport(STAGE, len(parts), len(parts), 0, time.perf_counter() - t0, status_counts(output_dir))
+
+    llm_dir, cand_dir = output_dir / LLM_DIR, output_dir / CANDIDATES_DIR
+    _llm_step(cfg, pending, llm_dir)
+
+    task = ray.remote(num_cpus=0.5)(_candidates_part)
+    refs = [
+        task.remote(str(p), str(llm_dir), str(cand_dir / p.name), cfg.llm, cfg.validation)
+        for p in pending
+        if not (cand_dir / p.name).exists()
+    ]
+    ray.get(refs)
+
+    c = cfg.clap
+    report = run_stage(
+        STAGE,
+        cand_dir,
+        output_dir,
+        ClapSelectStage,
+        {"clap": c, "selection": cfg.selection},
+        Resources(batch_size=c.batch_size, concurrency=c.concurrency, num_cpus=c.num_cpus, num_gpus=c.num_gpus),
+    )
+    if all((output_dir / p.name).exists() for p in parts):
+        shutil.rmtree(llm_dir, ignore_errors=True)
+        shutil.rmtree(cand_dir, ignore_errors=True)
+    report.parts_total, report.parts_skipped = len(parts), len(parts) - len(pending)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# --- entry point -------------------------------------------------------------------------
+
+
+def build_config(args) -> CaptionConfig:
+    from jobs.config import load
+
+    cfg = load(CaptionConfig, args.config, section=STAGE)
+    llm = cfg.llm
+    llm_over = {
+        "model": args.llm_model,
+        "url": args.llm_url,
+        "served_model": args.llm_served_model,
+        "num_candidates": args.candidates,
+        "seed": args.seed,
+    }
+    llm_over = {k: v for k, v in llm_over.items() if v is not None}
+    if args.llm_url:
+        llm_over["backend"] = "http"
+    if llm_over:
+        llm = dataclasses.replace(llm, **llm_over)
+    clap = cfg.clap
+    if args.clap is not None:
+        if args.clap == "none":
+            clap = dataclasses.replace(clap, backend="none", path="")
+        else:
+            backend = "hf" if Path(args.clap).is_dir() else "laion"
+            clap = dataclasses.replace(clap, backend=backend, path=args.clap)
+    if args.clap_text_model is not None:
+        clap = dataclasses.replace(clap, text_model=args.clap_text_model)
+    return dataclasses.replace(cfg, llm=llm, clap=clap)
+
+
+def main(cfg: CaptionConfig, input_dir: str, output_dir: str, address: str | None = None, num_cpus: int | None = None):
+    from pipeline.raycluster import init_ray
+
+    cfg.check_runnable()  # before starting Ray: a config error should not cost an engine start
+    init_ray(address, num_cpus)
+    return run(cfg, input_dir, output_dir)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from pipeline.raycluster import add_ray_args
+
+    p = argparse.ArgumentParser(prog="mosaiq caption", description=__doc__.splitlines()[0])
+    p.add_argument("--input", required=True, help="quality table folder (part-*.parquet)")
+    p.add_argument("--output", required=True, help="captions table folder")
+    p.add_argument("--config", default=None, help="job YAML (section `caption`); default: offline defaults")
+    p.add_argument("--clap", default=None, help="LAION .pt checkpoint or transformers CLAP folder; `none` = keep originals, candidates unscored")
+    p.add_argument("--clap-text-model", default=None, help="laion CLAP: local roberta-style folder (config + tokenizer)")
+    p.add_argument("--llm-model", default=None, help="local HF model folder for vLLM (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--llm-url", default=None, help="OpenAI-compatible chat completions URL (switches the LLM to the http backend)")
+    p.add_argument("--llm-served-model", default=None, help="model name the server knows")
+    p.add_argument("--candidates", type=int, default=None, help="K candidates per clip")
+    p.add_argument("--seed", type=int, default=None)
+    add_ray_args(p)
+    args = p.parse_args(argv)
+    try:
+        cfg = build_config(args)
+        cfg.check_runnable()
+    except ValueError as e:
+        print(f"mosaiq caption: {e}", file=sys.stderr)
+        return 2
+    report = main(cfg, args.input, args.output, args.address, args.num_cpus)
+    print(report.line())
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(cli())
