@@ -306,12 +306,22 @@ def _aggregates():
     return OkMoments, Report
 
 
+def _read_columns(parts: list[Path], columns: list[str]):
+    """A dataset of some columns of the parts, set up for one global (keyless) aggregate."""
+    import ray
+    from ray.data.context import ShuffleStrategy
+
+    ds = ray.data.read_parquet([str(p) for p in parts]).select_columns(columns)
+    # one group: map tasks plus a single reduce; the default hash shuffle starts aggregator
+    # actors, which costs seconds and buys nothing here (this dataset's context only)
+    ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    return ds
+
+
 def fit_moments(parts: list[Path]) -> Moments:
     """Pass 1 on Ray: moments of the ok scores of every part."""
-    import ray
-
     ok_moments, _ = _aggregates()
-    ds = ray.data.read_parquet([str(p) for p in parts], columns=[T.STATUS, T.PMOS])
+    ds = _read_columns(parts, [T.STATUS, T.PMOS])
     return Moments.from_list(ds.aggregate(ok_moments())["ok_moments"])
 
 
@@ -331,13 +341,11 @@ class LevelReport:
 
 def level_report(output_dir: Path, m: Moments, bins: int) -> LevelReport:
     """Counts per level and prefix and the p-MOS histogram of the written output, on Ray."""
-    import ray
-
     lo, hi = histogram_range(m)
     _, report = _aggregates()
     parts = runner.list_parts(output_dir)
     cols = [T.STATUS, T.PMOS, T.QUALITY_LEVEL, T.QUALITY_PREFIX]
-    v = ray.data.read_parquet([str(p) for p in parts], columns=cols).aggregate(report(lo, hi, bins))["quality_report"]
+    v = _read_columns(parts, cols).aggregate(report(lo, hi, bins))["quality_report"]
     k = T.NUM_QUALITY_LEVELS
     return LevelReport(
         level_counts=[int(x) for x in v[:k]],

@@ -6,8 +6,8 @@ copies it into the shards and the trainer into every checkpoint. Each quality ro
 (sorted keys, no whitespace) of everything but the id, so equal content means equal id.
 
 Band edges are in score units and rounded to `EDGE_DECIMALS` decimals, so that the official
-QA-MDT numbers come out exact: 3.80 - 2 * 0.20 is 3.4000000000000004 in floating point, and
-a score of 3.40 must be level 2, not level 1.
+QA-MDT numbers come out exact: 3.80 - 0.20 is 3.5999999999999996 in floating point, and
+3.70 + 2 * 0.20 is 4.1000000000000005 (a score of 4.10 must then be level 5, not level 4).
 """
 
 from __future__ import annotations
