@@ -127,9 +127,16 @@ def _free_port():
 def ray_head(tmp_path):
     """A real Ray head started with `ray start --head`, stopped afterwards."""
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    port, dash = _free_port(), _free_port()
-    subprocess.run([str(VENV_BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(port),
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats"],
+    # every port explicit and free: other Ray instances on this machine hold the defaults
+    # (a busy default agent port leaves the head with "No available agent to submit job")
+    ports = {flag: _free_port() for flag in (
+        "--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+        "--metrics-export-port", "--node-manager-port", "--object-manager-port", "--runtime-env-agent-port",
+        "--ray-client-server-port")}
+    dash = ports["--dashboard-port"]
+    args = [a for flag, port in ports.items() for a in (flag, str(port))]
+    subprocess.run([str(VENV_BIN / "ray"), "start", "--head", "--num-cpus", "2", "--dashboard-host", "127.0.0.1",
+                    "--disable-usage-stats", *args],
                    check=True, env=env, capture_output=True, timeout=180)
     try:
         yield f"http://127.0.0.1:{dash}", env
