@@ -56,7 +56,8 @@ MISMATCH = "text_audio_mismatch"
 QUALITY_INPUT = T.QUALITY_SCHEMA.names
 _LIST = pa.list_(pa.string())
 CANDIDATES_SCHEMA = pa.schema(
-    list(T.QUALITY_SCHEMA) + [f for f in T.CAPTION_FIELDS if f.name in (T.CANDIDATES, T.CANDIDATE_REJECTS)]
+    list(T.QUALITY_SCHEMA) + [f for f in T.CAPTION_FIELDS if f.name in (T.CANDIDATES, T.CANDIDATE_REJECTS)],
+    metadata={b"mosaiq.table": b"caption_candidates", b"mosaiq.version": b"1"},
 )  # internal work table of step 2
 
 

@@ -27,7 +27,7 @@ _CHAT_MARKUP = re.compile(
     r"<\|[^|<>]{0,40}\|>"  # <|im_start|>, <|eot_id|>, <|assistant|>
     r"|</?s>|\[/?INST\]|<<SYS>>|<</SYS>>"
     r"|^\s*#{0,3}\s*(system|user|assistant|human|ai)\s*:"  # role labels
-    r"|\n\s*(system|user|assistant|human)\s*:",
+    r"|(\n|[.!?]\s)\s*(system|user|assistant|human)\s*:",  # a second turn
     re.IGNORECASE | re.MULTILINE,
 )
 _REFUSAL = re.compile(
@@ -111,13 +111,13 @@ def check(text: str, original: str, prompt: str, cfg: ValidationConfig) -> str:
     if _INSTRUCTIONS.search(text):
         return INSTRUCTIONS
     words = _words(text)
+    orig_words = _words(original)
+    if orig_words and (words == orig_words or _contained(words, orig_words)):
+        return ECHO_ORIGINAL
     if len(words) < cfg.min_words:
         return TOO_SHORT
     if len(words) > cfg.max_words or len(text) > cfg.max_chars:
         return TOO_LONG
-    orig_words = _words(original)
-    if orig_words and (words == orig_words or _contained(words, orig_words)):
-        return ECHO_ORIGINAL
     if _ngram_share(words, _words(prompt)) >= cfg.echo_overlap:
         return ECHO_PROMPT
     return ""
