@@ -1,0 +1,100 @@
+"""Training checkpoints as one safetensors file: tensors plus JSON metadata.
+
+Tensor names are prefixed by group: `model.*` (raw weights), `ema.*` (EMA weights) and
+`optim.<param index>.<state name>` (AdamW moments and step counts, so resume is exact).
+Metadata holds JSON strings: the resolved train config, the model config, the representation
+config, the quality stats found beside the shards, the optimizer's param groups and the train
+state (step). Nothing is pickled; loading never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+TRAIN_CONFIG = "mosaiq.train_config"
+MODEL_CONFIG = "mosaiq.model_config"
+REPRESENTATION = "mosaiq.representation"
+QUALITY_STATS = "mosaiq.quality_stats"
+OPTIM_GROUPS = "mosaiq.optim_param_groups"
+TRAIN_STATE = "mosaiq.train_state"
+METADATA_KEYS = (TRAIN_CONFIG, MODEL_CONFIG, REPRESENTATION, QUALITY_STATS, OPTIM_GROUPS, TRAIN_STATE)
+
+CHECKPOINT_RE = re.compile(r"^step-(\d{9})\.safetensors$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:09d}.safetensors"
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """Checkpoints in `folder`, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if CHECKPOINT_RE.match(p.name))
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
+    return tensors, sd["param_groups"]
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, ema: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, metadata: dict[str, object]) -> Path:
+    """Write atomically (temporary name, then rename); metadata values are JSON-encoded."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
+    optim, groups = optimizer_tensors(optimizer)
+    tensors.update(optim)
+    meta = {k: json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+    meta[OPTIM_GROUPS] = json.dumps(groups, sort_keys=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, object]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    missing = [k for k in (MODEL_CONFIG, REPRESENTATION, TRAIN_CONFIG) if k not in meta]
+    if missing:
+        raise ValueError(f"{path} is not a mosaiq QA-MDT checkpoint: metadata lacks {missing}")
+    return {k: json.loads(v) for k, v in meta.items()}
+
+
+def read_group(path: str | Path, group: str) -> dict[str, torch.Tensor]:
+    """The tensors of one group (`model`, `ema` or `optim`), prefix removed."""
+    prefix = group + "."
+    with safe_open(str(path), framework="pt") as f:
+        out = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    if not out:
+        raise ValueError(f"checkpoint {path} has no tensors in group {group!r}")
+    return out
+
+
+def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    groups = read_metadata(path)[OPTIM_GROUPS]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            if k.startswith("optim."):
+                _, idx, name = k.split(".", 2)
+                state.setdefault(int(idx), {})[name] = f.get_tensor(k)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
