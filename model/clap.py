@@ -84,11 +84,11 @@ def _stub_module(name: str) -> types.ModuleType:
 
 def _install_stubs() -> None:
     """Stand-ins for modules laion-clap imports but never uses on the inference path."""
-    if importlib.util.find_spec("torchvision") is None and "torchvision" not in sys.modules:
+    if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
         for name in ("torchvision", "torchvision.datasets", "torchvision.transforms", "torchvision.ops", "torchvision.ops.misc"):
             sys.modules[name] = _stub_module(name)
         log.debug("laion-clap: torchvision is not installed; using a stub module")
-    if importlib.util.find_spec("wget") is None and "wget" not in sys.modules:
+    if "wget" not in sys.modules and importlib.util.find_spec("wget") is None:
         sys.modules["wget"] = _stub_module("wget")
 
 
