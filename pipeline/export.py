@@ -479,12 +479,17 @@ def load_stats(path: Path | None, ok: pa.Table) -> tuple[Q.QualityStats | None, 
     return stats, raw
 
 
+def remove_partials(out: Path) -> None:
+    """Remove temporary files of killed runs or of retried tasks."""
+    for p in sorted(out.glob(f".*{PARTIAL_SUFFIX}")) + sorted((out / STATE_DIR).glob(f".*{PARTIAL_SUFFIX}")):
+        log.info("export: removing the temporary file %s of an interrupted write", p)
+        p.unlink(missing_ok=True)
+
+
 def clean_output(out: Path, plan: list[ShardSpec], prefix: str) -> None:
     """Remove partial files of killed runs, and shards (with state) that the plan no longer has."""
     planned = {s.name for s in plan}
-    for p in sorted(out.glob(f".*{PARTIAL_SUFFIX}")) + sorted((out / STATE_DIR).glob(f".*{PARTIAL_SUFFIX}")):
-        log.info("export: removing the temporary file %s of an earlier run", p)
-        p.unlink()
+    remove_partials(out)
     for p in sorted(out.glob(f"{prefix}-*{SHARD_EXT}")):
         if re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}{re.escape(SHARD_EXT)}", p.name) and p.name not in planned:
             log.warning("export: removing %s, which the current plan does not have", p)
@@ -527,6 +532,9 @@ def main(cfg: ExportConfig) -> StageReport:
     if plan:
         init_ray(cfg.address, cfg.num_cpus)
         results = run_shards_on_ray(plan, out, cfg.num_cpus_per_shard)
+        remove_partials(out)  # a task retried after its worker died leaves one
+    else:
+        log.warning("export: no ok rows in %s: no shards written", cfg.input)
     # 3. index, report, stats, config, card
     write_index_files(out, plan, results)
     report = {
@@ -543,6 +551,8 @@ def main(cfg: ExportConfig) -> StageReport:
         tmp = out / f".{Q.STATS_FILE}{PARTIAL_SUFFIX}"
         tmp.write_bytes(stats_raw)
         os.replace(tmp, out / Q.STATS_FILE)
+    else:
+        (out / Q.STATS_FILE).unlink(missing_ok=True)  # an earlier run's copy would not apply
     jobconfig.save_resolved(cfg, out / CONFIG_FILE)
     card.write_card(out, table, report, stats, cfg.card_examples)
     skipped = sum(r.skipped for r in results)
