@@ -110,3 +110,29 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+CLIP_S = 1.28  # 128 mel frames
+
+
+def make_tiny_train_config(shards: str, text_dir: str, out: str, **kw):
+    """A tiny-preset TrainConfig over `shards` (1.28 s clips, 64 tokens); `kw` overrides top-level keys."""
+    from jobs.config import from_dict
+    from model.train import TrainConfig
+
+    data = {"shards": shards, "clip_seconds": CLIP_S, "batch_size": 4, "num_workers": 0, "shuffle_buffer": 8}
+    data.update(kw.pop("data", {}))
+    raw = {
+        "output_dir": out, "preset": "tiny", "model": {"patch_size": [16, 8]},
+        "data": data, "text": {"path": text_dir},
+        "optim": {"lr": 2e-3, "warmup_steps": 10, "ema_decay": 0.99},
+        "log_every": 10, "checkpoint_every": 1000, "seed": 0,
+    }
+    raw.update(kw)
+    return from_dict(TrainConfig, raw)
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config():
+    """`make_tiny_train_config(shards, text_dir, out, **overrides)`: a TrainConfig for the tiny preset."""
+    return make_tiny_train_config

@@ -1,0 +1,282 @@
+"""Train QA-MDT on mosaiq shards: `mosaiq train --config jobs/train.yaml`.
+
+`main(cfg)` trains in this process (`ray_workers: 0`) or through Ray Train's `TorchTrainer`
+(DDP; NCCL on GPUs, gloo on CPUs) with `ray_workers` workers. Every random draw of a step is
+seeded from (seed, step, rank) and the shard stream can start at any batch, so a run resumed
+from a checkpoint continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from jobs.config import from_dict, load, save_resolved, to_dict
+from model import checkpoint as ckpt
+from model.data import AUDIO, PROMPTS, QUALITY, DataConfig, list_shards, make_loader
+from model.diffusion import DiffusionConfig, GaussianDiffusion, drop_prompts
+from model.qamdt import PRESETS, QAMDTConfig, build_model
+from model.representation import Representation, RepresentationConfig
+from model.text import FrozenTextEncoder, TextEncoderConfig
+
+log = logging.getLogger(__name__)
+
+STATS_GLOB = "*stats*.json"  # the quality-stats JSON that the export stage puts beside the shards
+CHECKPOINT_DIR = "checkpoints"
+RESOLVED_CONFIG = "train_config.json"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup to a constant rate, gradient clipping and EMA."""
+
+    lr: float = 8e-5  # the official QA-MDT base learning rate
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 2000
+    grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
+    ema_decay: float = 0.9999
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training job. `model` overrides fields of the preset's `QAMDTConfig`."""
+
+    output_dir: str = "out/train"
+    preset: str = "small"
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    representation: RepresentationConfig = field(default_factory=RepresentationConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0
+    max_steps: int = 100_000
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    resume: bool = True  # continue from the newest checkpoint in output_dir if there is one
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = True  # bf16 autocast, on CUDA only
+    ray_workers: int = 0  # 0: train in this process; n: Ray Train TorchTrainer with n workers
+    ray_use_gpu: bool = False
+    ray_address: str | None = None  # None: the running cluster or a new local one
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; presets are {sorted(PRESETS)}")
+        if self.max_steps < 1 or self.log_every < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("max_steps, log_every, checkpoint_every and keep_checkpoints must be >= 1")
+        if self.ray_workers < 0:
+            raise ValueError(f"ray_workers must be >= 0, got {self.ray_workers}")
+
+
+def resolve_model_config(cfg: TrainConfig, rep: Representation, text_dim: int) -> QAMDTConfig:
+    """The preset, the job's overrides, and the shapes fixed by the representation and text encoder."""
+    _, freq = rep.latent_size(cfg.data.clip_seconds)
+    derived = {"in_channels": rep.latent_channels, "freq_size": freq, "cond_dim": text_dim}
+    for k, v in derived.items():
+        if k in cfg.model and cfg.model[k] != v:
+            raise ValueError(f"model.{k} is {cfg.model[k]!r} but the representation/text encoder fix it at {v!r}")
+    return from_dict(QAMDTConfig, {**PRESETS[cfg.preset], **cfg.model, **derived}, where="model")
+
+
+def quality_stats(shards: str) -> dict[str, Any]:
+    """Every stats JSON beside the shards, by file name ({} when there is none)."""
+    folder = Path(shards) if Path(shards).is_dir() else Path(list_shards(shards)[0]).parent
+    return {p.name: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob(STATS_GLOB))}
+
+
+def step_seed(*parts) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") % 2**63
+
+
+def lr_at(step: int, o: OptimConfig) -> float:
+    return o.lr * min(1.0, (step + 1) / max(1, o.warmup_steps))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach().float(), 1 - d)
+
+
+def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+               report=None) -> dict[str, Any]:
+    """Train on one rank (DDP when world_size > 1); returns {step, losses, checkpoint}."""
+    # 1. device and the frozen parts
+    if device is None:
+        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        device = torch.device("cuda" if want_cuda else "cpu")
+    out = Path(cfg.output_dir)
+    rep = Representation(cfg.representation).to(device)
+    text = FrozenTextEncoder(cfg.text).to(device)
+    model_cfg = resolve_model_config(cfg, rep, text.dim)
+    stats = quality_stats(cfg.data.shards)
+
+    # 2. model, EMA, optimizer (same init on every rank)
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    o = cfg.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    log.info("QA-MDT %s: %.2fM parameters, %s", cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg)
+
+    # 3. resume
+    step = 0
+    found = ckpt.list_checkpoints(out / CHECKPOINT_DIR) if cfg.resume else []
+    if found:
+        path = found[-1]
+        model.load_state_dict(ckpt.read_group(path, "model"))
+        ema.load_state_dict(ckpt.read_group(path, "ema"))
+        ckpt.load_optimizer(path, opt)
+        step = int(ckpt.read_metadata(path)[ckpt.TRAIN_STATE]["step"])
+        log.info("resumed from %s at step %d", path, step)
+
+    # 4. DDP and the data stream, started where the last run stopped
+    net = model
+    if world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=not cfg.diffusion.masked_training,
+        )
+    diffusion = GaussianDiffusion(cfg.diffusion)
+    batches = iter(make_loader(cfg.data, cfg.seed, rank, world_size, start_batch=step))
+    autocast = device.type == "cuda" and cfg.bf16
+    metadata = {
+        ckpt.TRAIN_CONFIG: to_dict(cfg), ckpt.MODEL_CONFIG: dataclasses.asdict(model_cfg),
+        ckpt.REPRESENTATION: to_dict(cfg.representation), ckpt.QUALITY_STATS: stats,
+    }
+
+    # 5. the loop
+    losses: list[float] = []
+    last_path = None
+    window, t0, n0 = [], time.perf_counter(), step
+    model.train()
+    while step < cfg.max_steps:
+        batch = next(batches)
+        torch.manual_seed(step_seed(cfg.seed, "step", step, rank))
+        prompts = drop_prompts(batch[PROMPTS], cfg.diffusion.uncond_prob, random.Random(step_seed(cfg.seed, "drop", step, rank)))
+        x0 = rep.encode(batch[AUDIO].to(device))  # (B, C, T, F)
+        y, y_mask = text(prompts)  # (B, S, E), (B, S)
+        quality = batch[QUALITY].to(device)  # (B,)
+        ratio = model.sample_mask_ratio() if cfg.diffusion.masked_training else None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = diffusion.training_loss(net, x0, quality, y.float(), y_mask, mask_ratio=ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, o)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        update_ema(ema, model, step, o.ema_decay)
+        step += 1
+        losses.append(loss.item())
+        window.append(losses[-1])
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            dt = time.perf_counter() - t0
+            sps = (step - n0) * cfg.data.batch_size * world_size / max(dt, 1e-9)
+            metrics = {"step": step, "loss": sum(window) / len(window), "samples_per_s": sps, "lr": lr_at(step - 1, o)}
+            if rank == 0:
+                log.info("step %d loss %.4f  %.1f samples/s  lr %.2e", step, metrics["loss"], sps, metrics["lr"])
+            if report is not None:
+                report(metrics)
+            window, t0, n0 = [], time.perf_counter(), step
+        if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+            metadata[ckpt.TRAIN_STATE] = {"step": step}
+            last_path = ckpt.save_checkpoint(out / CHECKPOINT_DIR / ckpt.checkpoint_name(step), model, ema, opt, metadata)
+            for old in ckpt.list_checkpoints(out / CHECKPOINT_DIR)[: -cfg.keep_checkpoints]:
+                old.unlink()
+            log.info("saved %s", last_path)
+    return {"step": step, "losses": losses, "checkpoint": str(last_path) if last_path else None}
+
+
+def _ray_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(TrainConfig, config)
+    ctx = ray.train.get_context()
+    train_loop(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), report=ray.train.report)
+
+
+def run_ray(cfg: TrainConfig) -> dict[str, Any]:
+    """Run `train_loop` on `cfg.ray_workers` Ray Train workers (DDP)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address)
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config=to_dict(cfg),
+        scaling_config=ScalingConfig(num_workers=cfg.ray_workers, use_gpu=cfg.ray_use_gpu),
+        run_config=RunConfig(name="qamdt", storage_path=str(Path(cfg.output_dir) / "ray")),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
+    found = ckpt.list_checkpoints(Path(cfg.output_dir) / CHECKPOINT_DIR)
+    return {"step": (result.metrics or {}).get("step"), "metrics": result.metrics,
+            "checkpoint": str(found[-1]) if found else None}
+
+
+def _absolute(cfg: TrainConfig) -> TrainConfig:
+    """Paths made absolute, so Ray workers (other working directories) find them."""
+    def ab(p):
+        return str(Path(p).absolute()) if p else p
+
+    rep = cfg.representation
+    return dataclasses.replace(
+        cfg, output_dir=ab(cfg.output_dir),
+        data=dataclasses.replace(cfg.data, shards=ab(cfg.data.shards)),
+        text=dataclasses.replace(cfg.text, path=ab(cfg.text.path)),
+        representation=dataclasses.replace(rep, autoencoder_checkpoint=ab(rep.autoencoder_checkpoint), vocoder_path=ab(rep.vocoder_path)),
+    )
+
+
+def main(cfg: TrainConfig) -> dict[str, Any]:
+    """Train; the resolved config is saved in output_dir and inside every checkpoint."""
+    cfg = _absolute(cfg)
+    save_resolved(cfg, Path(cfg.output_dir) / RESOLVED_CONFIG)
+    if cfg.ray_workers > 0:
+        return run_ray(cfg)
+    return train_loop(cfg)
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mosaiq train", description="train QA-MDT on mosaiq shards")
+    p.add_argument("--config", help="job YAML (jobs/train.yaml); its keys are TrainConfig's fields")
+    p.add_argument("--shards", help="folder of .tar shards or a brace pattern (data.shards)")
+    p.add_argument("--output-dir", help="where checkpoints and the resolved config go")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model size")
+    p.add_argument("--text-encoder", help="local transformers folder of the frozen text encoder (text.path)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--ray-workers", type=int, help="0: this process; n: Ray Train with n workers")
+    p.add_argument("--seed", type=int)
+    a = p.parse_args(argv)
+    base = load(TrainConfig, a.config, preset=a.preset, output_dir=a.output_dir, max_steps=a.max_steps,
+                ray_workers=a.ray_workers, seed=a.seed)
+    cfg = dataclasses.replace(
+        base,
+        data=dataclasses.replace(base.data, shards=a.shards or base.data.shards),
+        text=dataclasses.replace(base.text, path=a.text_encoder or base.text.path),
+    )
+    result = main(cfg)
+    print(json.dumps({k: v for k, v in result.items() if k != "losses"}, default=str))
+    return 0
