@@ -149,12 +149,24 @@ def check_shard(path: str | Path, stats_id: str | None = None) -> ShardCheck:
                 members[ext] = data
             close_sample()
             end = tar.offset
-        size = path.stat().st_size
-        if size < end + 2 * tarfile.BLOCKSIZE:
-            res.problems.append(f"{path.name}: truncated: {size} bytes, the end-of-archive blocks after byte {end} are missing")
+        res.problems += [f"{path.name}: {p}" for p in check_archive_end(path, end)]
     except (tarfile.TarError, EOFError, OSError) as e:
         res.problems.append(f"{path.name}: truncated or corrupt tar: {e} (after {len(res.keys)} complete sample(s))")
     return res
+
+
+def check_archive_end(path: Path, end: int) -> list[str]:
+    """After the last member, a tar holds only zero blocks (at least two): anything else means
+    it was cut short, or a member header is corrupt (tarfile stops reading there silently)."""
+    size = path.stat().st_size
+    if size < end + 2 * tarfile.BLOCKSIZE:
+        return [f"truncated: {size} bytes, the end-of-archive blocks after byte {end} are missing"]
+    with open(path, "rb") as f:
+        f.seek(end)
+        while chunk := f.read(1 << 16):
+            if chunk.count(0) != len(chunk):
+                return [f"corrupt: non-zero data after the last readable member (byte {end}), a header does not parse"]
+    return []
 
 
 def _read_json(path: Path, problems: list[str]):

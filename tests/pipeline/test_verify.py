@@ -97,6 +97,18 @@ def test_shard_cut_at_a_member_boundary(shards):
     assert any("complete sample(s), sizes.json says 3" in p for p in found), found
 
 
+def test_corrupt_header_mid_shard(shards):
+    """tarfile stops at a bad header without an error; verify must not stop with it."""
+    path = shards / "shard-000000.tar"
+    with tarfile.open(path) as tar:
+        second = tar.getmembers()[2]  # the header of the second sample's flac
+    data = bytearray(path.read_bytes())
+    data[second.offset: second.offset + 100] = b"\xff" * 100
+    path.write_bytes(bytes(data))
+    found = problems(shards)
+    assert any("shard-000000.tar: corrupt" in p for p in found), found
+
+
 def test_sample_without_json(shards):
     path = shards / "shard-000002.tar"
     key = first_key(path)
