@@ -97,7 +97,7 @@ class ExportConfig:
 
     input: str  # caption table folder (part-*.parquet)
     output: str  # shards folder
-    stats: str | None = None  # quality-stats JSON; None: look inside, then beside, the input folder
+    stats: str | None = None  # quality-stats JSON; None: find the one the rows' stats_id names (find_stats)
     seed: int = 0  # shuffle seed
     shard_max_count: int = 1000  # samples per shard at most
     shard_max_bytes: int = 1 << 30  # bound on a shard's size, counted as uncompressed PCM
@@ -449,17 +449,30 @@ def run_shards_on_ray(plan: list[ShardSpec], out_dir: Path, num_cpus_per_shard: 
 # --- the run ----------------------------------------------------------------------------------
 
 
-def find_stats(cfg: ExportConfig) -> Path | None:
-    """The quality-stats JSON: `cfg.stats`, else inside, else beside the input folder."""
+def find_stats(cfg: ExportConfig, ok: pa.Table) -> Path | None:
+    """The quality-stats JSON: `cfg.stats`; else the first `quality_stats.json` inside the input
+    folder, beside it, or in a sibling folder (where quantize writes it) whose id the rows carry."""
     if cfg.stats is not None:
         path = Path(cfg.stats)
         if not path.is_file():
             raise ExportError(f"stats file {cfg.stats!r} does not exist")
         return path
     inp = Path(cfg.input)
-    for path in (inp / Q.STATS_FILE, inp.parent / Q.STATS_FILE):
-        if path.is_file():
+    wanted = set(ok.column(T.STATS_ID).to_pylist())
+    candidates = [inp / Q.STATS_FILE, inp.parent / Q.STATS_FILE] + sorted(inp.parent.glob(f"*/{Q.STATS_FILE}"))
+    seen = []
+    for path in dict.fromkeys(p for p in candidates if p.is_file()):
+        try:
+            sid = Q.load(path).id
+        except Q.StatsError as e:
+            log.warning("export: ignoring %s: %s", path, e)
+            continue
+        if sid in wanted:
+            log.info("export: quality stats %s from %s", sid, path)
             return path
+        seen.append(f"{path} (id {sid})")
+    if seen and wanted:
+        raise ExportError(f"the ok rows carry stats id(s) {sorted(wanted)[:3]!r}; found only {seen}: pass --stats")
     return None
 
 
@@ -523,7 +536,7 @@ def main(cfg: ExportConfig) -> StageReport:
     # 1. read and split the input; plan the shards
     table = read_captions(cfg.input)
     ok, rest = split_rows(table)
-    stats, stats_raw = load_stats(find_stats(cfg), ok)
+    stats, stats_raw = load_stats(find_stats(cfg, ok), ok)
     plan = plan_shards(ok, cfg)
     log.info("export: %d row(s), %d ok -> %d shard(s); %d left out", table.num_rows, ok.num_rows, len(plan), rest.num_rows)
     clean_output(out, plan, cfg.shard_prefix)
@@ -569,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="job YAML; its `export` section is read")
     p.add_argument("--input", default=None, help="caption table folder (part-*.parquet)")
     p.add_argument("--output", default=None, help="shards folder")
-    p.add_argument("--stats", default=None, help=f"quality-stats JSON (default: {Q.STATS_FILE} inside or beside --input)")
+    p.add_argument("--stats", default=None, help=f"quality-stats JSON (default: the {Q.STATS_FILE} inside, beside or next to --input whose id the rows carry)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--shard-max-count", type=int, default=None)
     p.add_argument("--shard-max-bytes", type=int, default=None)

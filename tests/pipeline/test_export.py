@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -311,6 +312,22 @@ def test_refuses_duplicate_ids_and_mismatched_stats(dataset, tmp_path):
     Q.dump(other, tmp_path / "other.json")
     with pytest.raises(E.ExportError, match="stats id"):
         E.load_stats(tmp_path / "other.json", E.split_rows(table)[0])
+
+
+def test_stats_found_in_a_sibling_folder_by_id(dataset, tmp_path):
+    root = tmp_path / "run"
+    (root / "quality").mkdir(parents=True)
+    shutil.copytree(dataset, root / "captions", ignore=shutil.ignore_patterns(Q.STATS_FILE))
+    ok = E.split_rows(E.read_captions(root / "captions"))[0]
+    cfg = E.ExportConfig(input=str(root / "captions"), output=str(tmp_path / "o"))
+    assert E.find_stats(cfg, ok) is None
+    other = Q.make(count=1, fit=None, mu=3.0, sigma=0.5, fixed=True, band_multipliers=(-2, -1, 1, 2),
+                   prefix_low_below=-2, prefix_medium_within=1, prefix_high_above=2)
+    Q.dump(other, root / "quality" / Q.STATS_FILE)
+    with pytest.raises(E.ExportError, match="pass --stats"):
+        E.find_stats(cfg, ok)
+    Q.dump(make_stats(), root / "quality" / Q.STATS_FILE)
+    assert E.find_stats(cfg, ok) == root / "quality" / Q.STATS_FILE
 
 
 def test_ok_row_with_missing_level_is_an_error_not_a_silent_skip(dataset):
