@@ -1,0 +1,83 @@
+"""Throughput of the p-MOS score job vs bare batched inference of the same scorer.
+
+Prints, from one run on N generated 10.24 s clips:
+  - clips/s of the Ray job (pipeline.score.main: read, decode, resample, score, write),
+  - clips/s of bare batched inference on audio already decoded in memory,
+  - their ratio (the pipeline's overhead; target >= 0.8 at N=500).
+Ray start-up is not counted (it is paid once per cluster); actor start and model load are.
+
+    .venv/bin/python benchmarks/score_throughput.py --n 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from pipeline import audio, ingest, score
+from pipeline.raycluster import init_ray
+from pipeline.runner import Resources, read_folder
+from pipeline.sample import synth_track
+from schemas import tables as T
+
+
+def make_clips(folder: Path, n: int, sr: int = 22050, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    bases = [synth_track(rng, T.CLIP_SECONDS, sr)[0] for _ in range(8)]
+    for i in range(n):
+        x = bases[i % len(bases)] * rng.uniform(0.3, 1.0)
+        x = x + rng.uniform(0, 0.05) * rng.standard_normal(len(x)).astype(np.float32)
+        sf.write(folder / f"clip{i:05d}.flac", np.clip(x, -1, 1), sr, subtype="PCM_16")
+
+
+def bare(clips: Path, cfg: score.ScoreConfig) -> tuple[float, int]:
+    rows = [r for r in read_folder(clips).to_pylist() if r[T.STATUS] == T.OK]
+    wavs = [audio.load_clip(r[T.AUDIO_PATH], r[T.START_S], r[T.DURATION_S], T.PMOS_SAMPLE_RATE) for r in rows]
+    stage = score.ScoreStage(cfg)  # same scorer, same thread count as one actor
+    stage.scorer(wavs[: cfg.resources.batch_size])  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(wavs), cfg.resources.batch_size):
+        stage.scorer(wavs[i: i + cfg.resources.batch_size])
+    return len(wavs) / (time.perf_counter() - t0), len(wavs)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--num-cpus-per-actor", type=float, default=float(os.cpu_count() or 1))
+    p.add_argument("--rows-per-part", type=int, default=100)
+    a = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    cfg = score.ScoreConfig(resources=Resources(batch_size=a.batch_size, concurrency=a.concurrency, num_cpus=a.num_cpus_per_actor))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "audio").mkdir()
+        make_clips(tmp / "audio", a.n)
+        ingest.main(tmp / "audio", tmp / "clips", ingest.IngestConfig(rows_per_part=a.rows_per_part), progress=False)
+        bare_rate, n = bare(tmp / "clips", cfg)
+        init_ray(num_cpus=os.cpu_count())
+        t0 = time.perf_counter()
+        score.main(tmp / "clips", tmp / "scores", cfg)
+        job_rate = n / (time.perf_counter() - t0)
+    print(f"clips: {n}  scorer: {cfg.scorer}  batch_size: {a.batch_size}  actors: {a.concurrency} x {a.num_cpus_per_actor} CPU  torch threads (bare): {torch.get_num_threads()}")
+    print(f"ray job:        {job_rate:8.2f} clips/s")
+    print(f"bare inference: {bare_rate:8.2f} clips/s")
+    print(f"ratio job/bare: {job_rate / bare_rate:8.3f}  (target >= 0.8)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
