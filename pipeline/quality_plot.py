@@ -1,20 +1,84 @@
-"""The quality plot: p-MOS histogram with the fitted normal and skew-normal, the band edges,
-and the counts per level. Written by `mosaiq quantize` as `quality.png` beside the stats."""
+"""What `mosaiq quantize` reports about a quality folder: counts per level and prefix, the
+p-MOS histogram (`quality_report.json`), the plot (`quality.png`: histogram with the fitted
+normal and skew-normal, band edges, counts per level) and the printed summary. Pure; the Ray
+aggregate that sums `report_partial` over blocks lives in pipeline/quantize.py."""
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from schemas import stats as S
 from schemas import tables as T
 
+REPORT_FILE = "quality_report.json"
+PLOT_FILE = "quality.png"
+PREFIXES = (S.PREFIX_LOW, S.PREFIX_MEDIUM, S.PREFIX_HIGH, S.PREFIX_NONE)
 _LEVEL_COLORS = ("#d7301f", "#fc8d59", "#fdcc8a", "#91cf60", "#1a9850")  # level 1 .. 5
 
 
-def plot_quality(stats: S.QualityStats, report, path: str | Path) -> Path:
+def report_partial(table: pa.Table, lo: float, hi: float, bins: int) -> list[int]:
+    """[5 level counts] + [low, medium, high, none prefix counts] + [bins histogram counts]."""
+    ok = table.column(T.STATUS).to_numpy(zero_copy_only=False) == T.OK
+    levels = table.column(T.QUALITY_LEVEL).fill_null(0).to_numpy(zero_copy_only=False)[ok]
+    prefixes = table.column(T.QUALITY_PREFIX).to_numpy(zero_copy_only=False)[ok]
+    scores = table.column(T.PMOS).fill_null(np.nan).to_numpy(zero_copy_only=False)[ok]
+    out = np.bincount(levels.astype(np.int64), minlength=T.NUM_QUALITY_LEVELS + 1)[1:].tolist()
+    out += [int((prefixes == p).sum()) for p in PREFIXES]
+    out += np.histogram(scores, bins=bins, range=(lo, hi))[0].tolist()
+    return [int(x) for x in out]
+
+
+def histogram_range(n: int, lo: float, hi: float) -> tuple[float, float]:
+    """The histogram's span: the scores' range, widened when it is empty or a single value."""
+    if n == 0:
+        return 1.0, 5.0  # the p-MOS scale
+    return (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)
+
+
+@dataclass(frozen=True)
+class LevelReport:
+    level_counts: list[int]  # ok rows per level 1..5
+    prefix_counts: dict[str, int]
+    hist_edges: list[float]
+    hist_counts: list[int]
+    status_counts: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self, stats_id: str) -> dict:
+        return {"stats_id": stats_id, "level_counts": {str(i + 1): c for i, c in enumerate(self.level_counts)},
+                "prefix_counts": self.prefix_counts, "hist_edges": self.hist_edges,
+                "hist_counts": self.hist_counts, "status_counts": self.status_counts}
+
+    def write(self, path: str | Path, stats_id: str) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(stats_id), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def summary(st: S.QualityStats, rep: LevelReport, stats_path: Path) -> str:
+    """The lines `mosaiq quantize` prints at the end."""
+    lines = [f"quality stats {st.id} ({stats_path})", f"  ok scores: {st.count}"]
+    if st.fit is not None:
+        f, sn = st.fit, st.fit.skewnorm
+        lines.append(f"  fitted: mean {f.mean:.4f}  std {f.std:.4f} (ddof {f.std_ddof})  skewness {f.skewness:.4f}  "
+                     f"range [{f.min:.3f}, {f.max:.3f}]")
+        lines.append(f"  skew-normal ({sn.method}{', clipped' if sn.clipped else ''}): "
+                     f"a {sn.a:.4f}  loc {sn.loc:.4f}  scale {sn.scale:.4f}")
+    lines.append(f"  bands: mu {st.mu:.4f}  sigma {st.sigma:.4f} ({'fixed' if st.fixed else 'fitted'}); "
+                 f"edges {', '.join(f'{e:g}' for e in st.band_edges)}")
+    lines.append("  level counts: " + "  ".join(f"{i + 1}: {c}" for i, c in enumerate(rep.level_counts)))
+    lines.append("  prefixes: " + "  ".join(f"{p or 'none'}: {c}" for p, c in rep.prefix_counts.items()))
+    lines.append("  status: " + "  ".join(f"{k}: {v}" for k, v in sorted(rep.status_counts.items())))
+    return "\n".join(lines)
+
+
+def plot_quality(stats: S.QualityStats, report: LevelReport, path: str | Path) -> Path:
     """Draw the plot from the stats and a report (hist_edges, hist_counts, level_counts)."""
     import matplotlib
 

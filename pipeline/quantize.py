@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 if not __package__:  # run as a script (`ray job submit ... -- python pipeline/quantize.py`)
@@ -34,16 +33,15 @@ import pyarrow.compute as pc
 
 from jobs import config as jobconfig
 from pipeline import runner
+from pipeline.quality_plot import (PLOT_FILE, PREFIXES, REPORT_FILE, LevelReport, histogram_range, plot_quality,
+                                  report_partial, summary)
 from schemas import stats as S
 from schemas import tables as T
 
 log = logging.getLogger(__name__)
 
 STAGE = "quantize"
-REPORT_FILE = "quality_report.json"
-PLOT_FILE = "quality.png"
 CONFIG_FILE = "quantize_config.json"
-PREFIXES = (S.PREFIX_LOW, S.PREFIX_MEDIUM, S.PREFIX_HIGH, S.PREFIX_NONE)
 # the largest |skewness| a skew-normal can have is 0.9952...; sample values beyond are clipped
 _SKEWNORM_MAX_SKEW = 0.99
 
@@ -243,29 +241,6 @@ class QuantizeStage:
         return quantize_table(table, self.stats)
 
 
-# --- report, pure: counts per level and prefix, histogram ---------------------------------
-
-
-def report_partial(table: pa.Table, lo: float, hi: float, bins: int) -> list[int]:
-    """[5 level counts] + [low, medium, high, none prefix counts] + [bins histogram counts]."""
-    ok = table.column(T.STATUS).to_numpy(zero_copy_only=False) == T.OK
-    levels = table.column(T.QUALITY_LEVEL).fill_null(0).to_numpy(zero_copy_only=False)[ok]
-    prefixes = table.column(T.QUALITY_PREFIX).to_numpy(zero_copy_only=False)[ok]
-    scores = table.column(T.PMOS).fill_null(np.nan).to_numpy(zero_copy_only=False)[ok]
-    out = np.bincount(levels.astype(np.int64), minlength=T.NUM_QUALITY_LEVELS + 1)[1:].tolist()
-    out += [int((prefixes == p).sum()) for p in PREFIXES]
-    out += np.histogram(scores, bins=bins, range=(lo, hi))[0].tolist()
-    return [int(x) for x in out]
-
-
-def histogram_range(m: Moments) -> tuple[float, float]:
-    if m.n == 0:
-        return 1.0, 5.0  # the p-MOS scale
-    if m.min == m.max:
-        return m.min - 0.5, m.max + 0.5
-    return m.min, m.max
-
-
 # --- Ray adapter ----------------------------------------------------------------------------
 
 
@@ -325,23 +300,9 @@ def fit_moments(parts: list[Path]) -> Moments:
     return Moments.from_list(ds.aggregate(ok_moments())["ok_moments"])
 
 
-@dataclass(frozen=True)
-class LevelReport:
-    level_counts: list[int]
-    prefix_counts: dict[str, int]
-    hist_edges: list[float]
-    hist_counts: list[int]
-    status_counts: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self, stats_id: str) -> dict:
-        return {"stats_id": stats_id, "level_counts": {str(i + 1): c for i, c in enumerate(self.level_counts)},
-                "prefix_counts": self.prefix_counts, "hist_edges": self.hist_edges,
-                "hist_counts": self.hist_counts, "status_counts": self.status_counts}
-
-
 def level_report(output_dir: Path, m: Moments, bins: int) -> LevelReport:
     """Counts per level and prefix and the p-MOS histogram of the written output, on Ray."""
-    lo, hi = histogram_range(m)
+    lo, hi = histogram_range(m.n, m.min, m.max)
     _, report = _aggregates()
     parts = runner.list_parts(output_dir)
     cols = [T.STATUS, T.PMOS, T.QUALITY_LEVEL, T.QUALITY_PREFIX]
@@ -381,7 +342,6 @@ class QuantizeResult:
 
 def main(cfg: QuantizeConfig, input_dir: str | Path, output_dir: str | Path) -> QuantizeResult:
     """Run both passes over a scores folder and write the quality folder (resumable)."""
-    from pipeline.quality_plot import plot_quality
     from pipeline.raycluster import init_ray
 
     init_ray()
@@ -398,28 +358,9 @@ def main(cfg: QuantizeConfig, input_dir: str | Path, output_dir: str | Path) -> 
     stage = runner.run_stage(STAGE, input_dir, output_dir, QuantizeStage, {"stats": stats.to_dict()}, cfg.resources)
     # 3. counts, histogram and plot of what was written
     report = level_report(output_dir, moments, cfg.plot_bins)
-    tmp = output_dir / f".{REPORT_FILE}.tmp"
-    tmp.write_text(json.dumps(report.to_dict(stats.id), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(output_dir / REPORT_FILE)
+    report.write(output_dir / REPORT_FILE, stats.id)
     plot_quality(stats, report, output_dir / PLOT_FILE)
     return QuantizeResult(stats, moments, report, stage, output_dir)
-
-
-def summary(result: QuantizeResult) -> str:
-    st, rep = result.stats, result.report
-    lines = [f"quality stats {st.id} ({result.output_dir / S.STATS_FILE})", f"  ok scores: {st.count}"]
-    if st.fit is not None:
-        f, sn = st.fit, st.fit.skewnorm
-        lines.append(f"  fitted: mean {f.mean:.4f}  std {f.std:.4f} (ddof {f.std_ddof})  skewness {f.skewness:.4f}  "
-                     f"range [{f.min:.3f}, {f.max:.3f}]")
-        lines.append(f"  skew-normal ({sn.method}{', clipped' if sn.clipped else ''}): "
-                     f"a {sn.a:.4f}  loc {sn.loc:.4f}  scale {sn.scale:.4f}")
-    lines.append(f"  bands: mu {st.mu:.4f}  sigma {st.sigma:.4f} ({'fixed' if st.fixed else 'fitted'}); "
-                 f"edges {', '.join(f'{e:g}' for e in st.band_edges)}")
-    lines.append("  level counts: " + "  ".join(f"{i + 1}: {c}" for i, c in enumerate(rep.level_counts)))
-    lines.append("  prefixes: " + "  ".join(f"{p or 'none'}: {c}" for p, c in rep.prefix_counts.items()))
-    lines.append("  status: " + "  ".join(f"{k}: {v}" for k, v in sorted(rep.status_counts.items())))
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -450,7 +391,7 @@ def cli(argv: list[str] | None = None) -> int:
     except (QuantizeError, FileNotFoundError, T.SchemaError, S.StatsError) as e:
         print(f"mosaiq quantize: {e}", file=sys.stderr)
         return 1
-    print(summary(result))
+    print(summary(result.stats, result.report, result.output_dir / S.STATS_FILE))
     return 0
 
 
