@@ -100,8 +100,10 @@ class LogMel(nn.Module):
         return m.transpose(1, 2).unsqueeze(1)  # (N, 1, T, F)
 
     def denormalise(self, mel: torch.Tensor) -> torch.Tensor:
-        """Normalised (N, 1, T, F) -> natural-log magnitude mel (N, T, F)."""
-        return mel.squeeze(1) * self.cfg.norm_std + self.cfg.norm_mean
+        """Normalised (N, 1, T, F) -> natural-log magnitude mel (N, T, F), clamped to what audio
+        in [-1, 1] can produce (a generated latent can stray far outside it)."""
+        log_mel = mel.squeeze(1) * self.cfg.norm_std + self.cfg.norm_mean  # (N, T, F)
+        return log_mel.clamp(math.log(self.cfg.log_floor), math.log(self.cfg.n_fft))  # (N, T, F)
 
 
 # --- autoencoders -------------------------------------------------------------------------

@@ -101,7 +101,8 @@ def main(cfg: GenerateConfig) -> list[Path]:
     null_y, null_m = text([""])  # (1, S0, E), (1, S0)
     jobs = [p for p in cfg.prompts for _ in range(cfg.num_per_prompt)]
     paths = output_paths(cfg.out, len(jobs))
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)  # the diffusion noise
+    torch.manual_seed(cfg.seed)  # everything else random (Griffin-Lim's initial phase)
 
     # 3. batched DDIM with quality-aware guidance, then decode and write
     for start in range(0, len(jobs), cfg.batch_size):

@@ -197,7 +197,7 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
                 report(metrics)
             window, t0, n0 = [], time.perf_counter(), step
         if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
-            metadata[ckpt.TRAIN_STATE] = {"step": step}
+            metadata[ckpt.TRAIN_STATE] = {"step": step, "world_size": world_size, "samples_seen": step * cfg.data.batch_size * world_size}
             last_path = ckpt.save_checkpoint(out / CHECKPOINT_DIR / ckpt.checkpoint_name(step), model, ema, opt, metadata)
             for old in ckpt.list_checkpoints(out / CHECKPOINT_DIR)[: -cfg.keep_checkpoints]:
                 old.unlink()
@@ -231,9 +231,12 @@ def run_ray(cfg: TrainConfig) -> dict[str, Any]:
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
+    # Ray Train keeps only metrics reported with a Ray checkpoint; ours are written by rank 0
     found = ckpt.list_checkpoints(Path(cfg.output_dir) / CHECKPOINT_DIR)
-    return {"step": (result.metrics or {}).get("step"), "metrics": result.metrics,
-            "checkpoint": str(found[-1]) if found else None}
+    if not found:
+        raise RuntimeError(f"Ray Train run finished but wrote no checkpoint in {cfg.output_dir}/{CHECKPOINT_DIR}")
+    step = int(ckpt.read_metadata(found[-1])[ckpt.TRAIN_STATE]["step"])
+    return {"step": step, "checkpoint": str(found[-1])}
 
 
 def _absolute(cfg: TrainConfig) -> TrainConfig:

@@ -101,8 +101,8 @@ def shard_writer():
     return write_test_shards
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
+@pytest.fixture
+def one_torch_thread():
     """Tiny models run faster on one thread, and the test machine's cores are shared."""
     import torch
 

@@ -12,6 +12,8 @@ import torch
 
 from model.data import AUDIO, PROMPTS, QUALITY, DataConfig, decode_audio, list_shards, make_loader
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _take(cfg, n, seed=0, start_batch=0):
     return list(islice(iter(make_loader(cfg, seed=seed, start_batch=start_batch)), n))

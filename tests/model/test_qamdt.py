@@ -8,6 +8,8 @@ import torch
 from model.diffusion import DiffusionConfig, GaussianDiffusion
 from model.qamdt import PRESETS, Patchifier, QAMDTConfig, build_model, model_config
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 COND = 16
 
 

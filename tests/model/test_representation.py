@@ -11,6 +11,8 @@ from model.representation import (
 )
 from model.text import FrozenTextEncoder, TextEncoderConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _tone(seconds=1.28, f0=440.0):
     t = torch.arange(int(seconds * 16000)) / 16000

@@ -16,6 +16,8 @@ from model.representation import Representation
 from model.text import FrozenTextEncoder
 from model.train import TrainConfig, main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 def fixed_loss(cfg: TrainConfig, model, batch) -> float:
     """Eps-MSE of `model` on one batch at fixed timesteps and noise (no masking)."""
     rep, text = Representation(cfg.representation), FrozenTextEncoder(cfg.text)
@@ -63,7 +65,7 @@ def test_tiny_overfits_shards(tmp_path, text_encoder_dir, shard_writer, tiny_tra
     assert sum(losses[-20:]) / 20 < 0.75 * sum(losses[:20]) / 20
     assert meta[ckpt.QUALITY_STATS] == {"quality_stats.json": {"mu": 3.8, "sigma": 0.2}}
     assert meta[ckpt.REPRESENTATION]["autoencoder"] == "identity"
-    assert meta[ckpt.TRAIN_STATE] == {"step": 200}
+    assert meta[ckpt.TRAIN_STATE] == {"step": 200, "world_size": 1, "samples_seen": 800}
 
 
 def _load_cfg(cfg, text_dir):
@@ -95,3 +97,21 @@ def test_bad_config_values_are_named(tmp_path):
         from_dict(TrainConfig, {"diffusion": {"nonsense": 1}})
     with pytest.raises(ConfigError, match="quality_weights"):
         from_dict(TrainConfig, {"data": {"quality_weights": [1, 2]}})
+
+
+@pytest.mark.slow
+def test_train_cli_reads_yaml(tmp_path, shard_dir, text_encoder_dir, capsys):
+    from model.train import cli
+
+    yaml_path = tmp_path / "train.yaml"
+    yaml_path.write_text(
+        "preset: tiny\nmodel: {patch_size: [16, 8]}\n"
+        "data: {clip_seconds: 1.28, batch_size: 2, num_workers: 0}\n"
+        "optim: {warmup_steps: 1}\nlog_every: 1\n"
+    )
+    args = ["--config", str(yaml_path), "--shards", shard_dir, "--text-encoder", text_encoder_dir,
+            "--output-dir", str(tmp_path / "out"), "--max-steps", "2"]
+    assert cli(args) == 0
+    assert '"step": 2' in capsys.readouterr().out
+    saved = (tmp_path / "out" / "train_config.json").read_text()
+    assert '"preset": "tiny"' in saved and str(tmp_path / "out") in saved
