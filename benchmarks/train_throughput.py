@@ -1,0 +1,145 @@
+"""Training samples/s of a QA-MDT preset vs samples/s the shard loader delivers, in one run.
+
+    .venv/bin/python benchmarks/train_throughput.py                    # small preset, CPU
+    .venv/bin/python benchmarks/train_throughput.py --preset base --device cuda   # + bf16 MFU
+
+Without --shards it writes synthetic 10.24 s shards (mosaiq layout) into a temporary folder.
+The trainer is timed on real steps (mel front end, masked forward, backward, AdamW) with text
+states of a fixed length in place of a text encoder; the loader is timed decoding FLAC and
+cropping, with its worker processes. Target: loader / trainer >= 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.data import AUDIO, DataConfig, make_loader  # noqa: E402
+from model.diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
+from model.qamdt import build_model, model_config  # noqa: E402
+from model.representation import CLIP_SECONDS, SAMPLE_RATE, Representation, RepresentationConfig  # noqa: E402
+from schemas import shard as S  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+
+
+def write_shards(folder: Path, n: int, seconds: float, seed: int = 0) -> None:
+    import webdataset as wds
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    with wds.ShardWriter(str(folder / "shard-%06d.tar"), maxcount=16, verbose=0) as sink:
+        for i in range(n):
+            wave = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 1000) * t) + 0.05 * rng.standard_normal(len(t))
+            buf = io.BytesIO()
+            sf.write(buf, wave.astype(np.float32), SAMPLE_RATE, format="FLAC")
+            meta = {S.PROMPT: f"a tone number {i}", S.QUALITY_LEVEL: int(i % 5) + 1}
+            sink.write({"__key__": f"c{i:06d}", S.AUDIO_EXT: buf.getvalue(), S.JSON_EXT: json.dumps(meta).encode()})
+
+
+def flops_per_sample(cfg, tokens: int, text_len: int) -> float:
+    """Training FLOPs (3 x forward matmuls) of one sample through the masked model."""
+    d, hid = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
+    half = (cfg.depth - cfg.decode_layers) // 2
+    visible = int(tokens * (1 - cfg.mask_ratio - cfg.mask_ratio_jitter / 2)) + 1
+
+    def block(n):
+        return 2 * n * (4 * d * d + 2 * d * hid + 2 * d * d) + 4 * text_len * d * d + 4 * n * n * d + 4 * n * text_len * d
+
+    fwd = 2 * half * block(visible) + (cfg.decode_layers + 1) * block(tokens + 1)
+    return 3.0 * fwd
+
+
+def time_trainer(args, device) -> tuple[float, float]:
+    rep = Representation(RepresentationConfig()).to(device)
+    T, F = rep.latent_size(CLIP_SECONDS)
+    cfg = model_config(args.preset, in_channels=1, freq_size=F, cond_dim=args.text_dim, patch_size=(16, 4))
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    diff = GaussianDiffusion(DiffusionConfig())
+    wave = torch.randn(args.batch_size, int(CLIP_SECONDS * SAMPLE_RATE), device=device) * 0.1
+    y = torch.randn(args.batch_size, args.text_len, args.text_dim, device=device)
+    m = torch.ones(args.batch_size, args.text_len, dtype=torch.bool, device=device)
+    q = torch.randint(1, 6, (args.batch_size,), device=device)
+    amp = device.type == "cuda"
+
+    def step():
+        x0 = rep.encode(wave)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss = diff.training_loss(model, x0, q, y, m, mask_ratio=model.sample_mask_ratio())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    for _ in range(args.warmup):
+        step()
+    if amp:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if amp:
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+    tokens = model.patchifier.patchify(torch.zeros(1, 1, T, F)).shape[1]
+    return args.batch_size / dt, dt, flops_per_sample(cfg, tokens, args.text_len) * args.batch_size / dt
+
+
+def time_loader(args, shards: str) -> float:
+    cfg = DataConfig(shards=shards, batch_size=args.batch_size, num_workers=args.num_workers, shuffle_buffer=64)
+    it = iter(make_loader(cfg, seed=0))
+    next(it)  # workers started, first batch decoded
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(args.loader_batches):
+        n += next(it)[AUDIO].shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--shards", help="folder of shards (default: synthetic ones in a temporary folder)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--loader-batches", type=int, default=24)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--text-len", type=int, default=32)
+    p.add_argument("--text-dim", type=int, default=1024)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.shards
+        if shards is None:
+            write_shards(Path(tmp), n=64, seconds=CLIP_SECONDS)
+            shards = tmp
+        loader_sps = time_loader(args, shards)
+        train_sps, step_s, flops_s = time_trainer(args, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name}")
+    print(f"trainer  {args.preset}: {train_sps:8.2f} samples/s  ({step_s * 1000:.0f} ms/step, batch {args.batch_size}, 10.24 s clips)")
+    print(f"loader ({args.num_workers} workers): {loader_sps:8.2f} samples/s")
+    print(f"ratio loader/trainer: {loader_sps / train_sps:.1f}  (target >= 3)")
+    if device.type == "cuda":
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        mfu = f"{100 * flops_s / (peak * 1e12):.1f}%" if peak else "unknown peak"
+        print(f"model FLOP/s (bf16): {flops_s / 1e12:.1f} TFLOP/s, MFU {mfu}")
+
+
+if __name__ == "__main__":
+    main()
