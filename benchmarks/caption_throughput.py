@@ -52,8 +52,9 @@ def bench_llm(cfg, n_clips: int) -> dict:
 
     # 1. the Ray Data stage (engine inside a Ray actor)
     t0 = time.perf_counter()
-    ds = ray.data.from_items(rows).flat_map(L.expand_prompts, fn_kwargs={"cfg": cfg})
-    out = L.build_processor(cfg, model)(ds).map(_stamp).select_columns([L.TEXT_COL, "t_done"]).to_pandas()
+    light = {"num_cpus": cfg.aux_num_cpus}
+    ds = ray.data.from_items(rows).flat_map(L.expand_prompts, fn_kwargs={"cfg": cfg}, **light)
+    out = L.build_processor(cfg, model)(ds).map(_stamp, **light).to_pandas()
     stage_wall = time.perf_counter() - t0
     done = sorted(out["t_done"])
     first_batch = min(cfg.batch_size, len(done)) - 1

@@ -274,6 +274,13 @@ def _llm_done(work_dir: Path, k: int) -> set[str]:
     return {cid for cid, ks in per_clip.items() if len(ks) >= k}
 
 
+def _llm_input(part: str, done: set[str]) -> pa.Table:
+    """The `ok` clips of one part that still need LLM candidates (a Ray task)."""
+    t = pq.read_table(part, columns=[T.CLIP_ID, T.STATUS, T.CAPTION_ORIGINAL, T.TAGS, T.METADATA_JSON])
+    keep = [s == T.OK and c not in done for s, c in zip(t.column(T.STATUS).to_pylist(), t.column(T.CLIP_ID).to_pylist())]
+    return t.filter(pa.array(keep, pa.bool_()))
+
+
 def _llm_step(cfg: CaptionConfig, pending: list[Path], work_dir: Path) -> int:
     """Ask the LLM for the clips of `pending` parts not yet in `work_dir`; returns prompts sent."""
     import ray
@@ -289,14 +296,14 @@ def _llm_step(cfg: CaptionConfig, pending: list[Path], work_dir: Path) -> int:
         log.info("%s: no clip needs the LLM (all done or none ok)", STAGE)
         return 0
     log.info("%s: asking the LLM for %d candidate(s) of %d clip(s)", STAGE, cfg.llm.num_candidates, todo)
-    done_ids = pa.array(sorted(done), pa.string())
-    ds = ray.data.read_parquet([str(p) for p in pending], columns=[T.CLIP_ID, T.STATUS, T.CAPTION_ORIGINAL, T.TAGS, T.METADATA_JSON])
-    ds = ds.filter(expr=f"{T.STATUS} == '{T.OK}'")
-    if len(done_ids):
-        ds = ds.filter(lambda row: row[T.CLIP_ID] not in done)
-    ds = ds.flat_map(L.expand_prompts, fn_kwargs={"cfg": cfg.llm}, num_cpus=cfg.llm.aux_num_cpus)
+    # each part is read by a plain Ray task: Ray Data's own parquet listing task asks for a
+    # whole CPU, which a 2-CPU node with the engine holding one cannot give (deadlock)
+    light = {"num_cpus": cfg.llm.aux_num_cpus}
+    read = ray.remote(**light)(_llm_input)
+    ds = ray.data.from_arrow_refs([read.remote(str(p), done) for p in pending])
+    ds = ds.flat_map(L.expand_prompts, fn_kwargs={"cfg": cfg.llm}, **light)
     ds = L.build_processor(cfg.llm)(ds)
-    ds.select_columns(list(L.LLM_ROW_COLUMNS)).write_parquet(str(work_dir))
+    ds.write_parquet(str(work_dir), ray_remote_args=light)  # postprocess keeps only LLM_ROW_COLUMNS
     return todo * cfg.llm.num_candidates
 
 
@@ -432,6 +439,9 @@ def cli(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # guard: vLLM spawns processes that re-import the entry module
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(cli())
+    # run the importable module's cli, so Ray pickles the stage classes by reference
+    from pipeline.caption import cli as _cli
+
+    sys.exit(_cli())

@@ -87,6 +87,8 @@ class LLMConfig:
             raise ValueError(f"user_template must contain {FACTS!r}, got {self.user_template!r}")
         if self.backend == "http" and not self.url:
             raise ValueError("backend 'http' needs url (e.g. http://127.0.0.1:8000/v1/chat/completions)")
+        if self.backend == "http" and not (self.served_model or self.model):
+            raise ValueError(f"backend 'http' needs served_model (the name the server at {self.url!r} knows)")
         if self.max_tokens < 1 or self.batch_size < 1 or self.concurrency < 1:
             raise ValueError(
                 f"max_tokens, batch_size, concurrency must be >= 1, got {self.max_tokens}, {self.batch_size}, {self.concurrency}"

@@ -119,7 +119,7 @@ def tiny_hf_clap(seed: int = 0):
     return model, features, tok
 
 
-def train_tiny_hf_clap(folder: Path, steps: int = 40, seed: int = 0) -> Path:
+def train_tiny_hf_clap(folder: Path, steps: int = 100, seed: int = 0) -> Path:
     """Train a tiny ClapModel so that TONE_TEXT matches tones and NOISE_TEXT matches noise,
     then save it like a real CLAP folder. Scores are thereby under the test's control."""
     import torch
@@ -129,7 +129,7 @@ def train_tiny_hf_clap(folder: Path, steps: int = 40, seed: int = 0) -> Path:
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
     texts = tok([TONE_TEXT, NOISE_TEXT], padding=True, return_tensors="pt")
-    pairs = [[tone(1.0, freq=float(rng.uniform(300, 900)), seed=i), noise(1.0, seed=i)] for i in range(4)]
+    pairs = [[tone(10.24, freq=float(rng.uniform(300, 900)), seed=i), noise(10.24, seed=i)] for i in range(4)]
     feats = [features(w, sampling_rate=SR, return_tensors="pt", truncation="rand_trunc", padding="repeatpad")["input_features"] for w in pairs]
     for step in range(steps):
         out = model(input_ids=texts["input_ids"], attention_mask=texts["attention_mask"], input_features=feats[step % len(feats)], return_loss=True)
