@@ -155,10 +155,15 @@ def _empty_work_table(stage) -> pa.Table:
     return schema.empty_table()
 
 
+def _part_work_dir(work_dir: Path, part: str) -> Path:
+    """Where Ray writes one input part's rows (hive-style partition by the part tag)."""
+    return work_dir / f"{_PART_COL}={part}"
+
+
 def _readable_work_files(work_dir: Path) -> list[Path]:
     """Work files from earlier runs; files a killed writer left half-written are removed."""
     good = []
-    for f in sorted(work_dir.glob("*.parquet")) if work_dir.is_dir() else []:
+    for f in sorted(work_dir.glob("*/*.parquet")) if work_dir.is_dir() else []:
         try:
             pq.read_metadata(f)
             good.append(f)
@@ -168,19 +173,22 @@ def _readable_work_files(work_dir: Path) -> list[Path]:
     return good
 
 
-def _finalize_part(input_part: str, work_dir: str, output_part: str) -> int:
+def _finalize_part(input_part: str, work_dir: str, output_part: str, schema: pa.Schema) -> int:
     """Gather one part's rows from the work folder, in input order, and write it atomically."""
     ids = pq.read_table(input_part, columns=[T.CLIP_ID]).column(T.CLIP_ID)
     name = os.path.basename(input_part)
-    files = sorted(str(f) for f in Path(work_dir).glob("*.parquet"))
-    rows = pads.dataset(files, format="parquet").to_table(filter=pc.field(_PART_COL) == name)
-    rows = rows.drop_columns([_PART_COL])
+    files = sorted(str(f) for f in _part_work_dir(Path(work_dir), name).glob("*.parquet"))
+    if not files:
+        raise RuntimeError(f"{name}: the stage wrote no rows for this part")
+    rows = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+    if _PART_COL in rows.column_names:
+        rows = rows.drop_columns([_PART_COL])
     # a killed run can leave the same row in two work files; they are identical, keep one
     order = pc.index_in(ids, value_set=rows.column(T.CLIP_ID))
     if order.null_count:
         missing = ids.filter(pc.is_null(order)).to_pylist()[:5]
         raise RuntimeError(f"{name}: {order.null_count} row(s) missing from the stage output, e.g. {missing}")
-    write_table_atomic(rows.take(order), output_part)
+    write_table_atomic(T.conform(rows.take(order), schema), output_part)  # exact types and table metadata
     return len(ids)
 
 
@@ -228,10 +236,12 @@ def run_stage(
         num_cpus=resources.num_cpus,
         num_gpus=resources.num_gpus,
     )
-    ds.write_parquet(str(work_dir))
+    # one folder per input part, so finalizing a part reads only its own rows
+    ds.write_parquet(str(work_dir), partition_cols=[_PART_COL])
 
     finalize = ray.remote(num_cpus=0.5)(_finalize_part)
-    refs = [finalize.remote(str(p), str(work_dir), str(output_dir / p.name)) for p in pending]
+    schema = stage_cls.output_schema
+    refs = [finalize.remote(str(p), str(work_dir), str(output_dir / p.name), schema) for p in pending]
     rows = sum(ray.get(refs))
     shutil.rmtree(work_dir, ignore_errors=True)
     if on_finish is not None:

@@ -93,6 +93,8 @@ def test_ray_job_is_resumable_and_deterministic(sample_clips, tmp_path, ray_sess
     assert not (first / WORK_DIR).exists()
     parts = sorted(p.name for p in first.glob("part-*.parquet"))
     assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    written = pq.read_schema(first / parts[0])
+    assert written.equals(T.SCORES_SCHEMA) and written.metadata[b"mosaiq.table"] == b"scores"
     # a re-run over finished output does nothing
     again = score.main(sample_clips, first, cfg)
     assert again.parts_skipped == 3 and again.rows_written == 0
@@ -104,9 +106,9 @@ def test_ray_job_is_resumable_and_deterministic(sample_clips, tmp_path, ray_sess
     shutil.copytree(first, second)
     (second / "part-00001.parquet").unlink()
     done = pq.read_table(first / "part-00001.parquet").slice(0, 5)
-    work = second / WORK_DIR
-    work.mkdir()
-    pq.write_table(done.append_column("__mosaiq_part", [["part-00001.parquet"] * 5]), work / "earlier_0.parquet")
+    work = second / WORK_DIR / "__mosaiq_part=part-00001.parquet"
+    work.mkdir(parents=True)
+    pq.write_table(done, work / "earlier_0.parquet")
     (work / "killed_1.parquet").write_bytes(b"PAR1 half a file")
     resumed = score.main(sample_clips, second, cfg)
     assert resumed.parts_skipped == 2 and resumed.rows_written == 12
