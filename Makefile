@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile requirements/llm-cpu.txt requirement
 	$(PIP) install -q -c $(VENV)/keep.txt -r requirements/llm-cpu.txt
 	$(PIP) install -q --no-deps -c $(VENV)/keep.txt -r requirements/llm-nodeps.txt
 	$(BIN)/mosaiq-fixup
-	$(BIN)/python -c "import importlib.util, torchaudio, transformers, ray, webdataset, distillmos, vllm; assert importlib.util.find_spec("laion_clap"); print('mosaiq install ok')"
+	$(BIN)/python -c "import importlib.util, torchaudio, transformers, ray, webdataset, distillmos, vllm; assert importlib.util.find_spec('laion_clap'); print('mosaiq install ok')"
 	touch $@
 
 demo: install
