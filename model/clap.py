@@ -228,6 +228,9 @@ class HFClap:
         if self.features.sampling_rate != SAMPLE_RATE:
             raise ClapModelError(f"CLAP folder {str(folder)!r} expects {self.features.sampling_rate} Hz, not {SAMPLE_RATE}")
         self.window = int(self.features.nb_max_samples)
+        # RoBERTa-style position ids start after the padding index: 2 fewer usable positions
+        positions = self.model.config.text_config.max_position_embeddings - 2
+        self.max_text_tokens = min(int(self.tokenizer.model_max_length), positions)
         self.device = torch.device(device)
         self.seed = seed
 
@@ -250,7 +253,9 @@ class HFClap:
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         import torch
 
-        inputs = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
+        inputs = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
+        ).to(self.device)
         with torch.no_grad():
             emb = self._tensor(self.model.get_text_features(**inputs))
         return _normalise(emb.cpu().numpy())  # (M, D)

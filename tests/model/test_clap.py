@@ -94,3 +94,13 @@ def test_crop_window_is_seeded_and_keyed():
     assert a[0] != C.crop_window(wave, "k", 1)[0] or a[0] != C.crop_window(wave, "other", 0)[0]
     short = np.ones(100, np.float32)
     assert C.crop_window(short, "k", 0) is not None and len(C.crop_window(short, "k", 0)) == 100
+
+
+def test_transformers_clap_truncates_long_text_to_its_positions(tmp_path):
+    model, features, tok = F.tiny_hf_clap()
+    model.save_pretrained(tmp_path)
+    features.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    clap = C.load_clap("hf", tmp_path)
+    emb = clap.embed_text(["an energetic rock song with electric guitar " * 20])  # far past 80 positions
+    assert emb.shape == (1, 16) and np.isfinite(emb).all()
