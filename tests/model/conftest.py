@@ -2,60 +2,58 @@
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from schemas import shard as S
 
 SR = 16_000
 LEVEL_PREFIX = {1: "low quality", 2: "", 3: "medium quality", 4: "", 5: "high quality"}
 
 
 def write_test_shards(dir, n: int, seed: int, seconds: float = 1.28, per_shard: int = 4) -> list[str]:
-    """Write `n` samples as mosaiq shards (`<key>.flac` + `<key>.json`) into `dir`; return the paths.
+    """Write `n` samples as mosaiq shards into `dir` with the export stage; return the shard paths.
 
-    Each clip is a seeded chord of sines whose added noise grows as its quality level falls.
-    This stands in for the export stage and can be swapped for it.
+    Each clip is a seeded chord of sines whose added noise grows as its quality level falls,
+    written as a WAV file and described by a caption-table row; `pipeline.export` (on the
+    session's embedded Ray) turns that table into `<key>.flac` + `<key>.json` shards.
     """
-    import webdataset as wds
+    import pyarrow as pa
+
+    from pipeline import export
+    from pipeline.runner import write_parts
+    from schemas import tables as T
 
     dir = Path(dir)
-    dir.mkdir(parents=True, exist_ok=True)
+    src = dir.parent / f"{dir.name}_source"
+    (src / "audio").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * SR)) / SR
-    with wds.ShardWriter(str(dir / "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
-        for i in range(n):
-            level = int(i % 5) + 1
-            f0 = float(rng.choice([110.0, 220.0, 330.0, 440.0]))
-            wave = sum(np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 6.28)) / k for k in (1, 2, 3))
-            wave = 0.3 * wave / np.abs(wave).max() + (0.02 * (5 - level)) * rng.standard_normal(len(t))
-            buf = io.BytesIO()
-            sf.write(buf, wave.astype(np.float32), SR, format="FLAC")
-            caption = f"a tone at {int(f0)} hertz"
-            prefix = LEVEL_PREFIX[level]
-            meta = {
-                S.PROMPT: f"{prefix}, {caption}" if prefix else caption,
-                S.CAPTION: caption,
-                S.CAPTION_ORIGINAL: caption,
-                S.QUALITY_LEVEL: level,
-                S.QUALITY_PREFIX: prefix,
-                S.PMOS: 3.0 + 0.2 * level,
-                S.CLAP_SCORE: None,
-                S.SECONDS_START: 0.0,
-                S.SECONDS_TOTAL: seconds,
-                S.SAMPLE_RATE: SR,
-                S.CLIP_ID: f"clip{i:05d}",
-                S.SOURCE: "synthetic",
-                S.STATS_ID: "test",
-                S.VERSION: S.SHARD_SAMPLE_VERSION,
-            }
-            assert not S.validate_sample_json(meta)
-            sink.write({"__key__": f"clip{i:05d}", S.AUDIO_EXT: buf.getvalue(), S.JSON_EXT: json.dumps(meta).encode()})
+    rows = []
+    for i in range(n):
+        level = int(i % 5) + 1
+        f0 = float(rng.choice([110.0, 220.0, 330.0, 440.0]))
+        wave = sum(np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 6.28)) / k for k in (1, 2, 3))
+        wave = 0.3 * wave / np.abs(wave).max() + (0.02 * (5 - level)) * rng.standard_normal(len(t))
+        path = src / "audio" / f"clip{i:05d}.wav"
+        sf.write(path, wave.astype(np.float32), SR, subtype="PCM_16")
+        caption = f"a tone at {int(f0)} hertz"
+        prefix = LEVEL_PREFIX[level]
+        rows.append({
+            T.CLIP_ID: f"clip{seed}x{i:05d}", T.AUDIO_PATH: str(path), T.SOURCE_DIGEST: "", T.START_S: 0.0,
+            T.DURATION_S: seconds, T.SOURCE_DURATION_S: seconds, T.SOURCE_SAMPLE_RATE: SR, T.SOURCE_CHANNELS: 1,
+            T.SOURCE_FORMAT: "WAV", T.CAPTION_ORIGINAL: caption, T.TAGS: [], T.METADATA_JSON: "{}",
+            T.STATUS: T.OK, T.REASON: "", T.PMOS: 3.0 + 0.2 * level, T.SCORER: "synthetic",
+            T.QUALITY_LEVEL: level, T.QUALITY_PREFIX: prefix, T.STATS_ID: "test", T.CANDIDATES: [],
+            T.CANDIDATE_REJECTS: [], T.CLAP_ORIGINAL: None, T.CLAP_CANDIDATES: [], T.CLAP_SCORE: None,
+            T.CAPTION: caption, T.CAPTION_SOURCE: "original", T.CAPTION_NOTE: "",
+            T.PROMPT: f"{prefix}, {caption}" if prefix else caption,
+        })
+    write_parts(pa.Table.from_pylist(rows, schema=T.CAPTIONS_SCHEMA), src / "captions", rows_per_part=1000)
+    export.main(export.ExportConfig(input=str(src / "captions"), output=str(dir), seed=seed,
+                                    shard_max_count=per_shard, num_cpus=2))
     return sorted(str(p) for p in dir.glob("*.tar"))
 
 
