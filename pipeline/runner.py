@@ -40,6 +40,7 @@ PART_GLOB = "part-*.parquet"
 WORK_DIR = "_work"
 _PART_COL = "__mosaiq_part"  # which input part a row came from (work files only)
 _RAY_PATH_COL = "path"  # what read_parquet(include_paths=True) adds
+_MAX_BLOCKS = 20_000
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,11 @@ def run_stage(
         done_ids = pc.unique(done_ids.combine_chunks())
         log.info("%s: resuming, %d row(s) already computed by an earlier run", stage, len(done_ids))
 
-    ds = ray.data.read_parquet([str(p) for p in pending], include_paths=True)
+    # about one block per model batch: the progress display moves batch by batch and every
+    # actor of the pool gets work even when there are fewer parts than actors
+    rows_pending = sum(pq.read_metadata(p).num_rows for p in pending)
+    blocks = max(len(pending), min(_MAX_BLOCKS, -(-rows_pending // resources.batch_size)))
+    ds = ray.data.read_parquet([str(p) for p in pending], include_paths=True, override_num_blocks=blocks)
     ds = ds.map_batches(
         _StageActor,
         fn_constructor_kwargs={"stage_cls": stage_cls, "stage_kwargs": stage_kwargs, "done_ids": done_ids},
