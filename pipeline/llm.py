@@ -208,6 +208,10 @@ def engine_kwargs(cfg: LLMConfig) -> dict:
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "seed": cfg.seed,
         "enable_prefix_caching": True,
+        # whole prefills only: vLLM 0.32 on CPU crashes ("CPU Generator does not use offset")
+        # when a request with its own seed is in a partial (chunked) prefill step
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": max(cfg.max_model_len, 4096),
     }
 
 
