@@ -106,12 +106,9 @@ def folder_bytes(out: Path, skip=(E.CONFIG_FILE,)) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_local(ray_session):
+    """The session's embedded Ray (tests/conftest.py)."""
+    yield ray_session
 
 
 @pytest.fixture(scope="module")

@@ -195,16 +195,6 @@ def test_script_entrypoint_help():
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    # address="local": a private Ray even when someone else's cluster runs on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def scores_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("scores")
     pmos, status = corpus()

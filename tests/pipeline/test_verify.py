@@ -26,16 +26,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory):
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        root = tmp_path_factory.mktemp("verify")
-        out = root / "shards"
-        export(make_captions(root, n_ok=8), out)
-    finally:
-        ray.shutdown()
+def clean(tmp_path_factory, ray_session):
+    root = tmp_path_factory.mktemp("verify")
+    out = root / "shards"
+    export(make_captions(root, n_ok=8), out)
     return out
 
 
