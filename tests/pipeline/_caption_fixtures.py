@@ -119,17 +119,21 @@ def tiny_hf_clap(seed: int = 0):
     return model, features, tok
 
 
-def train_tiny_hf_clap(folder: Path, steps: int = 100, seed: int = 0) -> Path:
+PAIRS = 16
+
+
+def train_tiny_hf_clap(folder: Path, steps: int = 200, seed: int = 0) -> Path:
     """Train a tiny ClapModel so that TONE_TEXT matches tones and NOISE_TEXT matches noise,
     then save it like a real CLAP folder. Scores are thereby under the test's control."""
     import torch
 
     model, features, tok = tiny_hf_clap(seed)
     rng = np.random.default_rng(seed)
+    np.random.seed(seed)  # the feature extractor's rand_trunc crop draws from numpy's global RNG
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
     texts = tok([TONE_TEXT, NOISE_TEXT], padding=True, return_tensors="pt")
-    pairs = [[tone(10.24, freq=float(rng.uniform(300, 900)), seed=i), noise(10.24, seed=i)] for i in range(4)]
+    pairs = [[tone(10.24, freq=float(rng.uniform(200, 1000)), seed=i), noise(10.24, seed=i)] for i in range(PAIRS)]
     feats = [features(w, sampling_rate=SR, return_tensors="pt", truncation="rand_trunc", padding="repeatpad")["input_features"] for w in pairs]
     for step in range(steps):
         out = model(input_ids=texts["input_ids"], attention_mask=texts["attention_mask"], input_features=feats[step % len(feats)], return_loss=True)
