@@ -108,14 +108,18 @@ def _decoder_message(e: Exception) -> str:
     return re.sub(r"^Error opening .*?: ", "", msg).strip() or type(e).__name__
 
 
-def load_clip(path: str | Path, start_s: float, duration_s: float, target_sr: int | None, mono: bool = True) -> np.ndarray:
+def load_clip(path: str | Path, start_s: float, duration_s: float, target_sr: int | None, mono: bool = True,
+              expected_sr: int | None = None) -> np.ndarray:
     """Decode [start_s, start_s + duration_s) of a file as float32, mono (T,) or (C, T).
 
-    Raises AudioError when the file is shorter than declared (truncated) or cannot be decoded.
+    Raises AudioError when the file is shorter than declared (truncated), cannot be decoded,
+    or (given `expected_sr`) no longer has the sample rate it was probed with.
     """
     try:
         with sf.SoundFile(str(path)) as f:
             sr = f.samplerate
+            if expected_sr is not None and sr != expected_sr:
+                raise AudioError(f"sample rate changed: the file is {sr} Hz now, the table says {expected_sr} Hz")
             start = int(round(start_s * sr))
             n = int(round(duration_s * sr))
             f.seek(start)

@@ -300,29 +300,16 @@ def left_out_report(rest: pa.Table) -> dict:
 
 
 def load_clip(s: SampleSpec, sample_rate: int | None, mono: bool) -> np.ndarray:
-    """Decode one clip to float32 (frames, channels) at the export rate."""
-    import soundfile as sf
+    """Decode one clip to float32 (frames, channels) at the export rate (`pipeline.audio`
+    decodes, pads a lossy header's small overstatement and resamples, as for scoring)."""
+    from pipeline import audio as A
 
     try:
-        with sf.SoundFile(s.audio_path) as f:
-            if f.samplerate != s.source_rate:
-                raise ExportError(f"clip {s.key!r}: {s.audio_path!r} is {f.samplerate} Hz now, the table says {s.source_rate} Hz")
-            f.seek(s.start_frame)
-            audio = f.read(s.frames, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError) as e:
-        raise ExportError(f"clip {s.key!r}: cannot decode {s.audio_path!r}: {e}") from e
-    short = s.frames - len(audio)
-    if short > max(1, s.source_rate // 100):  # more than 10 ms of rounding at the very end
-        raise ExportError(f"clip {s.key!r}: {s.audio_path!r} gave {len(audio)} frames from frame {s.start_frame}, expected {s.frames}")
-    if short > 0:
-        audio = np.pad(audio, ((0, short), (0, 0)))
-    if mono and audio.shape[1] > 1:
-        audio = audio.mean(axis=1, keepdims=True, dtype=np.float32)
-    if sample_rate is not None and sample_rate != s.source_rate:
-        import torch
-        import torchaudio.functional as AF
-
-        audio = AF.resample(torch.from_numpy(np.ascontiguousarray(audio.T)), s.source_rate, sample_rate).T.numpy()
+        audio = A.load_clip(s.audio_path, s.start_frame / s.source_rate, s.frames / s.source_rate, sample_rate,
+                            mono=mono, expected_sr=s.source_rate)
+    except A.AudioError as e:
+        raise ExportError(f"clip {s.key!r}: {s.audio_path!r}: {e.reason}") from e
+    audio = audio[:, None] if mono else audio.T  # (frames, channels)
     if len(audio) != s.out_frames:  # resampling rounds; the JSON declares round(duration * rate)
         audio = audio[: s.out_frames] if len(audio) > s.out_frames else np.pad(audio, ((0, s.out_frames - len(audio)), (0, 0)))
     return np.clip(audio, -1.0, 1.0)
