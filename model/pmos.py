@@ -40,15 +40,10 @@ class Wav2Vec2PMOS(nn.Module):
         self.backbone = backbone
         self.head = nn.Linear(backbone.config.hidden_size, 1)
 
-    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """wav (B, T) at 16 kHz, lengths (B,) valid samples -> p-MOS (B,) in [1, 5]."""
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav (B, T) at 16 kHz, unpadded (scorers batch equal lengths) -> p-MOS (B,) in [1, 5]."""
         h = self.backbone(wav).last_hidden_state  # (B, F, D)
-        if lengths is None:
-            pooled = h.mean(dim=1)  # (B, D)
-        else:
-            frames = self.backbone._get_feat_extract_output_lengths(lengths).clamp(min=1)  # (B,)
-            mask = (torch.arange(h.shape[1], device=h.device)[None] < frames[:, None]).to(h.dtype)  # (B, F)
-            pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, D)
+        pooled = h.mean(dim=1)  # (B, D)
         return self.head(pooled).squeeze(-1).clamp(PMOS_MIN, PMOS_MAX)  # (B,)
 
     def save_pretrained(self, folder: str | Path) -> None:
