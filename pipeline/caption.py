@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import llm as L
+from pipeline import validate_caption as V
 from pipeline.validate_caption import ValidationConfig, validate
 from schemas import tables as T
 
@@ -115,9 +116,9 @@ def final_prompt(prefix: str, caption: str) -> str:
 def attach_candidates(table: pa.Table, llm_rows: pa.Table, llm_cfg: L.LLMConfig, val_cfg: ValidationConfig) -> pa.Table:
     """Quality rows + validated LLM candidates (kept ones) and reject reasons, in row order."""
     T.require_columns(table, QUALITY_INPUT, STAGE)
-    outputs: dict[str, list[tuple[int, str]]] = {}
-    for cid, k, text in zip(*(llm_rows.column(c).to_pylist() for c in L.LLM_ROW_COLUMNS)):
-        outputs.setdefault(cid, []).append((k, text))
+    outputs: dict[str, list[tuple[int, str, str]]] = {}
+    for cid, k, text, error in zip(*(llm_rows.column(c).to_pylist() for c in L.LLM_ROW_COLUMNS)):
+        outputs.setdefault(cid, []).append((k, text, error or ""))
     instructions = L.instruction_text(llm_cfg)
     kept_col, rejects_col = [], []
     for cid, status, original in zip(*(table.column(c).to_pylist() for c in (T.CLIP_ID, T.STATUS, T.CAPTION_ORIGINAL))):
@@ -125,11 +126,16 @@ def attach_candidates(table: pa.Table, llm_rows: pa.Table, llm_cfg: L.LLMConfig,
             kept_col.append([])
             rejects_col.append([])
             continue
-        got = {k: text for k, text in outputs.get(cid, [])}
+        got = {k: (text, error) for k, text, error in outputs.get(cid, [])}
         missing = [k for k in range(llm_cfg.num_candidates) if k not in got]
         if missing:
             raise RuntimeError(f"{STAGE}: clip {cid!r} has no LLM output for candidate(s) {missing}")
-        kept, rejects = validate([got[k] for k in range(llm_cfg.num_candidates)], original, instructions, val_cfg)
+        failed = [(k, got[k][1]) for k in range(llm_cfg.num_candidates) if got[k][1]]
+        for k, error in failed:
+            log.warning("%s: clip %r candidate %d: the LLM request failed: %s", STAGE, cid, k, error)
+        answered = [got[k][0] for k in range(llm_cfg.num_candidates) if not got[k][1]]
+        kept, rejects = validate(answered, original, instructions, val_cfg)
+        rejects += [V.LLM_ERROR] * len(failed)
         kept_col.append(kept)
         rejects_col.append(rejects)
     table = table.select(QUALITY_INPUT)
@@ -319,7 +325,7 @@ def _candidates_part(part: str, work_dir: str, out_path: str, llm_cfg: L.LLMConf
     if files:
         rows = pads.dataset(files, format="parquet").to_table(columns=list(L.LLM_ROW_COLUMNS), filter=pc.field(T.CLIP_ID).isin(ids))
     else:
-        rows = pa.table({T.CLIP_ID: pa.array([], pa.string()), L.K_COL: pa.array([], pa.int64()), L.TEXT_COL: pa.array([], pa.string())})
+        rows = pa.table({c: pa.array([], pa.int64() if c == L.K_COL else pa.string()) for c in L.LLM_ROW_COLUMNS})
     write_table_atomic(attach_candidates(table, rows, llm_cfg, val_cfg), out_path)
     return table.num_rows
 

@@ -24,7 +24,8 @@ FACTS = "{facts}"  # the one placeholder of the user template
 # columns of the LLM work rows (internal to the caption stage, never in a stage table)
 K_COL = "k"
 TEXT_COL = "llm_text"
-LLM_ROW_COLUMNS = (T.CLIP_ID, K_COL, TEXT_COL)
+ERROR_COL = "llm_error"  # why a request failed ("" when it did not): the engine's or server's message
+LLM_ROW_COLUMNS = (T.CLIP_ID, K_COL, TEXT_COL, ERROR_COL)
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,12 @@ class LLMConfig:
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.3  # on CPU vLLM reads this for its KV cache share
     cpu_kvcache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
-    batch_size: int = 16
+    # prompts per Ray Data batch, and batches in flight per engine: the engine batches
+    # continuously, so it needs many requests at once (64 x 4 matched `LLM.generate` on CPU)
+    batch_size: int = 64
+    max_concurrent_batches: int = 4
     concurrency: int = 1
+    http_max_retries: int = 3  # http backend: retries (exponential back-off) on 429/5xx and lost connections
     aux_num_cpus: float = 0.1  # per helper actor (chat template, pre/post-processing)
 
     def __post_init__(self):
@@ -89,10 +94,12 @@ class LLMConfig:
             raise ValueError("backend 'http' needs url (e.g. http://127.0.0.1:8000/v1/chat/completions)")
         if self.backend == "http" and not (self.served_model or self.model):
             raise ValueError(f"backend 'http' needs served_model (the name the server at {self.url!r} knows)")
-        if self.max_tokens < 1 or self.batch_size < 1 or self.concurrency < 1:
-            raise ValueError(
-                f"max_tokens, batch_size, concurrency must be >= 1, got {self.max_tokens}, {self.batch_size}, {self.concurrency}"
-            )
+        counts = {"max_tokens": self.max_tokens, "batch_size": self.batch_size, "max_concurrent_batches": self.max_concurrent_batches, "concurrency": self.concurrency}
+        bad = {k: v for k, v in counts.items() if v < 1}
+        if bad:
+            raise ValueError(f"these must be >= 1: {bad}")
+        if self.http_max_retries < 0:
+            raise ValueError(f"http_max_retries must be >= 0, got {self.http_max_retries}")
 
 
 # --- prompts (pure) ---------------------------------------------------------------------
@@ -175,7 +182,17 @@ def _vllm_pre(row: dict, cfg: LLMConfig) -> dict:
 
 
 def _vllm_post(row: dict) -> dict:
-    return {T.CLIP_ID: row[T.CLIP_ID], K_COL: int(row[K_COL]), TEXT_COL: row.get("generated_text") or ""}
+    return {T.CLIP_ID: row[T.CLIP_ID], K_COL: int(row[K_COL]), TEXT_COL: row.get("generated_text") or "", ERROR_COL: ""}
+
+
+def llm_row(row: dict) -> dict:
+    """Any processor output row -> exactly LLM_ROW_COLUMNS.
+
+    A request the vLLM engine refused (should_continue_on_error) skips our postprocess: Ray
+    passes its whole data row on, with the engine's message in `__inference_error__`."""
+    error = str(row.get("__inference_error__") or row.get(ERROR_COL) or "")
+    text = "" if error else str(row.get(TEXT_COL) or "")
+    return {T.CLIP_ID: row[T.CLIP_ID], K_COL: int(row[K_COL]), TEXT_COL: text, ERROR_COL: error}
 
 
 def _http_pre(row: dict, cfg: LLMConfig) -> dict:
@@ -184,11 +201,26 @@ def _http_pre(row: dict, cfg: LLMConfig) -> dict:
     return {T.CLIP_ID: row[T.CLIP_ID], K_COL: row[K_COL], "payload": payload}
 
 
+def response_error(response: dict) -> str:
+    """The error of an OpenAI-style chat completions response ("" for a usable one).
+
+    vLLM answers `{"object": "error", "message": ...}`, OpenAI `{"error": {"message": ...}}`."""
+    if not isinstance(response, dict):
+        return f"not a JSON object: {str(response)[:200]}"
+    err = response.get("error")
+    if response.get("object") == "error" or err:
+        message = (err.get("message") if isinstance(err, dict) else err) or response.get("message") or "error"
+        return f"server error: {str(message)[:500]}"
+    if not response.get("choices"):
+        return "server response has no choices"
+    return ""
+
+
 def _http_post(row: dict) -> dict:
     response = row.get("http_response") or {}
-    choices = response.get("choices") or [{}]
-    text = ((choices[0] or {}).get("message") or {}).get("content") or ""
-    return {T.CLIP_ID: row[T.CLIP_ID], K_COL: int(row[K_COL]), TEXT_COL: text}
+    error = response_error(response)
+    text = "" if error else ((response["choices"][0] or {}).get("message") or {}).get("content") or ""
+    return {T.CLIP_ID: row[T.CLIP_ID], K_COL: int(row[K_COL]), TEXT_COL: text, ERROR_COL: error}
 
 
 def resolve_model(cfg: LLMConfig) -> str:
@@ -222,18 +254,22 @@ def engine_env(cfg: LLMConfig) -> dict:
     return env
 
 
-def build_processor(cfg: LLMConfig, model_path: str | None = None):
+def build_processor(cfg: LLMConfig, model_path: str | None = None, postprocess=None):
     """The Ray Data LLM processor for `cfg.backend`: rows (clip_id, k, messages_json) ->
-    rows (clip_id, k, llm_text)."""
+    rows (clip_id, k, llm_text, llm_error). `postprocess` replaces the default mapping of the
+    rows that succeeded (the benchmark keeps timings with it); rows the engine refused then keep
+    Ray's raw shape, with `__inference_error__`."""
     from ray.data.llm import HttpRequestProcessorConfig, build_processor as _build, vLLMEngineProcessorConfig
 
     light = {"num_cpus": cfg.aux_num_cpus}
     if cfg.backend == "http":
-        pcfg = HttpRequestProcessorConfig(url=cfg.url, batch_size=cfg.batch_size, concurrency=cfg.concurrency)
+        pcfg = HttpRequestProcessorConfig(
+            url=cfg.url, batch_size=cfg.batch_size, concurrency=cfg.concurrency, max_retries=cfg.http_max_retries
+        )
         return _build(
             pcfg,
             preprocess=functools.partial(_http_pre, cfg=cfg),
-            postprocess=_http_post,
+            postprocess=postprocess or _http_post,
             preprocess_map_kwargs=light,
             postprocess_map_kwargs=light,
         )
@@ -246,17 +282,22 @@ def build_processor(cfg: LLMConfig, model_path: str | None = None):
         engine_kwargs=engine_kwargs(cfg),
         runtime_env={"env_vars": engine_env(cfg)},
         batch_size=cfg.batch_size,
+        max_concurrent_batches=cfg.max_concurrent_batches,
         concurrency=cfg.concurrency,
+        should_continue_on_error=True,  # a refused request is one row's error, not the run's
         # the engine tokenizes and detokenizes itself: fewer actors competing for CPUs
         chat_template_stage={"num_cpus": cfg.aux_num_cpus, "concurrency": 1},
         tokenize_stage=False,
         detokenize_stage=False,
         **extra,
     )
-    return _build(
+    processor = _build(
         pcfg,
         preprocess=functools.partial(_vllm_pre, cfg=cfg),
-        postprocess=_vllm_post,
+        postprocess=postprocess or _vllm_post,
         preprocess_map_kwargs=light,
         postprocess_map_kwargs=light,
     )
+    if postprocess is not None:
+        return processor
+    return lambda ds: processor(ds).map(llm_row, **light)

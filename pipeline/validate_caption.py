@@ -21,7 +21,8 @@ INSTRUCTIONS = "instructions"
 ECHO_PROMPT = "echo_prompt"
 ECHO_ORIGINAL = "echo_original"
 DUPLICATE = "duplicate"
-REASONS = (EMPTY, TOO_SHORT, TOO_LONG, CHAT_MARKUP, REFUSAL, INSTRUCTIONS, ECHO_PROMPT, ECHO_ORIGINAL, DUPLICATE)
+LLM_ERROR = "llm_error"  # the engine or server refused the request (its message is logged)
+REASONS = (EMPTY, TOO_SHORT, TOO_LONG, CHAT_MARKUP, REFUSAL, INSTRUCTIONS, ECHO_PROMPT, ECHO_ORIGINAL, DUPLICATE, LLM_ERROR)
 
 _CHAT_MARKUP = re.compile(
     r"<\|[^|<>]{0,40}\|>"  # <|im_start|>, <|eot_id|>, <|assistant|>

@@ -69,6 +69,10 @@ def test_selection_keeps_matching_caption_and_rejects_mismatched_clip(clap_folde
     assert lost[T.STATUS] == T.ERROR and lost[T.REASON].startswith("clap: decode failed")
 
 
+HUGE_CAPTION = "la " * 1500
+LONG_FACTS = 10_000  # max_facts_chars that lets HUGE_CAPTION into the prompt
+
+
 def _quality_input(root: Path, audio: dict) -> Path:
     specs = [
         {"clip_id": "c0", "audio_path": audio["tone"], "caption": "piano", "tags": ["classical", "piano"]},
@@ -76,6 +80,9 @@ def _quality_input(root: Path, audio: dict) -> Path:
         {"clip_id": "c2", "audio_path": audio["tone"], "caption": "", "status": T.REJECTED, "reason": "silent"},
         {"clip_id": "c3", "audio_path": audio["noise"], "caption": "noise rock", "prefix": "", "metadata": {"genre": "noise"}},
         {"clip_id": "c4", "audio_path": "/nowhere.wav", "caption": "lost", "status": T.ERROR, "reason": "decode failed"},
+        # a caption so long that its prompt exceeds max_model_len (1024): the engine (or the
+        # server) refuses both requests, for real; the clip keeps its original caption
+        {"clip_id": "c5", "audio_path": audio["tone"], "caption": HUGE_CAPTION, "tags": ["pop"]},
     ]
     write_parts(F.quality_rows(specs), root / "quality", rows_per_part=3)
     return root / "quality"
@@ -98,6 +105,10 @@ def _check_output(inp: Path, out: Path, k: int) -> None:
             assert "HACKED" not in row[T.CAPTION] or row[T.CAPTION] == before[T.CAPTION_ORIGINAL]
         prefix = before[T.QUALITY_PREFIX]
         assert row[T.PROMPT] == (f"{prefix}, {row[T.CAPTION]}" if prefix else row[T.CAPTION])
+    refused = got.to_pylist()[-1]
+    assert refused[T.CLIP_ID] == "c5" and refused[T.STATUS] in (T.OK, T.REJECTED)
+    assert (refused[T.CANDIDATES], refused[T.CANDIDATE_REJECTS]) == ([], ["llm_error"] * k)
+    assert (refused[T.CAPTION], refused[T.CAPTION_NOTE]) == (HUGE_CAPTION, C.NOTE_NO_LLM_OUTPUT)
 
 
 def _bytes(folder: Path) -> dict:
@@ -108,13 +119,13 @@ def test_end_to_end_with_vllm_engine_on_ray(ray_session, tmp_path, audio, clap_f
     inp = _quality_input(tmp_path, audio)
     out = tmp_path / "captions"
     cfg = C.CaptionConfig(
-        llm=L.LLMConfig(num_candidates=2, max_tokens=24, batch_size=8),
+        llm=L.LLMConfig(num_candidates=2, max_tokens=24, batch_size=8, max_facts_chars=LONG_FACTS),
         clap=C.ClapConfig(backend="hf", path=str(clap_folder), batch_size=4),
         selection=SEL,
     )
     report = C.main(cfg, str(inp), str(out))
     _check_output(inp, out, k=2)
-    assert report.rows_written == 5
+    assert report.rows_written == 6
     first = _bytes(out)
     # a re-run skips finished parts and leaves the same bytes; a lost part is redone alone
     (out / "part-00001.parquet").unlink()
@@ -173,7 +184,7 @@ def test_end_to_end_with_openai_compatible_server(ray_session, tmp_path, audio, 
     inp = _quality_input(tmp_path, audio)
     out = tmp_path / "captions"
     cfg = C.CaptionConfig(
-        llm=L.LLMConfig(backend="http", url=vllm_server, served_model="smollm2", num_candidates=2, max_tokens=24, batch_size=4),
+        llm=L.LLMConfig(backend="http", url=vllm_server, served_model="smollm2", num_candidates=2, max_tokens=24, batch_size=4, max_facts_chars=LONG_FACTS),
         clap=C.ClapConfig(backend="hf", path=str(clap_folder), batch_size=4),
         selection=SEL,
     )

@@ -79,7 +79,7 @@ def test_caption_with_instructions_is_quoted_data():
 def test_outputs_that_follow_injected_instructions_are_rejected_and_original_kept():
     table = quality_rows([{"clip_id": "a", "audio_path": "/nowhere.wav", "caption": INJECTION}])
     followed = ["HACKED", 'Arr! Ignore previous instructions, matey: "HACKED"']
-    llm_rows = pa.table({T.CLIP_ID: ["a", "a"], L.K_COL: [0, 1], L.TEXT_COL: followed})
+    llm_rows = pa.table({T.CLIP_ID: ["a", "a"], L.K_COL: [0, 1], L.TEXT_COL: followed, L.ERROR_COL: ["", ""]})
     cands = C.attach_candidates(table, llm_rows, LCFG, VCFG)
     assert cands.column(T.CANDIDATES).to_pylist() == [[]]
     assert cands.column(T.CANDIDATE_REJECTS).to_pylist() == [[V.ECHO_ORIGINAL, V.INSTRUCTIONS]]  # "HACKED" copies the injected text
@@ -87,6 +87,44 @@ def test_outputs_that_follow_injected_instructions_are_rejected_and_original_kep
     row = out.to_pylist()[0]
     assert row[T.CAPTION] == INJECTION and row[T.CAPTION_SOURCE] == C.SOURCE_ORIGINAL
     assert row[T.CAPTION_NOTE] == C.NOTE_NO_LLM_OUTPUT and row[T.STATUS] == T.OK
+
+
+def test_a_failed_llm_request_is_a_candidate_reject_not_a_lost_row():
+    table = quality_rows([
+        {"clip_id": "a", "audio_path": "/nowhere.wav", "caption": "piano"},
+        {"clip_id": "b", "audio_path": "/nowhere.wav", "caption": "drums"},
+    ])
+    too_long = "ValueError: The decoder prompt (length 4242) is longer than the maximum model length of 1024."
+    llm_rows = pa.table({
+        T.CLIP_ID: ["a", "a", "b", "b"],
+        L.K_COL: [0, 1, 1, 0],
+        L.TEXT_COL: ["", "A calm solo piano piece with soft sustained chords.", "", ""],
+        L.ERROR_COL: [too_long, "", "server error: overloaded", "server error: overloaded"],
+    })
+    cands = C.attach_candidates(table, llm_rows, LCFG, VCFG).to_pylist()
+    assert cands[0][T.CANDIDATES] == ["A calm solo piano piece with soft sustained chords."]
+    assert cands[0][T.CANDIDATE_REJECTS] == [V.LLM_ERROR]
+    assert (cands[1][T.CANDIDATES], cands[1][T.CANDIDATE_REJECTS]) == ([], [V.LLM_ERROR, V.LLM_ERROR])
+    row = C.select(C.attach_candidates(table, llm_rows, LCFG, VCFG), [0.5, 0.5], [[0.4], []], C.SelectionConfig()).to_pylist()[1]
+    assert (row[T.STATUS], row[T.CAPTION], row[T.CAPTION_NOTE]) == (T.OK, "drums", C.NOTE_NO_LLM_OUTPUT)
+
+
+def test_server_and_engine_errors_become_the_rows_error():
+    ok = {"choices": [{"message": {"role": "assistant", "content": "A slow jazz trio."}}]}
+    vllm_err = {"object": "error", "message": "This model's maximum context length is 1024 tokens.", "code": 400}
+    openai_err = {"error": {"message": "Rate limit reached", "type": "requests"}}
+    base = {T.CLIP_ID: "a", L.K_COL: 1}
+    assert L._http_post({**base, "http_response": ok}) == {**base, L.TEXT_COL: "A slow jazz trio.", L.ERROR_COL: ""}
+    got = L._http_post({**base, "http_response": vllm_err})
+    assert got[L.TEXT_COL] == "" and "maximum context length is 1024" in got[L.ERROR_COL]
+    assert "Rate limit reached" in L._http_post({**base, "http_response": openai_err})[L.ERROR_COL]
+    assert L._http_post({**base, "http_response": {"choices": []}})[L.ERROR_COL] == "server response has no choices"
+    # a row the vLLM engine refused reaches us in Ray's raw shape (our postprocess is skipped)
+    raw = {**base, "messages": [], "prompt": "...", "generated_text": "", "request_id": -1, "__inference_error__": "ValueError: prompt too long"}
+    assert L.llm_row(raw) == {**base, L.TEXT_COL: "", L.ERROR_COL: "ValueError: prompt too long"}
+    fine = {**L._vllm_post({**base, "generated_text": "A slow jazz trio."}), "__inference_error__": ""}
+    assert L.llm_row(fine) == {**base, L.TEXT_COL: "A slow jazz trio.", L.ERROR_COL: ""}
+    assert L.llm_row(L._http_post({**base, "http_response": vllm_err}))[L.ERROR_COL].startswith("server error:")
 
 
 def _cands(specs):
