@@ -7,7 +7,8 @@ against a clip is their dot product (cosine similarity, in [-1, 1]).
 laion-clap is built fully offline here, and every workaround it needs lives in this file:
 - it calls `from_pretrained("roberta-base")` (and bert/bart tokenizers at import time): these
   are redirected to a local roberta-style folder (config + tokenizer; hidden size 768);
-- it imports `torchvision` and `wget`, which mosaiq does not install: stub modules stand in;
+- it imports `torchvision` and `wget`, which mosaiq does not install: stub modules stand in
+  while it is imported, and are gone afterwards;
 - `CLAP_Module.load_ckpt` unpickles with `weights_only=False` and may download: instead the
   checkpoint is read with `torch.load(weights_only=True)` and given to `load_state_dict`.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.machinery
 import importlib.util
 import logging
 import sys
@@ -72,6 +74,7 @@ def _stub_module(name: str) -> types.ModuleType:
     """A module whose every attribute is an inert placeholder class."""
     mod = types.ModuleType(name)
     mod.__path__ = []  # a package, so submodules can be stubbed too
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, loader=None, is_package=True)  # find_spec must not raise
 
     def __getattr__(attr):
         if attr.startswith("__"):
@@ -82,14 +85,29 @@ def _stub_module(name: str) -> types.ModuleType:
     return mod
 
 
-def _install_stubs() -> None:
-    """Stand-ins for modules laion-clap imports but never uses on the inference path."""
-    if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
-        for name in ("torchvision", "torchvision.datasets", "torchvision.transforms", "torchvision.ops", "torchvision.ops.misc"):
-            sys.modules[name] = _stub_module(name)
-        log.debug("laion-clap: torchvision is not installed; using a stub module")
-    if "wget" not in sys.modules and importlib.util.find_spec("wget") is None:
-        sys.modules["wget"] = _stub_module("wget")
+@contextlib.contextmanager
+def _stubbed_imports():
+    """While active, stand-ins for modules laion-clap imports but never uses on the inference
+    path (torchvision, wget). They leave `sys.modules` afterwards: a stub without a real
+    `__spec__` would break `importlib.util.find_spec`, which transformers calls to probe for
+    torchvision (ValueError: torchvision.__spec__ is None)."""
+    from transformers.utils import is_torchvision_available
+
+    is_torchvision_available()  # probed (and cached) before any stub exists
+
+    added = []
+    names = {"torchvision": ("torchvision", "torchvision.datasets", "torchvision.transforms", "torchvision.ops", "torchvision.ops.misc"), "wget": ("wget",)}
+    for package, modules in names.items():
+        if package not in sys.modules and importlib.util.find_spec(package) is None:
+            for name in modules:
+                sys.modules[name] = _stub_module(name)
+                added.append(name)
+            log.debug("laion-clap: %s is not installed; using a stub module while importing it", package)
+    try:
+        yield
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
 
 
 @contextlib.contextmanager
@@ -138,10 +156,9 @@ def build_laion_module(text_folder: str | Path, amodel: str = "HTSAT-base", enab
     if amodel not in LAION_AUDIO_MODELS:
         raise ClapModelError(f"laion CLAP audio model {amodel!r} is not one of {LAION_AUDIO_MODELS}")
     folder = _check_text_folder(text_folder)
-    _install_stubs()
-    with _hub_redirect(folder):
-        import laion_clap
-
+    with _hub_redirect(folder):  # laion-clap loads tokenizers when imported, too
+        with _stubbed_imports():
+            import laion_clap
         return laion_clap.CLAP_Module(enable_fusion=enable_fusion, amodel=amodel, tmodel="roberta", device="cpu")
 
 

@@ -4,6 +4,8 @@ and a transformers CLAP folder; crops are deterministic; unsafe checkpoints are 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,6 +53,26 @@ def test_laion_checkpoint_loads_offline_and_matches_the_saved_module(laion_files
     module.model.eval()
     ref = module.get_audio_embedding_from_data([crop], use_tensor=False)
     np.testing.assert_allclose(a1[0], ref[0] / np.linalg.norm(ref[0]), atol=1e-4)
+
+
+def test_laion_loads_in_a_fresh_interpreter_and_leaves_no_stub_behind(laion_files):
+    """As in a Ray actor: nothing imported before. The stand-in modules laion-clap needs at
+    import must not stay in sys.modules, where transformers' probe for torchvision trips on them."""
+    _, text, ckpt = laion_files
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "import sys, importlib.util\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "from model import clap as C\n"
+        f"clap = C.load_clap('laion', {str(ckpt)!r}, {str(text)!r}, amodel='HTSAT-tiny')\n"
+        "print(clap.embed_text(['a tone']).shape[0])\n"
+        "import transformers.utils as U\n"
+        "print(importlib.util.find_spec('torchvision') is None, U.is_torchvision_available(), 'torchvision' in sys.modules)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[-3:-1] == ["1", "True False False"]
 
 
 def test_laion_refuses_a_checkpoint_that_needs_unpickling(laion_files, tmp_path):
