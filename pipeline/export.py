@@ -60,6 +60,7 @@ REPORT_FILE = "export_report.json"
 CONFIG_FILE = "export_config.json"
 STATE_DIR = ".export_state"
 PARTIAL_SUFFIX = ".partial"
+FAILED_REASON = "export decode failed"  # reason of an ok row whose audio cannot be read any more
 SHARD_EXT = ".tar"
 
 SHARD = "shard"  # index.parquet: shard file name
@@ -162,10 +163,11 @@ class ShardSpec:
 @dataclass(frozen=True)
 class ShardResult:
     name: str
-    count: int
+    count: int  # samples written
     bytes: int
     sha256: str
     skipped: bool
+    failed: tuple[tuple[str, str], ...] = ()  # (key, reason) of planned samples that could not be read
 
 
 # --- planning (driver) ------------------------------------------------------------------
@@ -285,6 +287,15 @@ def plan_shards(ok: pa.Table, cfg: ExportConfig) -> list[ShardSpec]:
     return shards
 
 
+def mark_failed(table: pa.Table, failed: dict[str, str]) -> pa.Table:
+    """`table` with the rows whose audio could not be exported turned into `error` rows."""
+    ids = table.column(T.CLIP_ID).to_pylist()
+    status = [T.ERROR if cid in failed else s for cid, s in zip(ids, table.column(T.STATUS).to_pylist())]
+    reason = [failed.get(cid, r) for cid, r in zip(ids, table.column(T.REASON).to_pylist())]
+    table = table.set_column(table.schema.get_field_index(T.STATUS), T.STATUS, pa.array(status, pa.string()))
+    return table.set_column(table.schema.get_field_index(T.REASON), T.REASON, pa.array(reason, pa.string()))
+
+
 def left_out_report(rest: pa.Table) -> dict:
     """Counts per status and reason, and every row left out of the shards (sorted by clip_id)."""
     counts: dict[str, dict[str, int]] = {}
@@ -367,6 +378,8 @@ def completed(spec: ShardSpec, out_dir: Path) -> ShardResult | None:
         return None
     if sha256_file(path) != state.get("sha256"):
         return None
+    if state.get("failed"):  # some audio could not be read last time: try again (it may be back)
+        return None
     return ShardResult(spec.name, len(spec.samples), state["bytes"], state["sha256"], skipped=True)
 
 
@@ -393,12 +406,18 @@ def write_shard(spec: ShardSpec, out_dir: str) -> ShardResult:
         return done
     final = out / spec.name
     tmp = out / f".{spec.name}.{os.getpid()}{PARTIAL_SUFFIX}"
+    failed: list[tuple[str, str]] = []
     with open(tmp, "wb") as raw:
         hashing = _HashingWriter(raw)
         with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for s in spec.samples:
                 rate = spec.sample_rate or s.source_rate
-                flac = encode_flac(load_clip(s, spec.sample_rate, spec.mono), rate, spec.flac_subtype)
+                try:  # audio that changed or went away since ingest: this sample's error, not the run's
+                    audio = load_clip(s, spec.sample_rate, spec.mono)
+                except ExportError as e:
+                    failed.append((s.key, f"{FAILED_REASON}: {e}"))
+                    continue
+                flac = encode_flac(audio, rate, spec.flac_subtype)
                 tar.addfile(tar_member(f"{s.key}.{S.AUDIO_EXT}", len(flac)), io.BytesIO(flac))
                 tar.addfile(tar_member(f"{s.key}.{S.JSON_EXT}", len(s.json_bytes)), io.BytesIO(s.json_bytes))
         raw.flush()
@@ -406,9 +425,10 @@ def write_shard(spec: ShardSpec, out_dir: str) -> ShardResult:
     os.replace(tmp, final)
     size = final.stat().st_size
     sha = hashing.hash.hexdigest()
-    state = {"digest": spec.digest(), "bytes": size, "sha256": sha, "count": len(spec.samples)}
+    count = len(spec.samples) - len(failed)
+    state = {"digest": spec.digest(), "bytes": size, "sha256": sha, "count": count, "failed": failed}
     _write_text_atomic(state_path(out, spec.name), json.dumps(state, sort_keys=True) + "\n")
-    return ShardResult(spec.name, len(spec.samples), size, sha, skipped=False)
+    return ShardResult(spec.name, count, size, sha, skipped=False, failed=tuple(failed))
 
 
 # --- Ray adapter ----------------------------------------------------------------------------
@@ -502,9 +522,10 @@ def write_index_files(out: Path, plan: list[ShardSpec], results: list[ShardResul
     _write_text_atomic(out / SIZES_FILE, json.dumps(sizes, indent=2, sort_keys=True) + "\n")
     _write_text_atomic(out / CHECKSUMS_FILE, "".join(f"{r.sha256}  {r.name}\n" for r in results))
     ids, shards, positions = [], [], []
-    for spec in plan:
-        for i, s in enumerate(spec.samples):
-            ids.append(s.key)
+    for spec, result in zip(plan, results):
+        failed = {key for key, _ in result.failed}
+        for i, key in enumerate(s.key for s in spec.samples if s.key not in failed):
+            ids.append(key)
             shards.append(spec.name)
             positions.append(i)
     index = pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(shards, pa.string()),
@@ -537,6 +558,12 @@ def main(cfg: ExportConfig) -> StageReport:
         log.warning("export: no ok rows in %s: no shards written", cfg.input)
     # 3. index, report, stats, config, card
     write_index_files(out, plan, results)
+    failed = {key: reason for r in results for key, reason in r.failed}
+    if failed:
+        for key, reason in sorted(failed.items()):
+            log.warning("export: %s left out: %s", key, reason)
+        table = mark_failed(table, failed)
+        ok, rest = split_rows(table)
     report = {
         "input_rows": table.num_rows,
         "exported": ok.num_rows,

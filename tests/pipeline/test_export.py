@@ -343,3 +343,40 @@ def test_cli_writes_shards(dataset, tmp_path, ray_local, capsys):
     assert json.loads((out / E.SIZES_FILE).read_text()) == {"shard-000000.tar": 5, "shard-000001.tar": 5, "shard-000002.tar": 3}
     assert "mosaiq verify" in capsys.readouterr().out
     assert E.cli(["--input", str(tmp_path / "nope"), "--output", str(out)]) == 2
+
+
+def test_audio_gone_since_ingest_is_an_error_row_and_comes_back_on_rerun(dataset, tmp_path, ray_local):
+    """An ok row whose source file moved away after ingest: the run goes on without it, reports
+    it as an `error` row, and a re-run once the file is back exports it."""
+    from pipeline import verify
+
+    table = read_folder(dataset)
+    ok_rows = [i for i, s in enumerate(table.column(T.STATUS).to_pylist()) if s == T.OK]
+    victim = ok_rows[4]
+    moved = tmp_path / "moved.wav"
+    paths = table.column(T.AUDIO_PATH).to_pylist()
+    source, paths[victim] = paths[victim], str(moved)
+    table = table.set_column(table.schema.get_field_index(T.AUDIO_PATH), T.AUDIO_PATH, pa.array(paths, pa.string()))
+    captions = tmp_path / "captions"
+    write_parts(table, captions, rows_per_part=7)
+    shutil.copy(dataset / Q.STATS_FILE, captions / Q.STATS_FILE)
+    key = table.column(T.CLIP_ID)[victim].as_py()
+
+    out = tmp_path / "shards"
+    stage = E.main(E.ExportConfig(input=str(captions), output=str(out), shard_max_count=3))
+    assert stage.rows_written == 12 and stage.status_counts[T.ERROR] == 2
+    report = json.loads((out / E.REPORT_FILE).read_text())
+    assert report["exported"] == 12
+    (row,) = [r for r in report["left_out"]["rows"] if r[T.CLIP_ID] == key]
+    assert row[T.STATUS] == T.ERROR and row[T.REASON].startswith(E.FAILED_REASON) and str(moved) in row[T.REASON]
+    index = pq.read_table(out / E.INDEX_FILE)
+    assert key not in index.column(T.CLIP_ID).to_pylist() and index.num_rows == 12
+    assert sum(json.loads((out / E.SIZES_FILE).read_text()).values()) == 12
+    assert verify.main(verify.VerifyConfig(str(out))).ok  # index, sizes, checksums and tars agree
+    assert E.FAILED_REASON in (out / "README.md").read_text()
+
+    shutil.copy(source, moved)  # the file is back
+    again = E.main(E.ExportConfig(input=str(captions), output=str(out), shard_max_count=3))
+    assert again.rows_written == 13 and again.parts_skipped == again.parts_total - 1  # only its shard is redone
+    assert key in pq.read_table(out / E.INDEX_FILE).column(T.CLIP_ID).to_pylist()
+    assert verify.main(verify.VerifyConfig(str(out))).ok
