@@ -1,21 +1,41 @@
 """Caption stage throughput, from one run: LLM captions/s through the Ray Data stage vs vLLM's own
-`LLM.generate` (via `LLM.chat`) on the same prompts, and CLAP clips/s in the stage vs bare
-batched CLAP inference.
+`LLM.generate` on the same prompts, and CLAP clips/s in the stage vs bare batched CLAP inference.
 
-    python benchmarks/caption_throughput.py --clips 32 --candidates 2 --max-tokens 32 [--clap PATH]
+    python benchmarks/caption_throughput.py                      # LLM 512 clips x 2, CLAP 160 clips (~17 min on 2 CPUs)
+    python benchmarks/caption_throughput.py --clips 64 --clap-clips 16 --clap-size tiny   # quick look
+    python benchmarks/caption_throughput.py --clap CLAP.pt --clap-text-model roberta/   # a real CLAP
 
-Two LLM ratios: steady state (start-up excluded on both sides: the stage's rate is taken between
-its first and last finished batch, which overstates it when batches run concurrently in the
-engine; `LLM.chat` is timed after the engine is built), and wall time with engine start on both
-sides, which dominates at small N. Without --clap a tiny random transformers CLAP
-is built (no CLAP weights exist offline): its clips/s measures the plumbing, not HTSAT.
+LLM. Both halves get the same prompts (chat template applied), the same per-candidate seeds and
+sampling parameters, and the same engine arguments and environment (`pipeline.llm`). vLLM's own
+API runs first, in this process, with nothing else working: import, engine start, then
+`LLM.generate` on every prompt at once. The Ray stage then runs as `mosaiq caption` runs it
+(prompt rows -> chat-template actor -> vLLM engine actor -> postprocess). Two ratios:
+- wall: prompts / seconds from nothing to the last caption, start-up included on both sides;
+  at small N it is mostly engine start, which the stage pays inside a fresh Ray actor;
+- steady: the stage from its first request entering the engine to its last caption out, vs
+  `LLM.generate` alone. This is the one that matters for a long job.
+It also counts how many captions are byte-identical between the halves (same seeds; vLLM on
+CPU is not batch-invariant, so some differ). On a small CPU machine the stage pays for Ray's own
+processes (driver, raylet, GCS) on the engine's cores, and Ray runs its workers, and so the
+engine it spawns, at nice 15 below them.
+
+CLAP. The stage is `pipeline.runner.run_stage` with `ClapSelectStage` (1 actor x --threads
+CPUs: Ray gives it that many torch threads) over candidate tables in Parquet: it reads the parts,
+starts the actor, loads the model, decodes and resamples every clip to 48 kHz, embeds audio and
+texts, selects and writes. Bare is a plain loop in this process on the same number of torch
+threads: decode a batch, embed it, score it (model load excluded). Also shown: bare inference
+on clips decoded beforehand. Without --clap a randomly initialised CLAP of real size is built
+(laion HTSAT-base audio + a RoBERTa-base-sized text tower, about 161M parameters): no CLAP
+weights exist offline, and throughput does not depend on the weights' values.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -23,132 +43,210 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "pipeline"))
 
 log = logging.getLogger("caption_throughput")
 
 CAPTIONS = ["piano", "rock guitar drums", "ambient pad", "jazz trio", "", "edm drop", "folk song with banjo", "orchestral"]
+TAGS = [["classical"], ["rock", "guitar"], ["ambient"], ["jazz", "double bass"], [], ["edm"], ["folk", "banjo"], ["film score"]]
+CANDIDATE_TEXTS = ["soft piano melody with strings", "loud distorted guitar over fast drums", "calm ambient synth pad"]
 
 
-def _rows(n: int):
+# --- LLM -------------------------------------------------------------------------------------
+
+
+def _clip_rows(n: int) -> list[dict]:
     from schemas import tables as T
 
     return [
-        {T.CLIP_ID: f"clip{i:04d}", T.STATUS: T.OK, T.CAPTION_ORIGINAL: CAPTIONS[i % len(CAPTIONS)], T.TAGS: ["tag"], T.METADATA_JSON: "{}"}
+        {
+            T.CLIP_ID: f"clip{i:05d}",
+            T.STATUS: T.OK,
+            T.CAPTION_ORIGINAL: CAPTIONS[i % len(CAPTIONS)],
+            T.TAGS: TAGS[i % len(TAGS)],
+            T.METADATA_JSON: json.dumps({"bpm": 60 + i % 100}),
+        }
         for i in range(n)
     ]
 
 
-def _stamp(row: dict) -> dict:
-    return {**row, "t_done": time.time()}
+def bench_vllm_direct(cfg, model: str, prompts: list[dict]) -> dict:
+    """vLLM's own API, in this process: import + engine start, then one `LLM.generate`."""
+    from pipeline import llm as L
+
+    os.environ.update(L.engine_env(cfg))  # what the stage's runtime_env gives its engine
+    t0 = time.perf_counter()
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, **L.engine_kwargs(cfg))
+    start_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tok = llm.get_tokenizer()
+    texts = [tok.apply_chat_template(json.loads(p["messages_json"]), tokenize=False, add_generation_prompt=True) for p in prompts]
+    params = [SamplingParams(**L.sampling_params(cfg, p["clip_id"], p[L.K_COL])) for p in prompts]
+    outputs = llm.generate(texts, params, use_tqdm=False)
+    generate_s = time.perf_counter() - t0
+    captions = {(p["clip_id"], p[L.K_COL]): o.outputs[0].text for p, o in zip(prompts, outputs)}
+    llm.llm_engine.engine_core.shutdown()  # frees the CPU for the stage that runs next
+    del llm
+    gc.collect()
+    return {"start_s": start_s, "generate_s": generate_s, "captions": captions}
 
 
-def bench_llm(cfg, n_clips: int) -> dict:
+def _timed_post(row: dict) -> dict:
+    from pipeline import llm as L
+
+    return {**L._vllm_post(row), "t_done": time.time(), "time_taken_llm": float(row.get("time_taken_llm") or -1.0)}
+
+
+def bench_ray_stage(cfg, model: str, rows: list[dict]) -> dict:
+    """The caption stage's LLM step on Ray Data, as `mosaiq caption` builds it."""
     import ray
 
     from pipeline import llm as L
 
-    model = L.resolve_model(cfg)
-    rows = _rows(n_clips)
-    prompts = [r for row in rows for r in L.expand_prompts(row, cfg)]
-
-    # 1. the Ray Data stage (engine inside a Ray actor)
-    t0 = time.perf_counter()
     light = {"num_cpus": cfg.aux_num_cpus}
+    t0, w0 = time.perf_counter(), time.time()
     ds = ray.data.from_items(rows).flat_map(L.expand_prompts, fn_kwargs={"cfg": cfg}, **light)
-    out = L.build_processor(cfg, model)(ds).map(_stamp, **light).to_pandas()
-    stage_wall = time.perf_counter() - t0
-    done = sorted(out["t_done"])
-    first_batch = min(cfg.batch_size, len(done)) - 1
-    span = done[-1] - done[first_batch]
-    stage_rate = (len(done) - first_batch - 1) / span if span > 0 else float("nan")
-
-    # 2. vLLM's own API on the same prompts and sampling params (same process, no Ray)
-    from vllm import LLM, SamplingParams
-
-    t0 = time.perf_counter()
-    llm = LLM(model=model, **L.engine_kwargs(cfg))
-    start = time.perf_counter() - t0
-    messages = [json.loads(p["messages_json"]) for p in prompts]
-    params = [SamplingParams(**L.sampling_params(cfg, p["clip_id"], p[L.K_COL])) for p in prompts]
-    t0 = time.perf_counter()
-    res = llm.chat(messages, params, use_tqdm=False)
-    direct = time.perf_counter() - t0
-    del llm
+    out = L.build_processor(cfg, model, postprocess=_timed_post)(ds).to_pandas()
+    wall_s = time.perf_counter() - t0
+    answered = out[out["time_taken_llm"] >= 0]
+    first_in = float((answered["t_done"] - answered["time_taken_llm"]).min())
     return {
-        "prompts": len(prompts),
-        "stage_captions_per_s": stage_rate,
-        "stage_wall_s_with_startup": stage_wall,
-        "vllm_captions_per_s": len(res) / direct,
-        "vllm_engine_start_s": start,
-        "ratio": stage_rate / (len(res) / direct),
-        "stage_wall_rate": len(done) / stage_wall,
-        "vllm_wall_rate": len(res) / (start + direct),
-        "wall_ratio": (len(done) / stage_wall) / (len(res) / (start + direct)),
+        "wall_s": wall_s,
+        "startup_s": first_in - w0,  # until the first request entered the engine
+        "steady_s": float(out["t_done"].max()) - first_in,
+        "errors": int((out[L.ERROR_COL] != "").sum()),
+        "captions": {(r.clip_id, int(r.k)): r.llm_text for r in out.itertuples()},
     }
 
 
-def bench_clap(clap_path: str | None, n_clips: int, batch_size: int, work: Path) -> dict:
-    import numpy as np
+def bench_llm(cfg, n_clips: int) -> dict:
+    from pipeline import llm as L
 
-    from model.clap import load_clap
+    model = L.resolve_model(cfg)
+    rows = _clip_rows(n_clips)
+    prompts = [p for row in rows for p in L.expand_prompts(row, cfg)]
+    direct = bench_vllm_direct(cfg, model, prompts)
+    stage = bench_ray_stage(cfg, model, rows)
+    n = len(prompts)
+    same = sum(1 for key, text in direct["captions"].items() if stage["captions"].get(key) == text)
+    direct_wall = direct["start_s"] + direct["generate_s"]
+    return {
+        "prompts": n,
+        "direct": direct,
+        "stage": stage,
+        "identical": same,
+        "steady": (n / stage["steady_s"], n / direct["generate_s"]),
+        "wall": (n / stage["wall_s"], n / direct_wall),
+    }
+
+
+# --- CLAP ------------------------------------------------------------------------------------
+
+
+def _build_clap(size: str, work: Path) -> tuple[str, str, str]:
+    """A random CLAP saved like a real one: (backend, path, text_model)."""
+    import torch
+
+    import _caption_fixtures as F  # tokenizer and tiny CLAP builders shared with the tests
+
+    torch.manual_seed(0)
+    if size == "tiny":
+        model, features, tok = F.tiny_hf_clap()
+        folder = work / "tiny-clap"
+        for part in (model, features, tok):
+            part.save_pretrained(folder)
+        return "hf", str(folder), ""
+    from transformers import RobertaConfig
+
+    from model.clap import build_laion_module, save_laion_checkpoint
+
+    text = work / "roberta-base-sized"
+    tok = F.byte_bpe_tokenizer()
+    tok.save_pretrained(text)
+    # RoBERTa-base's shape (12 layers, 768 wide, 514 positions); only the vocabulary is small
+    RobertaConfig(vocab_size=len(tok), pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1).save_pretrained(text)
+    module = build_laion_module(text, "HTSAT-base")
+    save_laion_checkpoint(module, work / "clap-random.pt")
+    return "laion", str(work / "clap-random.pt"), str(text)
+
+
+def bench_clap(args, work: Path) -> dict:
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    import _caption_fixtures as F
+    from model.clap import SAMPLE_RATE, load_clap
     from pipeline import caption as C
     from pipeline.audio import load_clip
     from pipeline.runner import Resources, list_parts, run_stage, write_parts
-
-    sys.path.insert(0, str(ROOT / "tests" / "pipeline"))
-    import _caption_fixtures as F  # synthetic audio and the tiny CLAP builder
-
-    if clap_path is None:
-        model, features, tok = F.tiny_hf_clap()
-        clap_path = str(work / "tiny-clap")
-        model.save_pretrained(clap_path)
-        features.save_pretrained(clap_path)
-        tok.save_pretrained(clap_path)
-    backend = "hf" if Path(clap_path).is_dir() else "laion"
-    wav = F.write_wav(work / "tone.wav", F.tone(10.24))
-    specs = [{"clip_id": f"c{i:04d}", "audio_path": wav, "caption": "a tone"} for i in range(n_clips)]
-    import pyarrow as pa
-
     from schemas import tables as T
 
+    if args.clap:
+        backend = "hf" if Path(args.clap).is_dir() else "laion"
+        path, text_model = args.clap, args.clap_text_model or ""
+    else:
+        backend, path, text_model = _build_clap(args.clap_size, work)
+    n, bs = args.clap_clips, args.clap_batch_size
+    # a few distinct 44.1 kHz files, so the stage decodes and resamples as it would on real data
+    files = [F.write_wav(work / f"clip{i}.wav", (F.tone(10.24, 220.0 * (i + 1), seed=i) + 0.3 * F.noise(10.24, seed=i)) / 1.3, sr=44_100) for i in range(8)]
+    specs = [{"clip_id": f"c{i:05d}", "audio_path": files[i % len(files)], "caption": CAPTIONS[i % len(CAPTIONS)] or "music"} for i in range(n)]
+    cands = [CANDIDATE_TEXTS[: 1 + i % len(CANDIDATE_TEXTS)] for i in range(n)]
     table = F.quality_rows(specs)
-    cands = [["soft piano melody", "loud noisy static"]] * n_clips
     table = table.append_column(T.CANDIDATES, pa.array(cands, pa.list_(pa.string())))
-    table = table.append_column(T.CANDIDATE_REJECTS, pa.array([[]] * n_clips, pa.list_(pa.string())))
-    write_parts(table, work / "cands", rows_per_part=max(1, n_clips // 2))
-    ccfg = C.ClapConfig(backend=backend, path=clap_path, batch_size=batch_size)
+    table = table.append_column(T.CANDIDATE_REJECTS, pa.array([[]] * n, pa.list_(pa.string())))
+    write_parts(table, work / "cands", rows_per_part=args.clap_rows_per_part)
+    ccfg = C.ClapConfig(backend=backend, path=path, text_model=text_model, batch_size=bs, num_cpus=args.threads)
 
     t0 = time.perf_counter()
-    run_stage("caption-bench", work / "cands", work / "out", C.ClapSelectStage, {"clap": ccfg, "selection": C.SelectionConfig()}, Resources(batch_size=batch_size))
-    stage = time.perf_counter() - t0
+    run_stage("caption-bench", work / "cands", work / "out", C.ClapSelectStage, {"clap": ccfg, "selection": C.SelectionConfig()}, Resources(batch_size=bs, num_cpus=args.threads))
+    stage_s = time.perf_counter() - t0
     assert len(list_parts(work / "out")) == len(list_parts(work / "cands"))
 
-    clap = load_clap(backend, clap_path)
-    waves = [load_clip(wav, 0.0, 10.24, 48_000) for _ in range(n_clips)]
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    for i in range(0, n_clips, batch_size):
-        a = clap.embed_audio(waves[i : i + batch_size], [s["clip_id"] for s in specs[i : i + batch_size]])
-        texts = [t for j in range(len(a)) for t in ["a tone"] + cands[i + j]]
-        np.asarray(clap.embed_text(texts))
-    bare = time.perf_counter() - t0
-    return {
-        "clips": n_clips,
-        "stage_clips_per_s": n_clips / stage,
-        "bare_clips_per_s": n_clips / bare,
-        "ratio": (n_clips / stage) / (n_clips / bare),
-        "note": "stage time includes reading parts, decoding audio, actor start and model load",
-    }
+    clap = load_clap(backend, path, text_model)
+    load_s = time.perf_counter() - t0
+
+    def score(waves, lo):
+        audio = clap.embed_audio(waves, [s["clip_id"] for s in specs[lo : lo + len(waves)]])
+        texts = [t for j in range(len(waves)) for t in [specs[lo + j]["caption"]] + cands[lo + j]]
+        return np.asarray(clap.embed_text(texts)) @ audio.T
+
+    t0 = time.perf_counter()
+    for lo in range(0, n, bs):
+        score([load_clip(s["audio_path"], 0.0, 10.24, SAMPLE_RATE, mono=True) for s in specs[lo : lo + bs]], lo)
+    bare_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    waves = [load_clip(s["audio_path"], 0.0, 10.24, SAMPLE_RATE, mono=True) for s in specs]
+    decode_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for lo in range(0, n, bs):
+        score(waves[lo : lo + bs], lo)
+    infer_s = time.perf_counter() - t0
+    return {"clips": n, "model": f"{backend} {Path(path).name}", "stage_s": stage_s, "bare_s": bare_s, "infer_s": infer_s, "decode_s": decode_s, "load_s": load_s}
+
+
+# --- report ----------------------------------------------------------------------------------
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clips", type=int, default=32)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[1:]))
+    p.add_argument("--only", choices=["llm", "clap"], default=None, help="run one half")
+    p.add_argument("--clips", type=int, default=512, help="LLM: clips (x --candidates prompts)")
     p.add_argument("--candidates", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--clap", default=None, help="LAION .pt or transformers CLAP folder (default: tiny random)")
-    p.add_argument("--clap-clips", type=int, default=32)
-    p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=None, help="LLM: prompts per Ray Data batch (default: the config's)")
+    p.add_argument("--clap", default=None, help="a LAION .pt or transformers CLAP folder (default: a random one)")
+    p.add_argument("--clap-text-model", default=None, help="laion: local roberta-style folder")
+    p.add_argument("--clap-size", choices=["base", "tiny"], default="base", help="the random CLAP: real size or tiny")
+    p.add_argument("--clap-clips", type=int, default=160)
+    p.add_argument("--clap-batch-size", type=int, default=8)
+    p.add_argument("--clap-rows-per-part", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1, help="CLAP: CPUs of the stage's actor = torch threads of the bare loop")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -158,20 +256,29 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = L.LLMConfig(num_candidates=args.candidates, max_tokens=args.max_tokens, batch_size=args.batch_size)
+    over = {"batch_size": args.batch_size} if args.batch_size else {}
+    cfg = L.LLMConfig(num_candidates=args.candidates, max_tokens=args.max_tokens, **over)
     with tempfile.TemporaryDirectory() as tmp:
-        clap = bench_clap(args.clap, args.clap_clips, args.batch_size, Path(tmp))
-        llm = bench_llm(cfg, args.clips)
+        clap = bench_clap(args, Path(tmp)) if args.only != "llm" else None
+        llm = bench_llm(cfg, args.clips) if args.only != "clap" else None
     ray.shutdown()
-    print(f"LLM  ({llm['prompts']} prompts, max_tokens={args.max_tokens}):")
-    print(f"  Ray Data stage     {llm['stage_captions_per_s']:8.2f} captions/s (wall with engine start {llm['stage_wall_s_with_startup']:.1f}s)")
-    print(f"  vLLM LLM.generate  {llm['vllm_captions_per_s']:8.2f} captions/s (engine start {llm['vllm_engine_start_s']:.1f}s)")
-    print(f"  ratio stage/vLLM   {llm['ratio']:8.2f}  (steady state; the stage's span starts at its first finished batch, an optimistic bound)")
-    print(f"  with engine start  {llm['stage_wall_rate']:8.2f} vs {llm['vllm_wall_rate']:.2f} captions/s, ratio {llm['wall_ratio']:.2f}")
-    print(f"CLAP ({clap['clips']} clips):")
-    print(f"  stage              {clap['stage_clips_per_s']:8.2f} clips/s ({clap['note']})")
-    print(f"  bare batched       {clap['bare_clips_per_s']:8.2f} clips/s")
-    print(f"  ratio stage/bare   {clap['ratio']:8.2f}")
+
+    print(f"\ncaption throughput, {os.cpu_count()} CPUs, one run\n")
+    if llm:
+        d, s = llm["direct"], llm["stage"]
+        print(f"LLM: {llm['prompts']} prompts (SmolLM2-135M-Instruct, max_tokens={cfg.max_tokens}, batch {cfg.batch_size} x {cfg.max_concurrent_batches} in flight)")
+        print(f"  vLLM LLM.generate  start {d['start_s']:6.1f}s  generate {d['generate_s']:6.1f}s")
+        print(f"  Ray Data stage     start {s['startup_s']:6.1f}s  first request to last caption {s['steady_s']:6.1f}s  (wall {s['wall_s']:.1f}s)")
+        for name in ("steady", "wall"):
+            st, di = llm[name]
+            print(f"  {name:6s} captions/s   stage {st:7.2f}   LLM.generate {di:7.2f}   ratio {st / di:5.2f}")
+        print(f"  identical captions {llm['identical']}/{llm['prompts']}   per-row errors in the stage {s['errors']}")
+    if clap:
+        n = clap["clips"]
+        print(f"CLAP: {n} clips, {clap['model']}, {args.threads} thread(s), batch {args.clap_batch_size}")
+        print(f"  stage (read, actor start, model load, decode, embed, select, write)  {n / clap['stage_s']:7.2f} clips/s")
+        print(f"  bare loop (decode + embed, model load {clap['load_s']:.1f}s excluded)        {n / clap['bare_s']:7.2f} clips/s   ratio {clap['bare_s'] / clap['stage_s']:5.2f}")
+        print(f"  bare inference only (decode {clap['decode_s']:.1f}s excluded)              {n / clap['infer_s']:7.2f} clips/s   ratio {clap['infer_s'] / clap['stage_s']:5.2f}")
 
 
 if __name__ == "__main__":
