@@ -57,7 +57,8 @@ def main() -> int:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--num-cpus-per-actor", type=float, default=float(os.cpu_count() or 1))
+    p.add_argument("--num-cpus-per-actor", type=float, default=float(max(1, (os.cpu_count() or 2) - 1)),
+                   help="CPUs (= torch threads) of the one actor and of the bare loop; leave one for reading and writing parts")
     p.add_argument("--rows-per-part", type=int, default=100)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)

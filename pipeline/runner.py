@@ -193,6 +193,21 @@ def _finalize_part(input_part: str, work_dir: str, output_part: str, schema: pa.
     return len(ids)
 
 
+def _warn_if_no_cpu_left(stage: str, resources: Resources, cluster_cpus: float) -> bool:
+    """Warn when the model actors would hold every CPU of the cluster: Ray Data's read and write
+    tasks (1 CPU each) then never start and the run waits forever. A warning, not an error: an
+    autoscaling cluster may add nodes."""
+    held = resources.num_cpus * resources.concurrency
+    if cluster_cpus and held > cluster_cpus - 1:
+        log.warning(
+            "%s: %d actor(s) x %.2g CPU = %.2g of the cluster's %.2g CPUs leaves less than 1 CPU for "
+            "reading and writing parts, which then wait forever unless nodes are added: lower "
+            "num_cpus or concurrency", stage, resources.concurrency, resources.num_cpus, held, cluster_cpus,
+        )
+        return True
+    return False
+
+
 def run_stage(
     stage: str,
     input_dir: str | Path,
@@ -219,6 +234,7 @@ def run_stage(
         return StageReport(stage, len(parts), skipped, 0, time.perf_counter() - t0, status_counts(output_dir))
     log.info("%s: %d of %d part(s) to do (%d already done)", stage, len(pending), len(parts), skipped)
 
+    _warn_if_no_cpu_left(stage, resources, ray.cluster_resources().get("CPU", 0.0))
     work_dir = output_dir / WORK_DIR
     work_files = _readable_work_files(work_dir)
     done_ids = None

@@ -85,6 +85,18 @@ def sample_clips(sample_dir, tmp_path_factory):
     return out
 
 
+def test_actors_holding_every_cpu_are_warned_about(caplog):
+    """A pool that holds every CPU starves Ray Data's read tasks: the run would wait forever."""
+    from pipeline.runner import Resources, _warn_if_no_cpu_left
+
+    with caplog.at_level("WARNING", logger="pipeline.runner"):
+        assert _warn_if_no_cpu_left("score", Resources(concurrency=1, num_cpus=2.0), 2.0)
+        assert "1 actor(s) x 2 CPU = 2 of the cluster's 2 CPUs" in caplog.text
+        assert _warn_if_no_cpu_left("score", Resources(concurrency=2, num_cpus=1.0), 2.0)
+    assert not _warn_if_no_cpu_left("score", Resources(concurrency=1, num_cpus=1.0), 2.0)
+    assert not _warn_if_no_cpu_left("score", Resources(concurrency=4, num_cpus=0.0, num_gpus=1.0), 2.0)
+
+
 def test_ray_job_is_resumable_and_deterministic(sample_clips, tmp_path, ray_session):
     cfg = score.ScoreConfig()
     first = tmp_path / "s1"
