@@ -130,12 +130,12 @@ def attach_candidates(table: pa.Table, llm_rows: pa.Table, llm_cfg: L.LLMConfig,
         missing = [k for k in range(llm_cfg.num_candidates) if k not in got]
         if missing:
             raise RuntimeError(f"{STAGE}: clip {cid!r} has no LLM output for candidate(s) {missing}")
-        failed = [(k, got[k][1]) for k in range(llm_cfg.num_candidates) if got[k][1]]
-        for k, error in failed:
-            log.warning("%s: clip %r candidate %d: the LLM request failed: %s", STAGE, cid, k, error)
-        answered = [got[k][0] for k in range(llm_cfg.num_candidates) if not got[k][1]]
-        kept, rejects = validate(answered, original, instructions, val_cfg)
-        rejects += [V.LLM_ERROR] * len(failed)
+        answers = [got[k] for k in range(llm_cfg.num_candidates)]  # (text, error) in candidate order
+        for k, (_, error) in enumerate(answers):
+            if error:
+                log.warning("%s: clip %r candidate %d: the LLM request failed: %s", STAGE, cid, k, error)
+        kept, rejects = validate([text for text, error in answers if not error], original, instructions, val_cfg)
+        rejects += [V.LLM_ERROR for _, error in answers if error]
         kept_col.append(kept)
         rejects_col.append(rejects)
     table = table.select(QUALITY_INPUT)
