@@ -28,7 +28,7 @@ import torch
 from pipeline import audio, ingest, score
 from pipeline.raycluster import init_ray
 from pipeline.runner import Resources, read_folder
-from pipeline.sample import synth_track
+from pipeline.synth import synth_track
 from schemas import tables as T
 
 

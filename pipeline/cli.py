@@ -14,7 +14,7 @@ import sys
 
 COMMANDS = {
     # name: (module, one-line help)
-    "sample": ("pipeline.sample", "write the bundled synthetic music sample (clean + degraded clips)"),
+    "sample": ("pipeline.synth", "write the bundled synthetic music sample (clean + degraded clips)"),
     "ingest": ("pipeline.ingest", "folder or manifest of audio -> clip table"),
     "score": ("pipeline.score", "clip table -> p-MOS per clip (Ray job)"),
     "quantize": ("pipeline.quantize", "p-MOS -> corpus stats, quality level 1..5 and text prefix"),
@@ -24,7 +24,7 @@ COMMANDS = {
     "curate": ("pipeline.curate", "ingest -> score -> quantize -> caption -> export as one job"),
     "convert-qama": ("model.pmos", "convert QAMA fairseq checkpoints to a local wav2vec2 p-MOS folder"),
     "train": ("model.train", "train QA-MDT on mosaiq shards"),
-    "generate": ("model.sample", "generate audio for a prompt at a quality level"),
+    "generate": ("model.generate", "generate audio for a prompt at a quality level"),
 }
 
 

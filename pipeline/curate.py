@@ -26,7 +26,7 @@ from jobs import config as jobcfg
 from pipeline.caption import CaptionConfig
 from pipeline.ingest import IngestConfig
 from pipeline.quantize import QuantizeConfig
-from pipeline.sample import SampleConfig
+from pipeline.synth import SampleConfig
 from pipeline.score import ScoreConfig
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def main(cfg: CurateConfig, address: str | None = None, num_cpus: int | None = N
     if not source:
         manifest = cfg.folder("sample") / "manifest.csv"
         if not manifest.exists():
-            from pipeline.sample import write_sample
+            from pipeline.synth import write_sample
 
             log.info("no input given: writing the bundled sample to %s", cfg.folder("sample"))
             write_sample(cfg.folder("sample"), cfg.sample)

@@ -30,7 +30,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory):
     """The bundled sample (6 tracks x clean + 4 degraded copies, plus 3 broken files)."""
-    from pipeline.sample import SampleConfig, write_sample
+    from pipeline.synth import SampleConfig, write_sample
 
     out = tmp_path_factory.mktemp("sample")
     write_sample(out, SampleConfig(tracks=6, seed=0))

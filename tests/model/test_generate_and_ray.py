@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from model import checkpoint as ckpt
-from model.sample import GenerateConfig, cli as generate_cli, main as generate
+from model.generate import GenerateConfig, cli as generate_cli, main as generate
 from model.train import main as train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,0 +1,124 @@
+"""Files: atomic writes, content digests and a stage folder's parts, in one place.
+
+Every file mosaiq writes appears under its final name only once it is complete: it is written
+under a hidden temporary name in the same folder (`.<name>.tmp-<pid>`) and renamed. Readers of
+a folder (pyarrow, pandas, Ray) skip names that start with `.` or `_`, so a killed writer's
+leftover is never read as data; `remove_temporaries` clears them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import IO, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
+PART_GLOB = f"{PART_PREFIX}*{PART_SUFFIX}"
+TMP_MARK = ".tmp-"  # in the name of every file still being written
+PARQUET_COMPRESSION = "zstd"
+_CHUNK = 1 << 20
+
+
+def part_name(index: int) -> str:
+    return f"{PART_PREFIX}{index:05d}{PART_SUFFIX}"
+
+
+def list_parts(folder: str | Path) -> list[Path]:
+    """The `part-*.parquet` files of a stage folder, sorted; raises when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"input folder {str(folder)!r} does not exist")
+    parts = sorted(folder.glob(PART_GLOB))
+    if not parts:
+        raise FileNotFoundError(f"input folder {str(folder)!r} holds no {PART_GLOB} files")
+    return parts
+
+
+def tmp_path(path: Path) -> Path:
+    """The hidden temporary name a file is written under before it is renamed to `path`."""
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb", **kwargs) -> Iterator[IO]:
+    """Open a temporary file beside `path`; on success rename it to `path`, on error remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def atomic_write_table(table: pa.Table, path: str | Path) -> None:
+    """Write a Parquet file atomically (same table -> same bytes)."""
+    with atomic_open(path, "wb") as f:
+        pq.write_table(table, f, compression=PARQUET_COMPRESSION)
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """The Parquet bytes `atomic_write_table` writes for this table."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=PARQUET_COMPRESSION)
+    return sink.getvalue().to_pybytes()
+
+
+def write_if_changed(path: str | Path, data: bytes) -> bool:
+    """Write `data` atomically unless the file already holds exactly these bytes; True if written."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return False
+    atomic_write_bytes(path, data)
+    return True
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that killed writers left in `folder` (not recursive)."""
+    folder = Path(folder)
+    gone = sorted(folder.glob(f".*{TMP_MARK}*")) if folder.is_dir() else []
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
+def file_digest(path: str | Path, digest_size: int = 16) -> str:
+    """blake2b of a file's bytes (128 bits by default), hex; read in chunks."""
+    h = hashlib.blake2b(digest_size=digest_size)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def derive_seed(text: str) -> int:
+    """A 64-bit seed from a text (blake2b, little-endian): the one way mosaiq derives seeds from
+    names, so a row's randomness depends on what it is, never on batching or order."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
