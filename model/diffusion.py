@@ -34,6 +34,10 @@ class DiffusionConfig:
     beta_schedule: Literal["linear", "linear_beta"] = "linear"
     uncond_prob: float = 0.1  # training: a prompt is replaced by the empty text with this probability
     masked_training: bool = True  # training runs the masked path (mask ratio from the model config)
+    # "min_snr": each sample's eps-MSE weighted by min(SNR(t), gamma) / SNR(t) (Hang et al. 2023,
+    # Min-SNR-gamma; the official QA-MDT code uses gamma 5); "none": plain MSE
+    loss_weighting: Literal["none", "min_snr"] = "none"
+    min_snr_gamma: float = 5.0
     ddim_steps: int = 200
     ddim_eta: float = 0.0
     guidance_scale: float = 3.5
@@ -46,6 +50,10 @@ class DiffusionConfig:
             raise ValueError(f"uncond_prob must lie in [0, 1], got {self.uncond_prob}")
         if not 1 <= self.ddim_steps <= self.num_steps:
             raise ValueError(f"ddim_steps must lie in [1, num_steps={self.num_steps}], got {self.ddim_steps}")
+        if self.min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be positive, got {self.min_snr_gamma}")
+        if self.ddim_eta < 0:
+            raise ValueError(f"ddim_eta must be >= 0, got {self.ddim_eta}")
 
 
 def make_betas(cfg: DiffusionConfig) -> torch.Tensor:
@@ -78,13 +86,27 @@ class GaussianDiffusion:
         ab = self._at(self.alphas_cumprod, t, x0)  # (N, 1, 1, 1)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise  # (N, C, T, F)
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at timesteps t (N,), float32."""
+        ab = self.alphas_cumprod.to(t.device)[t]  # (N,)
+        return (ab / (1 - ab)).float()  # (N,)
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights (N,): ones, or Min-SNR-gamma for eps-prediction."""
+        if self.cfg.loss_weighting == "none":
+            return torch.ones(t.shape, device=t.device)  # (N,)
+        snr = self.snr(t)  # (N,)
+        return snr.clamp(max=self.cfg.min_snr_gamma) / snr  # (N,)
+
     def training_loss(self, model, x0, quality, text, text_mask, mask_ratio: float | None = None) -> torch.Tensor:
-        """Mean squared error of the predicted noise over all tokens (masked ones included)."""
+        """Squared error of the predicted noise over all tokens (masked ones included), averaged
+        per sample, weighted (`loss_weighting`) and averaged over the batch."""
         t = torch.randint(0, self.cfg.num_steps, (x0.shape[0],), device=x0.device)  # (N,)
         noise = torch.randn_like(x0)  # (N, C, T, F)
         xt = self.q_sample(x0, t, noise)  # (N, C, T, F)
         eps = model(xt, t, quality, text, text_mask, mask_ratio=mask_ratio)  # (N, C, T, F)
-        return torch.mean((eps.float() - noise.float()) ** 2)
+        per_sample = ((eps.float() - noise.float()) ** 2).flatten(1).mean(1)  # (N,)
+        return torch.mean(self.loss_weights(t) * per_sample)
 
     @staticmethod
     def guided_eps(model: Denoiser, z, t, quality, text, text_mask, null_text, null_mask, w: float, uncond_quality: int):
@@ -106,9 +128,10 @@ class GaussianDiffusion:
     @torch.no_grad()
     def ddim_sample(self, model: Denoiser, shape, quality, text, text_mask, null_text, null_mask,
                     generator: torch.Generator | None = None, steps: int | None = None,
-                    w: float | None = None, uncond_quality: int | None = None) -> torch.Tensor:
-        """DDIM from pure noise to x0 (N, C, T, F); eta from the config (0 = deterministic)."""
+                    w: float | None = None, uncond_quality: int | None = None, eta: float | None = None) -> torch.Tensor:
+        """DDIM from pure noise to x0 (N, C, T, F); eta from the config unless given (0 = deterministic)."""
         steps = steps or self.cfg.ddim_steps
+        eta = self.cfg.ddim_eta if eta is None else eta
         w = self.cfg.guidance_scale if w is None else w
         uq = UNCOND_QUALITY[self.cfg.uncond_quality] if uncond_quality is None else uncond_quality
         device = text.device
@@ -122,7 +145,7 @@ class GaussianDiffusion:
             tt = torch.full((shape[0],), t, device=device, dtype=torch.long)  # (N,)
             eps = self.guided_eps(model, z, tt, quality, text, text_mask, null_text, null_mask, w, uq).float()  # (N, C, T, F)
             x0 = (z - (1 - a_t) ** 0.5 * eps) / a_t**0.5  # (N, C, T, F)
-            sigma = self.cfg.ddim_eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+            sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
             z = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps  # (N, C, T, F)
             if sigma > 0:
                 z = z + sigma * torch.randn(shape, generator=generator, device="cpu").to(device)  # (N, C, T, F)

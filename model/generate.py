@@ -44,6 +44,7 @@ class GenerateConfig:
     seconds: float | None = None  # None: the training clip length
     ddim_steps: int | None = None
     guidance_scale: float | None = None
+    ddim_eta: float | None = None  # 0: deterministic DDIM; 1: the official code's stochastic sampler
     uncond_quality: Literal["low", "medium"] | None = None
     weights: Literal["ema", "model"] = "ema"
     text_encoder: str | None = None  # overrides the folder recorded at training time
@@ -87,7 +88,8 @@ def main(cfg: GenerateConfig) -> list[Path]:
     model.load_state_dict(ckpt.read_group(cfg.checkpoint, cfg.weights))
     model.to(device).eval()
     dcfg = from_dict(DiffusionConfig, train_cfg["diffusion"], where="diffusion")
-    overrides = {"ddim_steps": cfg.ddim_steps, "guidance_scale": cfg.guidance_scale, "uncond_quality": cfg.uncond_quality}
+    overrides = {"ddim_steps": cfg.ddim_steps, "guidance_scale": cfg.guidance_scale, "uncond_quality": cfg.uncond_quality,
+                 "ddim_eta": cfg.ddim_eta}
     dcfg = dataclasses.replace(dcfg, **{k: v for k, v in overrides.items() if v is not None})
     diffusion = GaussianDiffusion(dcfg)
 
@@ -135,6 +137,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--seconds", type=float, help="length of the audio (default: the training clip length)")
     p.add_argument("--steps", type=int, dest="ddim_steps", help="DDIM steps")
     p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--eta", type=float, dest="ddim_eta", help="DDIM eta (0 deterministic, 1 as the official code)")
     p.add_argument("--uncond-quality", choices=sorted(UNCOND_QUALITY))
     p.add_argument("--weights", choices=["ema", "model"])
     p.add_argument("--text-encoder", help="local text encoder folder, if not where training found it")

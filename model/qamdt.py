@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -40,6 +41,10 @@ class QAMDTConfig:
     mask_ratio: float = 0.30  # training mask ratio is mask_ratio + U(0, mask_ratio_jitter)
     mask_ratio_jitter: float = 0.20
     rope_theta: float = 10_000.0
+    # "zero": DiT's adaLN-Zero, a (6D) modulation MLP in every block; "single": one shared
+    # timestep MLP plus a learned (6, D) table per block (PixArt-alpha's adaLN-single, as the
+    # official QA-MDT code), about 234M fewer parameters at xl
+    adaln: Literal["zero", "single"] = "zero"
     grad_checkpoint: bool = False
 
     def __post_init__(self):
@@ -50,6 +55,8 @@ class QAMDTConfig:
         for p, o in zip(self.patch_size, self.overlap):
             if not 0 <= o < p:
                 raise ValueError(f"overlap {self.overlap} must be >= 0 and smaller than patch_size {self.patch_size}")
+        if self.adaln not in ("zero", "single"):
+            raise ValueError(f"adaln must be 'zero' or 'single', got {self.adaln!r}")
         if not (0 <= self.mask_ratio and 0 <= self.mask_ratio_jitter and self.mask_ratio + self.mask_ratio_jitter < 1):
             raise ValueError(f"mask_ratio {self.mask_ratio} + jitter {self.mask_ratio_jitter} must lie in [0, 1)")
 
@@ -145,9 +152,9 @@ class CrossAttention(nn.Module):
 
 
 class QAMDTBlock(nn.Module):
-    """Self-attention, cross-attention, MLP; adaLN-Zero from the timestep; optional long skip."""
+    """Self-attention, cross-attention, MLP; adaLN-Zero or adaLN-single from the timestep; optional long skip."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, skip: bool = False):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, skip: bool = False, adaln: str = "zero"):
         super().__init__()
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -157,12 +164,21 @@ class QAMDTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        if adaln == "zero":
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        else:
+            self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Six (N, D) shift/scale/gate vectors from c: (N, D) for adaLN-Zero, (N, 6, D) shared for adaLN-single."""
+        if c.dim() == 2:
+            return self.adaLN_modulation(c).chunk(6, dim=1)  # (N, D) each
+        return (self.scale_shift_table[None] + c).unbind(1)  # (N, D) each
 
     def forward(self, x, c, y, y_mask, rope, skip=None):
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))  # (N, L, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)  # (N, D) each
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)  # (N, D) each
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)  # (N, L, D)
         x = x + self.cross_attn(self.norm_cross(x), y, y_mask)  # (N, L, D)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, L, D)
@@ -172,14 +188,21 @@ class QAMDTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN-modulated norm, then a linear map from each token to its patch."""
 
-    def __init__(self, dim: int, patch_dim: int):
+    def __init__(self, dim: int, patch_dim: int, adaln: str = "zero"):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, patch_dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        if adaln == "zero":
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        else:
+            self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (N, D) each
+        """c: the (N, D) timestep embedding in both adaLN variants."""
+        if hasattr(self, "adaLN_modulation"):
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (N, D) each
+        else:
+            shift, scale = (self.scale_shift_table[None] + c.unsqueeze(1)).unbind(1)  # (N, D) each
         return self.linear(modulate(self.norm(x), shift, scale))  # (N, L, C*pt*pf)
 
 
@@ -243,12 +266,15 @@ class QAMDT(nn.Module):
         self.y_embedder = nn.Linear(cfg.cond_dim, d)
         self.quality_embedder = nn.Embedding(NUM_QUALITY_LEVELS, d)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        a = cfg.adaln
+        # adaLN-single: one timestep MLP whose (N, 6D) output every block adds to its own table
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d)) if a == "single" else None
         half = (cfg.depth - cfg.decode_layers) // 2
-        self.en_inblocks = nn.ModuleList([QAMDTBlock(d, h, r) for _ in range(half)])
-        self.en_outblocks = nn.ModuleList([QAMDTBlock(d, h, r, skip=True) for _ in range(half)])
-        self.sideblock = QAMDTBlock(d, h, r)
-        self.de_blocks = nn.ModuleList([QAMDTBlock(d, h, r, skip=True) for _ in range(cfg.decode_layers)])
-        self.final_layer = FinalLayer(d, patch_dim)
+        self.en_inblocks = nn.ModuleList([QAMDTBlock(d, h, r, adaln=a) for _ in range(half)])
+        self.en_outblocks = nn.ModuleList([QAMDTBlock(d, h, r, skip=True, adaln=a) for _ in range(half)])
+        self.sideblock = QAMDTBlock(d, h, r, adaln=a)
+        self.de_blocks = nn.ModuleList([QAMDTBlock(d, h, r, skip=True, adaln=a) for _ in range(cfg.decode_layers)])
+        self.final_layer = FinalLayer(d, patch_dim, adaln=a)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -263,16 +289,22 @@ class QAMDT(nn.Module):
         nn.init.normal_(self.y_embedder.weight, std=0.02)
         nn.init.normal_(self.quality_embedder.weight, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        # adaLN-Zero: every residual branch starts closed, and so does the output
-        for block in [*self.en_inblocks, *self.en_outblocks, self.sideblock, *self.de_blocks]:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        # adaLN-Zero: every residual branch starts closed, and so does the output; adaLN-single
+        # starts from its tables (the shared MLP's output layer at zero), as PixArt-alpha
+        modulators = [b.adaLN_modulation[-1] for b in self.blocks()] if self.t_block is None else [self.t_block[-1]]
+        if self.t_block is None:
+            modulators.append(self.final_layer.adaLN_modulation[-1])
+        for lin in modulators:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        for block in self.blocks():
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+
+    def blocks(self) -> list[QAMDTBlock]:
+        return [*self.en_inblocks, *self.en_outblocks, self.sideblock, *self.de_blocks]
 
     def sample_mask_ratio(self) -> float:
         """A training mask ratio: mask_ratio + U(0, jitter), from torch's global RNG."""
@@ -298,6 +330,7 @@ class QAMDT(nn.Module):
         L = tokens.shape[1]
         h = self.x_embedder(tokens)  # (N, L, D)
         c = self.t_embedder(t)  # (N, D)
+        cb = c if self.t_block is None else self.t_block(c).unflatten(1, (6, d))  # (N, D) or (N, 6, D): what blocks get
         y = self.y_embedder(text)  # (N, S, D)
         y_mask = text_mask.bool().clone()  # (N, S)
         y_mask[:, 0] = True  # an empty prompt still has one key to attend to
@@ -321,16 +354,16 @@ class QAMDT(nn.Module):
 
         skips = []
         for block in self.en_inblocks:
-            h = self._run(block, h, c, y, y_mask, rope)  # (N, 1+K, D)
+            h = self._run(block, h, cb, y, y_mask, rope)  # (N, 1+K, D)
             skips.append(h)
         for block in self.en_outblocks:
-            h = self._run(block, h, c, y, y_mask, rope, skip=skips.pop())  # (N, 1+K, D)
+            h = self._run(block, h, cb, y, y_mask, rope, skip=skips.pop())  # (N, 1+K, D)
 
         if mask_ratio is not None:
-            h = self.side_interpolate(h, ids_keep, L, c, y, y_mask, rope_all)  # (N, 1+L, D)
+            h = self.side_interpolate(h, ids_keep, L, cb, y, y_mask, rope_all)  # (N, 1+L, D)
 
         for block in self.de_blocks:
-            h = self._run(block, h, c, y, y_mask, rope_all, skip=input_skip)  # (N, 1+L, D)
+            h = self._run(block, h, cb, y, y_mask, rope_all, skip=input_skip)  # (N, 1+L, D)
         h = h[:, 1:]  # (N, L, D): the quality token is stripped before the final layer
         out = self.final_layer(h, c)  # (N, L, C*pt*pf)
         return self.patchifier.unpatchify(out, (T, Fq))  # (N, C, T, F)
@@ -374,3 +407,28 @@ def model_config(preset: str, **overrides) -> QAMDTConfig:
 
 def build_model(cfg: QAMDTConfig) -> QAMDT:
     return QAMDT(cfg)
+
+
+# the paper's representation: 8-channel KL latent of 256 x 16, patch 4 x 1, FLAN-T5-large states
+PAPER_SHAPES = dict(in_channels=8, freq_size=16, patch_size=(4, 1), cond_dim=1024)
+
+
+def parameter_count(cfg: QAMDTConfig) -> int:
+    """Parameters of the model `cfg` describes (built on the meta device: no memory, no init cost)."""
+    with torch.device("meta"):
+        model = QAMDT(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def preset_table(**overrides) -> list[dict]:
+    """Every preset with its size fields and parameter counts (adaLN-Zero and adaLN-single) at
+    the paper's shapes, or at `overrides`."""
+    rows = []
+    for name, size in PRESETS.items():
+        shapes = {**PAPER_SHAPES, **overrides}
+        rows.append({
+            "preset": name, **size,
+            "params_adaln_zero": parameter_count(model_config(name, **{**shapes, "adaln": "zero"})),
+            "params_adaln_single": parameter_count(model_config(name, **{**shapes, "adaln": "single"})),
+        })
+    return rows

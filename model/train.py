@@ -26,7 +26,7 @@ from jobs.config import from_dict, load, save_resolved, to_dict
 from model import checkpoint as ckpt
 from model.data import AUDIO, PROMPTS, QUALITY, DataConfig, list_shards, make_loader
 from model.diffusion import DiffusionConfig, GaussianDiffusion, drop_prompts
-from model.qamdt import PRESETS, QAMDTConfig, build_model
+from model.qamdt import PRESETS, QAMDTConfig, build_model, preset_table
 from model.representation import Representation, RepresentationConfig
 from model.text import FrozenTextEncoder, TextEncoderConfig
 
@@ -262,12 +262,26 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     return train_loop(cfg)
 
 
+def format_presets() -> str:
+    """The preset table with parameter counts, as `mosaiq train --list-presets` prints it."""
+    lines = [f"{'preset':<7} {'hidden':>6} {'depth':>5} {'heads':>5} {'decoder':>7} {'adaLN-Zero':>11} {'adaLN-single':>12}"]
+    for r in preset_table():
+        lines.append(f"{r['preset']:<7} {r['hidden_size']:>6} {r['depth']:>5} {r['num_heads']:>5} {r['decode_layers']:>7} "
+                     f"{r['params_adaln_zero'] / 1e6:>10.1f}M {r['params_adaln_single'] / 1e6:>11.1f}M")
+    lines.append("parameters at the paper's shapes: 8 x 256 x 16 KL latent, patch 4 x 1, 1024-d text states")
+    return "\n".join(lines)
+
+
 def cli(argv: list[str]) -> int:
+    if "--list-presets" in argv:
+        print(format_presets())
+        return 0
     p = argparse.ArgumentParser(prog="mosaiq train", description="train QA-MDT on mosaiq shards")
-    p.add_argument("--config", help="job YAML (jobs/train.yaml); its keys are TrainConfig's fields")
+    p.add_argument("--list-presets", action="store_true", help="print the model presets with their parameter counts and exit")
+    p.add_argument("--config", help="job YAML (jobs/train.yaml, jobs/train-qamdt-official.yaml); its keys are TrainConfig's fields")
     p.add_argument("--shards", help="folder of .tar shards or a brace pattern (data.shards)")
     p.add_argument("--output-dir", help="where checkpoints and the resolved config go")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="model size")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model size (--list-presets prints their parameter counts)")
     p.add_argument("--text-encoder", help="local transformers folder of the frozen text encoder (text.path)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--ray-workers", type=int, help="0: this process; n: Ray Train with n workers")

@@ -129,3 +129,87 @@ def test_presets_and_bad_config():
     # the depth split of the official code: (28 - 8) / 2 in, 10 out, 8 decoder blocks
     m = build_model(model_config("tiny"))
     assert (len(m.en_inblocks), len(m.en_outblocks), len(m.de_blocks)) == (1, 1, 2)
+
+
+def test_adaln_single_saves_the_per_block_mlps_and_keeps_the_masking_identity():
+    from model.qamdt import parameter_count, preset_table
+
+    zero, single = _tiny(), _tiny(adaln="single")
+    assert single.t_block is not None and not hasattr(single.sideblock, "adaLN_modulation")
+    d, blocks = 64, len(zero.blocks())
+    # per-block 6D modulation MLPs and the final layer's 2D one, minus the shared 6D MLP
+    saved = blocks * (6 * d * d + 6 * d) + (2 * d * d + 2 * d) - (6 * d * d + 6 * d) - blocks * 6 * d - 2 * d
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(zero) - n(single) == saved
+    assert parameter_count(single.cfg) == n(single)
+    x, t, q, y, m = _inputs()
+    full = single(x, t, q, y, m)
+    assert full.shape == x.shape
+    torch.testing.assert_close(single(x, t, q, y, m, mask_ratio=0.0), full, atol=1e-5, rtol=1e-4)
+    # at init (shared MLP and output layer at zero) the prediction is zero, as adaLN-Zero's
+    init = build_model(single.cfg)
+    assert torch.count_nonzero(init(x, t, q, y, m)) == 0
+    xl = {r["preset"]: r for r in preset_table()}["xl"]
+    assert 220e6 < xl["params_adaln_zero"] - xl["params_adaln_single"] < 240e6
+    with pytest.raises(ValueError, match="adaln"):
+        model_config("tiny", adaln="double")
+
+
+def test_min_snr_weights_and_loss():
+    d = GaussianDiffusion(DiffusionConfig(loss_weighting="min_snr", min_snr_gamma=5.0))
+    t = torch.tensor([0, 100, 500, 999])
+    ab = d.alphas_cumprod[t]
+    snr = ab / (1 - ab)
+    expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr
+    torch.testing.assert_close(d.loss_weights(t), expected.float())
+    assert d.loss_weights(torch.tensor([999])).item() == 1.0  # SNR < gamma: plain MSE
+    assert d.loss_weights(torch.tensor([0])).item() < 0.01  # nearly clean: down-weighted
+    plain = GaussianDiffusion(DiffusionConfig())
+    x0 = torch.randn(3, 1, 8, 4)
+
+    def zero_model(x, t, *a, **k):
+        return torch.zeros_like(x)
+
+    for diff in (d, plain):  # a zero prediction: each sample's MSE is its noise's mean square
+        torch.manual_seed(5)
+        loss = diff.training_loss(zero_model, x0, None, None, None)
+        torch.manual_seed(5)
+        tt = torch.randint(0, 1000, (3,))
+        noise = torch.randn_like(x0)
+        want = (diff.loss_weights(tt) * (noise**2).flatten(1).mean(1)).mean()
+        torch.testing.assert_close(loss, want)
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        DiffusionConfig(min_snr_gamma=0.0)
+
+
+def test_ddim_eta_adds_seeded_noise():
+    model = _tiny()
+    diff = GaussianDiffusion(DiffusionConfig(ddim_steps=4))
+    _, _, q, y, m = _inputs()
+    null_y, null_m = torch.zeros(1, 1, COND), torch.zeros(1, 1, dtype=torch.bool)
+    run = lambda eta: diff.ddim_sample(model, (2, 2, 32, 16), q, y, m, null_y, null_m,  # noqa: E731
+                                       generator=torch.Generator().manual_seed(3), eta=eta, w=2.5, uncond_quality=3)
+    a, b, c = run(1.0), run(1.0), run(0.0)
+    torch.testing.assert_close(a, b)
+    assert torch.isfinite(a).all() and not torch.allclose(a, c)
+
+
+def test_official_preset_yaml():
+    from pathlib import Path
+
+    from jobs.config import load
+    from model.train import TrainConfig
+
+    path = Path(__file__).resolve().parents[2] / "jobs" / "train-qamdt-official.yaml"
+    cfg = load(TrainConfig, str(path))
+    d = cfg.diffusion
+    assert (d.loss_weighting, d.min_snr_gamma, d.guidance_scale, d.uncond_quality, d.ddim_eta) == ("min_snr", 5.0, 2.5, "medium", 1.0)
+    assert cfg.preset == "xl" and cfg.model["adaln"] == "single" and tuple(cfg.model["patch_size"]) == (4, 1)
+
+
+def test_list_presets_prints_parameter_counts(capsys):
+    from model.train import cli
+
+    assert cli(["--list-presets"]) == 0
+    out = capsys.readouterr().out
+    assert "xl" in out and "900.7M" in out and "675.1M" in out
