@@ -6,13 +6,14 @@ which needs no FFmpeg. Resampling is torchaudio's (pure Python, works on the CPU
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from schemas import tables as T
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
 
@@ -32,7 +33,6 @@ _EXPECTED_FORMAT = {
 }
 
 _SHOULD_BE = re.compile(r"^(data|RIFF|SSND|FORM)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
-_DIGEST_CHUNK = 1 << 20
 _LENGTH_SLACK_S = 0.25  # how far a lossy header's frame count may overstate the real length
 
 
@@ -55,15 +55,6 @@ class Probe:
     @property
     def duration_s(self) -> float:
         return self.frames / self.sample_rate
-
-
-def file_digest(path: str | Path) -> str:
-    """blake2b-128 of the file's bytes, hex."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(_DIGEST_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def probe(path: str | Path) -> Probe:
@@ -151,7 +142,7 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
 class SignalChecks:
     """Thresholds for samples that are there but unusable."""
 
-    silence_dbfs: float = -60.0  # RMS of the signal minus its mean below this: silent
+    silence_dbfs: float = T.SILENCE_DBFS  # RMS of the signal minus its mean below this: silent
 
     def reason(self, audio: np.ndarray) -> str | None:
         """Why this clip is unusable (`rejected`), or None when it is fine."""

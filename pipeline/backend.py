@@ -157,3 +157,263 @@ def aggregate_parts(
     not depend on which task finishes first."""
     calls = [(partial, str(p), columns) for p in parts]
     return combine(run_tasks(_partial_of_part, calls, desc, num_cpus=num_cpus, unit="part"))
+
+
+# --- shape 1: a row-wise stage over parts ------------------------------------------------------
+
+
+def input_digest(part: str | Path, params: str = "") -> str:
+    """What an output part is made from: the input part's bytes and the stage's params."""
+    digest = fs.file_digest(part)
+    return fs.text_digest(f"{digest}|{params}") if params else digest
+
+
+def recorded_digest(part: str | Path) -> str | None:
+    """The input digest an output part records, or None (absent, unreadable, or not ours)."""
+    try:
+        meta = pq.read_schema(part).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    value = meta.get(INPUT_DIGEST_KEY)
+    return value.decode() if value else None
+
+
+def with_digest(table: pa.Table, digest: str) -> pa.Table:
+    """`table` with the input digest in its schema metadata (kept beside the table's own)."""
+    meta = dict(table.schema.metadata or {})
+    meta[INPUT_DIGEST_KEY] = digest.encode()
+    return table.replace_schema_metadata(meta)
+
+
+def plan_parts(input_dir: str | Path, output_dir: str | Path, params: str = "", stage: str = "stage") -> tuple[list[Path], dict[str, str], int]:
+    """(input parts, digest of each input part by name, parts already done).
+
+    An output part is done when it records the digest of its input part as it is now. Output
+    parts whose input part is gone are removed (this stage wrote them: they record a digest).
+    """
+    parts = fs.list_parts(input_dir)
+    output_dir = Path(output_dir)
+    digests = {p.name: input_digest(p, params) for p in parts}
+    done = 0
+    if output_dir.is_dir():
+        names = set(digests)
+        for old in sorted(output_dir.glob(fs.PART_GLOB)):
+            if old.name not in names and recorded_digest(old) is not None:
+                log.info("%s: removing %s, whose input part is gone", stage, old)
+                old.unlink()
+        done = sum(recorded_digest(output_dir / p.name) == digests[p.name] for p in parts)
+    return parts, digests, done
+
+
+def pending_parts(parts: list[Path], digests: dict[str, str], output_dir: Path) -> list[Path]:
+    return [p for p in parts if recorded_digest(output_dir / p.name) != digests[p.name]]
+
+
+class _StageActor:
+    """Wraps a stage callable: keeps the part tag beside its output, checks one row per row."""
+
+    def __init__(self, stage_cls, stage_kwargs: dict, done_ids: pa.Array | None, tags: dict[str, str]):
+        self.stage = stage_cls(**stage_kwargs)
+        self.done_ids = done_ids
+        self.tags = tags  # input part file name -> work tag (name and digest)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        names = [self.tags[os.path.basename(p)] for p in batch.column(_RAY_PATH_COL).to_pylist()]
+        batch = batch.drop_columns([_RAY_PATH_COL])
+        if self.done_ids is not None and len(self.done_ids):
+            keep = pc.invert(pc.is_in(batch.column(T.CLIP_ID), value_set=self.done_ids))
+            batch = batch.filter(keep)
+            names = [n for n, k in zip(names, keep.to_pylist()) if k]
+        if batch.num_rows == 0:
+            return self.stage.output_schema.append(pa.field(_PART_COL, pa.string())).empty_table()
+        out = self.stage(batch)
+        if out.num_rows != batch.num_rows:
+            raise RuntimeError(f"stage {type(self.stage).__name__} returned {out.num_rows} rows for {batch.num_rows}")
+        return out.append_column(_PART_COL, pa.array(names, pa.string()))
+
+
+def _work_tag(name: str, digest: str) -> str:
+    return f"{name}_{digest[:16]}"  # characters a hive partition folder keeps as they are
+
+
+def work_folder(output_dir: str | Path, input_part: str | Path, params: str = "") -> Path:
+    """Where `run_parts` keeps the computed rows of one input part until it writes the part."""
+    part = Path(input_part)
+    return _part_work_dir(Path(output_dir).resolve() / WORK_DIR, _work_tag(part.name, input_digest(part, params)))
+
+
+def _part_work_dir(work_dir: Path, tag: str) -> Path:
+    """Where Ray writes one input part's rows (hive-style partition by the part tag)."""
+    return work_dir / f"{_PART_COL}={tag}"
+
+
+def readable_work_files(folders: Iterable[Path]) -> list[Path]:
+    """Parquet files of earlier runs in these folders; files a killed writer left half-written
+    are removed."""
+    good = []
+    for folder in folders:
+        for f in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
+            try:
+                pq.read_metadata(f)
+                good.append(f)
+            except Exception as e:  # noqa: BLE001 - any unreadable file is a partial write
+                log.warning("removing unreadable work file %s (%s)", f, e)
+                f.unlink()
+    return good
+
+
+def _finalize_part(input_part: str, work_dir: str, tag: str, output_part: str, schema: pa.Schema, digest: str) -> int:
+    """Gather one part's rows from the work folder, in input order, and write it atomically."""
+    ids = pq.read_table(input_part, columns=[T.CLIP_ID]).column(T.CLIP_ID)
+    name = os.path.basename(input_part)
+    if len(ids) == 0:
+        fs.atomic_write_table(with_digest(schema.empty_table(), digest), output_part)
+        return 0
+    files = sorted(str(f) for f in _part_work_dir(Path(work_dir), tag).glob("*.parquet"))
+    if not files:
+        raise RuntimeError(f"{name}: the stage wrote no rows for this part")
+    rows = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+    if _PART_COL in rows.column_names:
+        rows = rows.drop_columns([_PART_COL])
+    # a killed run can leave the same row in two work files; they are identical, keep one
+    order = pc.index_in(ids, value_set=rows.column(T.CLIP_ID))
+    if order.null_count:
+        missing = ids.filter(pc.is_null(order)).to_pylist()[:5]
+        raise RuntimeError(f"{name}: {order.null_count} row(s) missing from the stage output, e.g. {missing}")
+    table = T.conform(rows.take(order), schema)  # exact types and table metadata
+    fs.atomic_write_table(with_digest(table, digest), output_part)
+    return len(ids)
+
+
+def _warn_if_no_cpu_left(stage: str, resources: Resources, cluster_cpus: float) -> bool:
+    """Warn when the model actors would hold every CPU of the cluster: Ray Data's read and write
+    tasks (1 CPU each) then never start and the run waits forever. A warning, not an error: an
+    autoscaling cluster may add nodes."""
+    held = resources.num_cpus * resources.concurrency
+    if cluster_cpus and held > cluster_cpus - 1:
+        log.warning(
+            "%s: %d actor(s) x %.2g CPU = %.2g of the cluster's %.2g CPUs leaves less than 1 CPU for "
+            "reading and writing parts, which then wait forever unless nodes are added: lower "
+            "num_cpus or concurrency", stage, resources.concurrency, resources.num_cpus, held, cluster_cpus,
+        )
+        return True
+    return False
+
+
+def check_parts(stage_cls, parts: Iterable[Path]) -> None:
+    """Check every part's schema against the stage's input schema before any work starts."""
+    for p in parts:
+        stage_cls.check_input(pq.read_schema(p), p.name)
+
+
+def map_parts(
+    stage_cls: type,
+    stage_kwargs: dict[str, Any],
+    input_dir: str | Path,
+    output_dir: str | Path,
+    resources: Resources,
+    params: str = "",
+) -> StageReport:
+    """Run a row-wise stage class over every pending input part (see the module docstring).
+
+    `stage_cls(**stage_kwargs)` must be importable by reference and follow `pipeline.stage.Stage`.
+    `params` names whatever else the output depends on (quantize's stats id): a change in it
+    recomputes every part.
+    """
+    t0 = time.perf_counter()
+    input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
+    parts, digests, _ = plan_parts(input_dir, output_dir, params, stage_cls.name)
+    pending = pending_parts(parts, digests, output_dir)
+    rows = run_parts(stage_cls, stage_kwargs, pending, digests, output_dir, resources)
+    report = StageReport(stage_cls.name, len(parts), len(parts) - len(pending), rows, time.perf_counter() - t0,
+                         status_counts(output_dir) if parts else {})
+    log.info("%s", report.line())
+    return report
+
+
+def run_parts(
+    stage_cls: type,
+    stage_kwargs: dict[str, Any],
+    pending: list[Path],
+    digests: dict[str, str],
+    output_dir: str | Path,
+    resources: Resources,
+) -> int:
+    """Run a row-wise stage class over these input parts into `output_dir` (same part names),
+    each output part recording `digests[name]`; returns the rows written."""
+    name = stage_cls.name
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not pending:
+        log.info("%s: every part already in %s; nothing to do", name, output_dir)
+        return 0
+    check_parts(stage_cls, pending)
+    log.info("%s: %d part(s) to do", name, len(pending))
+
+    ray = _ray()
+    _warn_if_no_cpu_left(name, resources, ray.cluster_resources().get("CPU", 0.0))
+    work_dir = output_dir / WORK_DIR
+    tags = {p.name: _work_tag(p.name, digests[p.name]) for p in pending}
+    if work_dir.is_dir():  # work of an earlier run for inputs that are not pending any more
+        keep = {_part_work_dir(work_dir, t).name for t in tags.values()}
+        for d in work_dir.iterdir():
+            if d.is_dir() and d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+    work_files = readable_work_files(_part_work_dir(work_dir, t) for t in tags.values())
+    done_ids = None
+    if work_files:
+        done_ids = pads.dataset([str(f) for f in work_files], format="parquet").to_table(columns=[T.CLIP_ID]).column(T.CLIP_ID)
+        done_ids = pc.unique(done_ids.combine_chunks())
+        log.info("%s: resuming, %d row(s) already computed by an earlier run", name, len(done_ids))
+
+    with_rows = [p for p in pending if pq.read_metadata(p).num_rows > 0]
+    if with_rows:
+        # about one block per model batch: the progress display moves batch by batch and every
+        # actor of the pool gets work even when there are fewer parts than actors
+        rows_pending = sum(pq.read_metadata(p).num_rows for p in with_rows)
+        blocks = max(len(with_rows), min(_MAX_BLOCKS, -(-rows_pending // resources.batch_size)))
+        ds = ray.data.read_parquet([str(p) for p in with_rows], include_paths=True, override_num_blocks=blocks)
+        ds = ds.map_batches(
+            _StageActor,
+            fn_constructor_kwargs={"stage_cls": stage_cls, "stage_kwargs": stage_kwargs, "done_ids": done_ids, "tags": tags},
+            batch_size=resources.batch_size,
+            batch_format="pyarrow",
+            concurrency=resources.concurrency,
+            num_cpus=resources.num_cpus,
+            num_gpus=resources.num_gpus,
+        )
+        # one folder per input part, so finalizing a part reads only its own rows
+        ds.write_parquet(str(work_dir), partition_cols=[_PART_COL])
+
+    calls = [(str(p), str(work_dir), tags[p.name], str(output_dir / p.name), stage_cls.output_schema, digests[p.name])
+             for p in pending]
+    rows = sum(run_tasks(_finalize_part, calls, f"{name} (write)", num_cpus=0.5, unit="part"))
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return rows
+
+
+# --- shape 4: rows through a ray.data.llm processor --------------------------------------------
+
+
+def map_llm(
+    read: Callable[..., pa.Table],
+    calls: Sequence[tuple],
+    expand: Callable[..., list[dict]],
+    expand_kwargs: dict[str, Any],
+    processor: Callable,
+    work_dir: str | Path,
+    num_cpus: float,
+) -> None:
+    """`read(*args)` for each call (light Ray tasks) -> `expand` each row into prompt rows ->
+    `processor` (a `ray.data.llm` processor: pipeline.llm.build_processor) -> Parquet files in
+    `work_dir`. Each part is read by a plain task with `num_cpus`: Ray Data's own Parquet
+    listing task asks for a whole CPU, which a 2-CPU node with an engine holding one cannot give.
+    """
+    if not calls:
+        return
+    ray = _ray()
+    light = {"num_cpus": num_cpus}
+    task = ray.remote(**light)(read)
+    ds = ray.data.from_arrow_refs([task.remote(*args) for args in calls])
+    ds = ds.flat_map(expand, fn_kwargs=expand_kwargs, **light)
+    processor(ds).write_parquet(str(work_dir), ray_remote_args=light)

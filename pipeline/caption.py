@@ -2,13 +2,13 @@
 
 Pure parts (no Ray): `attach_candidates` (LLM outputs -> validated candidates per clip),
 `select` (scores -> chosen caption, status, prompt) and `ClapSelectStage` (a row-wise callable
-class that loads CLAP once). The Ray adapter, `run`, goes in three resumable steps over the
+class that loads CLAP once). `main` runs on Ray through `pipeline.backend`, in three resumable steps over the
 pending parts of the quality table:
 1. LLM: every `ok` clip -> K prompt rows -> `ray.data.llm` processor (vLLM engine or an
    OpenAI-compatible server) -> `<output>/_llm/` (clips already there are not asked again);
 2. candidates: one Ray task per part joins its LLM rows, validates them, writes
    `<output>/_candidates/part-NNNNN.parquet`;
-3. CLAP: `pipeline.runner.run_stage` runs `ClapSelectStage` over those parts and writes the
+3. CLAP: `pipeline.backend.run_parts` runs `ClapSelectStage` over those parts and writes the
    final parts (same names as the input) atomically; work folders are removed at the end.
 """
 
@@ -32,10 +32,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from jobs.config import load, save_resolved
 from pipeline import llm as L
 from pipeline import validate_caption as V
 from pipeline.validate_caption import ValidationConfig, validate
+from pipeline import backend
+from pipeline.stage import Resources, Stage, StageReport
 from schemas import tables as T
+from schemas.tables import (CANDIDATES_SCHEMA, MISMATCH, NOTE_NO_LLM_OUTPUT, NOTE_ORIGINAL_BEST, NOTE_UNSCORED,  # noqa: F401
+                            SOURCE_CANDIDATE, SOURCE_ORIGINAL)
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +49,8 @@ LLM_DIR = "_llm"
 CANDIDATES_DIR = "_candidates"
 RESOLVED_CONFIG = "caption_config.json"
 
-# caption_source values
-SOURCE_ORIGINAL = "original"
-SOURCE_CANDIDATE = "candidate"
-# caption_note values ("" when a candidate was chosen or the row is not ok)
-NOTE_NO_LLM_OUTPUT = "llm_no_usable_output"
-NOTE_ORIGINAL_BEST = "original_best"  # no candidate beat the original by the margin
-NOTE_UNSCORED = "clap_disabled"  # clap.backend none: candidates kept, original caption used
-# reasons
-MISMATCH = "text_audio_mismatch"
-
 QUALITY_INPUT = T.QUALITY_SCHEMA.names
 _LIST = pa.list_(pa.string())
-CANDIDATES_SCHEMA = pa.schema(
-    list(T.QUALITY_SCHEMA) + [f for f in T.CAPTION_FIELDS if f.name in (T.CANDIDATES, T.CANDIDATE_REJECTS)],
-    metadata={b"mosaiq.table": b"caption_candidates", b"mosaiq.version": b"1"},
-)  # internal work table of step 2
 
 
 @dataclass(frozen=True)
@@ -72,10 +63,7 @@ class ClapConfig:
     audio_model: str = "HTSAT-base"  # laion only
     seed: int = 0  # crop offsets
     device: str = "cpu"
-    batch_size: int = 8
-    concurrency: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    resources: Resources = field(default_factory=lambda: Resources(batch_size=8))
 
 
 @dataclass(frozen=True)
@@ -206,9 +194,11 @@ def select(table: pa.Table, clap_original: list, clap_candidates: list, sel: Sel
     return T.conform(out, T.CAPTIONS_SCHEMA)
 
 
-class ClapSelectStage:
+class ClapSelectStage(Stage):
     """Row-wise model stage: candidates table -> captions table (CLAP loaded once per actor)."""
 
+    name = STAGE
+    input_schema = CANDIDATES_SCHEMA
     output_schema = T.CAPTIONS_SCHEMA
 
     def __init__(self, clap: ClapConfig, selection: SelectionConfig):
@@ -268,9 +258,7 @@ class ClapSelectStage:
 
 def _llm_done(work_dir: Path, k: int) -> set[str]:
     """Clips whose K LLM outputs are all in the work folder (from this or an earlier run)."""
-    from pipeline.runner import _readable_work_files  # noqa: PLC2701 - same package, same contract
-
-    files = _readable_work_files(work_dir)
+    files = backend.readable_work_files([work_dir])
     if not files:
         return set()
     rows = pa.concat_tables([pq.read_table(f, columns=[T.CLIP_ID, L.K_COL]) for f in files])
@@ -289,8 +277,6 @@ def _llm_input(part: str, done: set[str]) -> pa.Table:
 
 def _llm_step(cfg: CaptionConfig, pending: list[Path], work_dir: Path) -> int:
     """Ask the LLM for the clips of `pending` parts not yet in `work_dir`; returns prompts sent."""
-    import ray
-
     done = _llm_done(work_dir, cfg.llm.num_candidates)
     todo = 0
     for p in pending:
@@ -302,22 +288,17 @@ def _llm_step(cfg: CaptionConfig, pending: list[Path], work_dir: Path) -> int:
         log.info("%s: no clip needs the LLM (all done or none ok)", STAGE)
         return 0
     log.info("%s: asking the LLM for %d candidate(s) of %d clip(s)", STAGE, cfg.llm.num_candidates, todo)
-    # each part is read by a plain Ray task: Ray Data's own parquet listing task asks for a
-    # whole CPU, which a 2-CPU node with the engine holding one cannot give (deadlock)
-    light = {"num_cpus": cfg.llm.aux_num_cpus}
-    read = ray.remote(**light)(_llm_input)
-    ds = ray.data.from_arrow_refs([read.remote(str(p), done) for p in pending])
-    ds = ds.flat_map(L.expand_prompts, fn_kwargs={"cfg": cfg.llm}, **light)
-    ds = L.build_processor(cfg.llm)(ds)
-    ds.write_parquet(str(work_dir), ray_remote_args=light)  # postprocess keeps only LLM_ROW_COLUMNS
+    backend.map_llm(_llm_input, [(str(p), done) for p in pending], L.expand_prompts, {"cfg": cfg.llm},
+                    L.build_processor(cfg.llm), work_dir, cfg.llm.aux_num_cpus)  # postprocess keeps LLM_ROW_COLUMNS
     return todo * cfg.llm.num_candidates
 
 
-def _candidates_part(part: str, work_dir: str, out_path: str, llm_cfg: L.LLMConfig, val_cfg: ValidationConfig) -> int:
+def _candidates_part(part: str, work_dir: str, out_path: str, llm_cfg: L.LLMConfig, val_cfg: ValidationConfig,
+                     digest: str) -> int:
     """Step 2 for one part (a Ray task): join its LLM rows, validate, write atomically."""
     import pyarrow.dataset as pads
 
-    from pipeline.runner import write_table_atomic
+    from pipeline import fs
 
     table = pq.read_table(part)
     ids = table.column(T.CLIP_ID)
@@ -326,55 +307,42 @@ def _candidates_part(part: str, work_dir: str, out_path: str, llm_cfg: L.LLMConf
         rows = pads.dataset(files, format="parquet").to_table(columns=list(L.LLM_ROW_COLUMNS), filter=pc.field(T.CLIP_ID).isin(ids))
     else:
         rows = pa.table({c: pa.array([], pa.int64() if c == L.K_COL else pa.string()) for c in L.LLM_ROW_COLUMNS})
-    write_table_atomic(attach_candidates(table, rows, llm_cfg, val_cfg), out_path)
+    fs.atomic_write_table(backend.with_digest(attach_candidates(table, rows, llm_cfg, val_cfg), digest), out_path)
     return table.num_rows
 
 
-def run(cfg: CaptionConfig, input_dir: str | Path, output_dir: str | Path):
-    """Caption every pending part of `input_dir` into `output_dir` (Ray must be initialised)."""
-    import ray
+def main(cfg: CaptionConfig, input_dir: str | Path, output_dir: str | Path) -> StageReport:
+    """Caption every pending part of `input_dir` into `output_dir` (Ray must be initialised).
 
-    from jobs.config import save_resolved
-    from pipeline.runner import Resources, StageReport, list_parts, run_stage, status_counts
-
+    A part is pending when its output does not record the digest of the input part as it is
+    now; the candidates work parts record it too, so a changed input is asked again."""
     cfg.check_runnable()
     t0 = time.perf_counter()
     input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
-    parts = list_parts(input_dir)
-    for p in parts[:1]:
-        T.require_columns(pq.read_schema(p), QUALITY_INPUT, STAGE)
+    parts, digests, _ = backend.plan_parts(input_dir, output_dir, stage=STAGE)
+    for p in parts:
+        T.require_columns(pq.read_schema(p), QUALITY_INPUT, f"{STAGE} ({p.name})")
     output_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, output_dir / RESOLVED_CONFIG)
-    pending = [p for p in parts if not (output_dir / p.name).exists()]
-    if not pending:
-        log.info("%s: all %d part(s) already in %s; nothing to do", STAGE, len(parts), output_dir)
-        return StageReport(STAGE, len(parts), len(parts), 0, time.perf_counter() - t0, status_counts(output_dir))
-
-    llm_dir, cand_dir = output_dir / LLM_DIR, output_dir / CANDIDATES_DIR
-    _llm_step(cfg, pending, llm_dir)
-
-    task = ray.remote(num_cpus=0.5)(_candidates_part)
-    refs = [
-        task.remote(str(p), str(llm_dir), str(cand_dir / p.name), cfg.llm, cfg.validation)
-        for p in pending
-        if not (cand_dir / p.name).exists()
-    ]
-    ray.get(refs)
-
-    c = cfg.clap
-    report = run_stage(
-        STAGE,
-        cand_dir,
-        output_dir,
-        ClapSelectStage,
-        {"clap": c, "selection": cfg.selection},
-        Resources(batch_size=c.batch_size, concurrency=c.concurrency, num_cpus=c.num_cpus, num_gpus=c.num_gpus),
-    )
-    if all((output_dir / p.name).exists() for p in parts):
-        shutil.rmtree(llm_dir, ignore_errors=True)
-        shutil.rmtree(cand_dir, ignore_errors=True)
-    report.parts_total, report.parts_skipped = len(parts), len(parts) - len(pending)
-    report.seconds = time.perf_counter() - t0
+    pending = backend.pending_parts(parts, digests, output_dir)
+    if pending:
+        llm_dir, cand_dir = output_dir / LLM_DIR, output_dir / CANDIDATES_DIR
+        # 1. LLM candidates of the clips not asked yet
+        _llm_step(cfg, pending, llm_dir)
+        # 2. validated candidates per part
+        todo = [p for p in pending if backend.recorded_digest(cand_dir / p.name) != digests[p.name]]
+        calls = [(str(p), str(llm_dir), str(cand_dir / p.name), cfg.llm, cfg.validation, digests[p.name]) for p in todo]
+        backend.run_tasks(_candidates_part, calls, f"{STAGE} (candidates)", num_cpus=cfg.llm.aux_num_cpus, unit="part")
+        # 3. CLAP scores and the choice, recording the digest of the quality part
+        backend.run_parts(ClapSelectStage, {"clap": cfg.clap, "selection": cfg.selection},
+                          [cand_dir / p.name for p in pending], digests, output_dir, cfg.clap.resources)
+        if all(backend.recorded_digest(output_dir / p.name) == digests[p.name] for p in parts):
+            shutil.rmtree(llm_dir, ignore_errors=True)
+            shutil.rmtree(cand_dir, ignore_errors=True)
+    rows = sum(pq.read_metadata(output_dir / p.name).num_rows for p in pending)
+    report = StageReport(STAGE, len(parts), len(parts) - len(pending), rows, time.perf_counter() - t0,
+                         backend.status_counts(output_dir))
+    log.info("%s", report.line())
     return report
 
 
@@ -382,7 +350,6 @@ def run(cfg: CaptionConfig, input_dir: str | Path, output_dir: str | Path):
 
 
 def build_config(args) -> CaptionConfig:
-    from jobs.config import load
 
     cfg = load(CaptionConfig, args.config, section=STAGE)
     llm = cfg.llm
@@ -410,14 +377,6 @@ def build_config(args) -> CaptionConfig:
     return dataclasses.replace(cfg, llm=llm, clap=clap)
 
 
-def main(cfg: CaptionConfig, input_dir: str, output_dir: str, address: str | None = None, num_cpus: int | None = None):
-    from pipeline.raycluster import init_ray
-
-    cfg.check_runnable()  # before starting Ray: a config error should not cost an engine start
-    init_ray(address, num_cpus)
-    return run(cfg, input_dir, output_dir)
-
-
 def cli(argv: list[str] | None = None) -> int:
     from pipeline.raycluster import add_ray_args
 
@@ -440,7 +399,10 @@ def cli(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"mosaiq caption: {e}", file=sys.stderr)
         return 2
-    report = main(cfg, args.input, args.output, args.address, args.num_cpus)
+    from pipeline.raycluster import init_ray
+
+    init_ray(args.address, args.num_cpus)  # after the config checks: an error should not cost an engine start
+    report = main(cfg, args.input, args.output)
     print(report.line())
     return 0
 

@@ -12,10 +12,9 @@ display runs inside it, and a summary table closes the run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import importlib
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,16 +23,41 @@ if __package__ in (None, ""):  # run as a script (`python pipeline/curate.py`, `
 
 from jobs import config as jobcfg
 from pipeline.caption import CaptionConfig
+from pipeline.export import ExportConfig
 from pipeline.ingest import IngestConfig
 from pipeline.quantize import QuantizeConfig
-from pipeline.synth import SampleConfig
 from pipeline.score import ScoreConfig
+from pipeline.stage import StageReport
+from pipeline.synth import SampleConfig
+from pipeline.verify import VerifyConfig
 
 log = logging.getLogger(__name__)
 
-STAGES = ("ingest", "score", "quantize", "caption", "export", "verify")
-FOLDERS = {"sample": "sample", "ingest": "clips", "score": "scores", "quantize": "quality",
-           "caption": "captions", "export": "shards"}
+
+@dataclass(frozen=True)
+class StageEntry:
+    """One stage of the curation: its config section, its folder under --output, its module
+    (which exposes `main(cfg, input_dir, output_dir) -> StageReport`), and a banner line."""
+
+    name: str
+    folder: str
+    module: str
+    what: str
+
+
+# The curation, in order: each stage reads the folder of the stage before it (ingest reads the
+# input). A new stage is one line here, one config field below, and its module.
+REGISTRY = (
+    StageEntry("ingest", "clips", "pipeline.ingest", "folder or manifest -> clip table"),
+    StageEntry("score", "scores", "pipeline.score", "p-MOS per clip"),
+    StageEntry("quantize", "quality", "pipeline.quantize", "corpus statistics, quality levels and prefixes"),
+    StageEntry("caption", "captions", "pipeline.caption", "LLM candidates, CLAP choice"),
+    StageEntry("export", "shards", "pipeline.export", "WebDataset shards, index and dataset card"),
+    StageEntry("verify", "shards", "pipeline.verify", "re-reading every shard"),
+)
+STAGES = tuple(e.name for e in REGISTRY)
+SAMPLE_FOLDER = "sample"
+CONFIG_FILE = "curate_config.json"
 
 
 @dataclass(frozen=True)
@@ -46,32 +70,22 @@ class CurateConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
-    export: dict = field(default_factory=dict)  # ExportConfig fields but input/output
+    export: ExportConfig = field(default_factory=ExportConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
 
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
-        self.export_config("in", "out")  # validate the export section now, not after an hour
-
-    def export_config(self, input_dir: str, output_dir: str):
-        from pipeline.export import ExportConfig
-
-        return jobcfg.from_dict(ExportConfig, {**self.export, "input": input_dir, "output": output_dir}, "export")
 
     def folder(self, stage: str) -> Path:
-        return Path(self.output) / FOLDERS[stage]
+        if stage == SAMPLE_FOLDER:
+            return Path(self.output) / SAMPLE_FOLDER
+        return Path(self.output) / next(e.folder for e in REGISTRY if e.name == stage)
 
 
 def load_config(path: str | None, **overrides) -> CurateConfig:
     return jobcfg.load(CurateConfig, path, **overrides)
-
-
-@dataclass
-class StageLine:
-    stage: str
-    seconds: float
-    detail: str
 
 
 def _banner(i: int, n: int, stage: str, what: str) -> None:
@@ -80,80 +94,48 @@ def _banner(i: int, n: int, stage: str, what: str) -> None:
     log.info("=" * 72)
 
 
-def main(cfg: CurateConfig, address: str | None = None, num_cpus: int | None = None) -> list[StageLine]:
-    """Run the selected stages in order; each resumes from what its folder already holds."""
-    from pipeline import ingest, score
-    from pipeline.raycluster import init_ray
+def _source(cfg: CurateConfig) -> str:
+    """The input of ingest: the configured one, else the bundled sample (written once)."""
+    if cfg.input:
+        return cfg.input
+    manifest = cfg.folder(SAMPLE_FOLDER) / "manifest.csv"
+    if not manifest.exists():
+        from pipeline.synth import write_sample
 
+        log.info("no input given: writing the bundled sample to %s", cfg.folder(SAMPLE_FOLDER))
+        write_sample(cfg.folder(SAMPLE_FOLDER), cfg.sample)
+    return str(manifest)
+
+
+def main(cfg: CurateConfig) -> list[StageReport]:
+    """Run the selected stages in registry order; each resumes from what its folder holds.
+    Ray must be started by the caller (`cli` does)."""
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    jobcfg.save_resolved(cfg, out / "curate_config.json")
-    init_ray(address, num_cpus)
-    lines: list[StageLine] = []
-    stages = [s for s in STAGES if s in cfg.stages]
-    source = cfg.input
-    if not source:
-        manifest = cfg.folder("sample") / "manifest.csv"
-        if not manifest.exists():
-            from pipeline.synth import write_sample
-
-            log.info("no input given: writing the bundled sample to %s", cfg.folder("sample"))
-            write_sample(cfg.folder("sample"), cfg.sample)
-        source = str(manifest)
-
-    for i, stage in enumerate(stages, 1):
-        t0 = time.perf_counter()
-        if stage == "ingest":
-            _banner(i, len(stages), stage, f"{source} -> {cfg.folder('ingest')}")
-            clips = cfg.folder("ingest")
-            if any(clips.glob("part-*.parquet")) and _same_config(clips / "ingest_config.json", cfg.ingest):
-                detail = "already done"
-            else:
-                table = ingest.main(source, clips, cfg.ingest)
-                detail = ingest.summarize(table).splitlines()[0]
-        elif stage == "score":
-            _banner(i, len(stages), stage, f"p-MOS with {cfg.score.scorer}")
-            detail = score.main(cfg.folder("ingest"), cfg.folder("score"), cfg.score).line()
-        elif stage == "quantize":
-            from pipeline import quantize
-
-            _banner(i, len(stages), stage, "corpus statistics, quality levels and prefixes")
-            result = quantize.main(cfg.quantize, cfg.folder("score"), cfg.folder("quantize"))
-            s = result.stats
-            detail = f"mu={s.mu:.3f} sigma={s.sigma:.3f} stats {s.id}; " + result.stage.line()
-        elif stage == "caption":
-            from pipeline import caption
-
-            _banner(i, len(stages), stage, f"LLM candidates ({cfg.caption.llm.backend}), CLAP ({cfg.caption.clap.backend})")
-            detail = caption.main(cfg.caption, str(cfg.folder("quantize")), str(cfg.folder("caption"))).line()
-        elif stage == "export":
-            from pipeline import export
-
-            _banner(i, len(stages), stage, f"WebDataset shards -> {cfg.folder('export')}")
-            detail = export.main(cfg.export_config(str(cfg.folder("caption")), str(cfg.folder("export")))).line()
-        elif stage == "verify":
-            from pipeline import verify
-
-            _banner(i, len(stages), stage, "re-reading every shard")
-            result = verify.main(verify.VerifyConfig(shards_dir=str(cfg.folder("export"))))
-            if result.problems:
-                raise RuntimeError(f"verify found {len(result.problems)} problem(s) in {cfg.folder('export')}: {result.problems[:5]}")
-            detail = f"{result.samples} sample(s) in {result.shards} shard(s): ok"
-        lines.append(StageLine(stage, time.perf_counter() - t0, detail))
-        log.info("%s done in %.1fs: %s", stage, lines[-1].seconds, detail)
-    return lines
+    jobcfg.save_resolved(cfg, out / CONFIG_FILE)
+    selected = [e for e in REGISTRY if e.name in cfg.stages]
+    reports: list[StageReport] = []
+    for i, entry in enumerate(selected, 1):
+        k = STAGES.index(entry.name)
+        input_dir = _source(cfg) if k == 0 else str(cfg.folder(REGISTRY[k - 1].name))
+        output_dir = str(cfg.folder(entry.name))
+        _banner(i, len(selected), entry.name, f"{entry.what}: {input_dir} -> {output_dir}")
+        module = importlib.import_module(entry.module)
+        report = module.main(getattr(cfg, entry.name), input_dir, output_dir)
+        reports.append(report)
+        log.info("%s done in %.1fs: %s", entry.name, report.seconds, report.line())
+    return reports
 
 
-def _same_config(path: Path, cfg) -> bool:
-    import json
-
-    return path.exists() and json.loads(path.read_text()) == json.loads(json.dumps(jobcfg.to_dict(cfg)))
-
-
-def summary(lines: list[StageLine], cfg: CurateConfig) -> str:
-    width = max(len(line.stage) for line in lines) if lines else 5
+def summary(reports: list[StageReport], cfg: CurateConfig) -> str:
+    """The table printed at the end: one line per stage."""
+    width = max([len(r.stage) for r in reports] + [5])
     rows = [f"{'stage':<{width}}  {'seconds':>8}  result", f"{'-' * width}  {'-' * 8}  {'-' * 40}"]
-    rows += [f"{line.stage:<{width}}  {line.seconds:8.1f}  {line.detail}" for line in lines]
+    for r in reports:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(r.status_counts.items()))
+        detail = "; ".join(x for x in (f"{r.parts_total} part(s), {r.parts_skipped} already done, {r.rows_written} row(s) written",
+                                       f"[{counts}]" if counts else "", r.detail) if x)
+        rows.append(f"{r.stage:<{width}}  {r.seconds:8.1f}  {detail}")
     if "export" in cfg.stages:
         rows.append(f"\nshards and dataset card: {cfg.folder('export')}/README.md")
     return "\n".join(rows)
@@ -175,8 +157,11 @@ def cli(argv: list[str] | None = None) -> int:
     except (jobcfg.ConfigError, ValueError) as e:
         print(f"mosaiq curate: {e}", file=sys.stderr)
         return 2
-    lines = main(cfg, a.address, a.num_cpus)
-    print(summary(lines, cfg))
+    from pipeline.raycluster import init_ray
+
+    init_ray(a.address, a.num_cpus)
+    reports = main(cfg)
+    print(summary(reports, cfg))
     return 0
 
 

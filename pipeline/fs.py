@@ -122,3 +122,24 @@ def derive_seed(text: str) -> int:
     """A 64-bit seed from a text (blake2b, little-endian): the one way mosaiq derives seeds from
     names, so a row's randomness depends on what it is, never on batching or order."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def text_digest(text: str, digest_size: int = 16) -> str:
+    """blake2b of a text, hex (same size as `file_digest`)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=digest_size).hexdigest()
+
+
+def write_parts(table: pa.Table, folder: str | Path, rows_per_part: int) -> list[Path]:
+    """Split a table into `part-NNNNN.parquet` files of at most `rows_per_part` rows (at least
+    one part, empty for an empty table). A part that already holds the same bytes is left as it
+    is, so stages downstream see it unchanged."""
+    if rows_per_part < 1:
+        raise ValueError(f"rows_per_part must be >= 1, got {rows_per_part}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(max(1, -(-table.num_rows // rows_per_part))):
+        path = folder / part_name(i)
+        write_if_changed(path, table_bytes(table.slice(i * rows_per_part, rows_per_part)))
+        paths.append(path)
+    return paths

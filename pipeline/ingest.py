@@ -18,6 +18,7 @@ import math
 import os
 import re
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +32,13 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from jobs import config as jobcfg
-from pipeline import audio
-from pipeline.runner import write_parts
+from pipeline import audio, fs
+from pipeline.stage import StageReport
 from schemas import tables as T
 
 log = logging.getLogger(__name__)
+
+CONFIG_FILE = "ingest_config.json"
 
 PATH_COLUMN = "path"  # manifest column with the audio file
 CAPTION_COLUMN = "caption"
@@ -171,8 +174,7 @@ def clip_spans(duration_s: float, key: str, cfg: IngestConfig) -> list[tuple[flo
         return [(0.0, round(duration_s, 6))]
     if cfg.policy == "random":
         # seeded per file (not per run order), so a file gets the same clips in any input
-        seed = int.from_bytes(hashlib.blake2b(f"{cfg.seed}|{key}".encode(), digest_size=8).digest(), "little")
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(fs.derive_seed(f"{cfg.seed}|{key}"))
         starts = sorted(rng.uniform(0.0, duration_s - clip, size=cfg.clips_per_file))
         return [(round(float(s), 3), clip) for s in starts]
     spans = []
@@ -225,7 +227,7 @@ def ingest_file(src: SourceRow, cfg: IngestConfig, roots: list[Path]) -> list[di
         info = audio.probe(path)
     except audio.AudioError as e:
         return [_row(src, **{T.STATUS: e.status, T.REASON: e.reason})]
-    digest = audio.file_digest(path)
+    digest = fs.file_digest(path)
     meta = {
         T.SOURCE_DIGEST: digest,
         T.SOURCE_DURATION_S: info.duration_s,
@@ -270,26 +272,39 @@ def ingest_rows(sources: list[SourceRow], cfg: IngestConfig, roots: list[Path], 
     return pa.Table.from_pylist(rows, schema=T.CLIPS_SCHEMA)
 
 
-def main(input_path: str | Path, output: str | Path, cfg: IngestConfig = IngestConfig(), progress: bool = True) -> pa.Table:
-    """Ingest a folder or manifest into `output/part-NNNNN.parquet`; returns the table."""
+def main(cfg: IngestConfig, input_path: str | Path, output_dir: str | Path, progress: bool = True) -> StageReport:
+    """Ingest a folder or manifest into `output_dir/part-NNNNN.parquet`.
+
+    Every file is probed again on each run (cheap: headers and last seconds); a part that comes
+    out with the same bytes as before is left untouched, so the stages downstream skip it.
+    """
+    t0 = time.perf_counter()
     sources, default_root = read_input(input_path)
     roots = [Path(r).resolve() for r in cfg.roots]
     if Path(input_path).is_dir() and not roots:
         roots = [default_root.resolve()]  # a folder scan never leaves its folder (symlinks)
     log.info("ingest: %d file(s) from %s", len(sources), input_path)
     table = ingest_rows(sources, cfg, roots, progress=progress)
-    out = Path(output)
-    for old in out.glob("part-*.parquet"):
-        old.unlink()  # ingest is cheap and always rewritten whole; downstream stages resume
-    write_parts(table, out, cfg.rows_per_part)
-    jobcfg.save_resolved(cfg, out / "ingest_config.json")
-    return table
+    out = Path(output_dir)
+    written = fs.write_parts(table, out, cfg.rows_per_part)
+    for old in sorted(set(out.glob(fs.PART_GLOB)) - set(written)):
+        log.info("ingest: removing %s, an earlier run's part the input no longer fills", old)
+        old.unlink()  # ingest wrote it: parts are its own output
+    jobcfg.save_resolved(cfg, out / CONFIG_FILE)
+    return StageReport("ingest", len(written), 0, table.num_rows, time.perf_counter() - t0, status_counts(table),
+                       detail=summarize(table).splitlines()[0])
+
+
+def status_counts(table: pa.Table) -> dict[str, int]:
+    import pyarrow.compute as pc
+
+    return {d["values"]: d["counts"] for d in pc.value_counts(table.column(T.STATUS)).to_pylist()}
 
 
 def summarize(table: pa.Table) -> str:
     import pyarrow.compute as pc
 
-    counts = {d["values"]: d["counts"] for d in pc.value_counts(table.column(T.STATUS)).to_pylist()}
+    counts = status_counts(table)
     lines = [f"{table.num_rows} clip row(s): " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))]
     bad = table.filter(pc.not_equal(table.column(T.STATUS), T.OK))
     for r in bad.select([T.AUDIO_PATH, T.STATUS, T.REASON]).to_pylist():
@@ -311,11 +326,15 @@ def cli(argv: list[str] | None = None) -> int:
     cfg = jobcfg.load(IngestConfig, a.config, section="ingest" if a.config else None, clip_seconds=a.clip_seconds,
                       policy=a.policy, clips_per_file=a.clips_per_file, seed=a.seed,
                       roots=tuple(a.roots) if a.roots else None)
-    table = main(a.input, a.output, cfg)
-    print(summarize(table))
+    from pipeline.backend import read_folder
+
+    main(cfg, a.input, a.output)
+    print(summarize(read_folder(a.output)))
     return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    sys.exit(cli())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.ingest import cli as _cli
+
+    sys.exit(_cli())

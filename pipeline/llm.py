@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipeline.stage import Resources
 from schemas import tables as T
 
 log = logging.getLogger(__name__)
@@ -77,13 +78,13 @@ class LLMConfig:
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.3  # on CPU vLLM reads this for its KV cache share
     cpu_kvcache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
-    # prompts per Ray Data batch, batches in flight per engine, and requests the engine actor
-    # keeps submitted: vLLM batches continuously and starves when its queue runs dry at batch
-    # boundaries (Ray's default queue, 1.1 x max_num_seqs, cost 12 % of captions/s on CPU)
-    batch_size: int = 64
+    # prompts per Ray Data batch (resources.batch_size), engines (resources.concurrency),
+    # batches in flight per engine, and requests the engine actor keeps submitted: vLLM batches
+    # continuously and starves when its queue runs dry at batch boundaries (Ray's default
+    # queue, 1.1 x max_num_seqs, cost 12 % of captions/s on CPU)
+    resources: Resources = field(default_factory=lambda: Resources(batch_size=64))
     max_concurrent_batches: int = 8
     max_pending_requests: int = 512  # 0 = Ray's default
-    concurrency: int = 1
     http_max_retries: int = 3  # http backend: retries (exponential back-off) on 429/5xx and lost connections
     aux_num_cpus: float = 0.1  # per helper actor (chat template, pre/post-processing)
 
@@ -96,7 +97,7 @@ class LLMConfig:
             raise ValueError("backend 'http' needs url (e.g. http://127.0.0.1:8000/v1/chat/completions)")
         if self.backend == "http" and not (self.served_model or self.model):
             raise ValueError(f"backend 'http' needs served_model (the name the server at {self.url!r} knows)")
-        counts = {"max_tokens": self.max_tokens, "batch_size": self.batch_size, "max_concurrent_batches": self.max_concurrent_batches, "concurrency": self.concurrency}
+        counts = {"max_tokens": self.max_tokens, "max_concurrent_batches": self.max_concurrent_batches}
         bad = {k: v for k, v in counts.items() if v < 1}
         if bad:
             raise ValueError(f"these must be >= 1: {bad}")
@@ -267,7 +268,8 @@ def build_processor(cfg: LLMConfig, model_path: str | None = None, postprocess=N
     light = {"num_cpus": cfg.aux_num_cpus}
     if cfg.backend == "http":
         pcfg = HttpRequestProcessorConfig(
-            url=cfg.url, batch_size=cfg.batch_size, concurrency=cfg.concurrency, max_retries=cfg.http_max_retries
+            url=cfg.url, batch_size=cfg.resources.batch_size, concurrency=cfg.resources.concurrency,
+            max_retries=cfg.http_max_retries,
         )
         return _build(
             pcfg,
@@ -284,10 +286,10 @@ def build_processor(cfg: LLMConfig, model_path: str | None = None, postprocess=N
         model_source=model_path,
         engine_kwargs=engine_kwargs(cfg),
         runtime_env={"env_vars": engine_env(cfg)},
-        batch_size=cfg.batch_size,
+        batch_size=cfg.resources.batch_size,
         max_concurrent_batches=cfg.max_concurrent_batches,
         max_pending_requests=cfg.max_pending_requests or None,
-        concurrency=cfg.concurrency,
+        concurrency=cfg.resources.concurrency,
         should_continue_on_error=True,  # a refused request is one row's error, not the run's
         # the engine tokenizes and detokenizes itself: fewer actors competing for CPUs
         chat_template_stage={"num_cpus": cfg.aux_num_cpus, "concurrency": 1},

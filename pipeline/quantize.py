@@ -1,12 +1,13 @@
 """Stage quantize: p-MOS scores -> corpus statistics, quality level 1..5 and text prefix.
 
-Pass 1 fits count, mean, population standard deviation and skewness of the `ok` scores as a
-Ray Data aggregate: each block yields its partial moments (count, mean, M2, M3, min, max) and
-the partials are merged with the parallel (Chan/Pebay) formulas, in a canonical order, so no
-score leaves its worker and the result does not depend on the order Ray combines blocks in.
+Pass 1 fits count, mean, population standard deviation and skewness of the `ok` scores: each
+part yields its partial moments (count, mean, M2, M3, min, max) in a Ray task
+(`pipeline.backend.aggregate_parts`) and the partials are merged with the parallel (Chan/Pebay)
+formulas, in a canonical order, so no score leaves its worker and the result does not depend on
+the order the tasks finish in.
 A skew-normal fitted by the method of moments is reported beside them.
 
-Pass 2 is row-wise through `pipeline.runner.run_stage`: `quality_level` by the empirical-rule
+Pass 2 is row-wise through `pipeline.backend.map_parts`: `quality_level` by the empirical-rule
 bands (what the official QA-MDT code does) and `quality_prefix` by the paper's rule; rows that
 are not `ok` keep their status, with a null level and an empty prefix. See docs/quality.md.
 
@@ -21,7 +22,7 @@ import functools
 import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if not __package__:  # run as a script (`ray job submit ... -- python pipeline/quantize.py`)
@@ -32,7 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import config as jobconfig
-from pipeline import runner
+from pipeline import backend, fs
+from pipeline.stage import Resources, Stage, StageReport
 from pipeline.quality_plot import (PLOT_FILE, PREFIXES, REPORT_FILE, LevelReport, histogram_range, plot_quality,
                                   report_partial, summary)
 from schemas import stats as S
@@ -61,9 +63,7 @@ class QuantizeConfig:
     prefix_medium_within: float = 1.0  # "medium quality" if |s - mu| <= this*sigma
     prefix_high_above: float = 2.0  # "high quality" if s > mu + this*sigma
     plot_bins: int = 60
-    batch_size: int = 65536  # rows per pass-2 batch
-    concurrency: int = 1  # pass-2 actors
-    num_cpus: float = 1.0  # per pass-2 actor
+    resources: Resources = field(default_factory=lambda: Resources(batch_size=65536))  # pass 2
 
     def __post_init__(self):
         if (self.mu is None) != (self.sigma is None):
@@ -80,10 +80,6 @@ class QuantizeConfig:
             )
         if self.plot_bins < 1:
             raise ValueError(f"plot_bins must be >= 1, got {self.plot_bins}")
-
-    @property
-    def resources(self) -> runner.Resources:
-        return runner.Resources(batch_size=self.batch_size, concurrency=self.concurrency, num_cpus=self.num_cpus)
 
 
 # --- pass 1, pure: partial moments and their exact-order merge -----------------------------
@@ -229,9 +225,11 @@ def quantize_table(table: pa.Table, stats: S.QualityStats) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=T.QUALITY_SCHEMA)
 
 
-class QuantizeStage:
-    """Row-wise pass 2 for `run_stage`: stats given as their dict, so the class pickles plainly."""
+class QuantizeStage(Stage):
+    """Row-wise pass 2: stats given as their dict, so the class pickles plainly."""
 
+    name = STAGE
+    input_schema = T.SCORES_SCHEMA
     output_schema = T.QUALITY_SCHEMA
 
     def __init__(self, stats: dict):
@@ -241,94 +239,38 @@ class QuantizeStage:
         return quantize_table(table, self.stats)
 
 
-# --- Ray adapter ----------------------------------------------------------------------------
+# --- the passes on Ray (through pipeline.backend) ----------------------------------------------
 
 
-@functools.cache
-def _aggregates():
-    """Ray Data aggregate classes, defined on first use so the pure code above needs no Ray."""
-    from ray.data.aggregate import AggregateFnV2
-    from ray.data.block import BlockAccessor
-
-    class OkMoments(AggregateFnV2):
-        """Per-block partial moments of the ok scores; the accumulator is the list of partials."""
-
-        def __init__(self):
-            super().__init__("ok_moments", zero_factory=list, on=None, ignore_nulls=False)
-
-        def aggregate_block(self, block):
-            m = moments_of(*ok_scores(BlockAccessor.for_block(block).to_arrow()))
-            return [m.as_list()] if (m.n or m.bad) else []
-
-        def combine(self, current, new):
-            return list(current) + list(new)
-
-        def finalize(self, accumulator):
-            return merge_all(Moments.from_list(v) for v in accumulator).as_list()
-
-    class Report(AggregateFnV2):
-        def __init__(self, lo: float, hi: float, bins: int):
-            self.lo, self.hi, self.bins = lo, hi, bins
-            size = T.NUM_QUALITY_LEVELS + len(PREFIXES) + bins
-            super().__init__("quality_report", zero_factory=lambda: [0] * size, on=None, ignore_nulls=False)
-
-        def aggregate_block(self, block):
-            return report_partial(BlockAccessor.for_block(block).to_arrow(), self.lo, self.hi, self.bins)
-
-        def combine(self, current, new):
-            return [int(a) + int(b) for a, b in zip(current, new)]
-
-    return OkMoments, Report
-
-
-def _read_columns(parts: list[Path], columns: list[str]):
-    """A dataset of some columns of the parts, set up for one global (keyless) aggregate."""
-    import ray
-    from ray.data.context import ShuffleStrategy
-
-    ds = ray.data.read_parquet([str(p) for p in parts]).select_columns(columns)
-    # one group: map tasks plus a single reduce; the default hash shuffle starts aggregator
-    # actors, which costs seconds and buys nothing here (this dataset's context only)
-    ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    return ds
+def part_moments(table: pa.Table) -> Moments:
+    """Pass 1's partial: the moments of one part's ok scores."""
+    return moments_of(*ok_scores(table))
 
 
 def fit_moments(parts: list[Path]) -> Moments:
-    """Pass 1 on Ray: moments of the ok scores of every part."""
-    ok_moments, _ = _aggregates()
-    ds = _read_columns(parts, [T.STATUS, T.PMOS])
-    return Moments.from_list(ds.aggregate(ok_moments())["ok_moments"])
+    """Pass 1 on Ray: moments of the ok scores of every part, merged in a canonical order."""
+    return backend.aggregate_parts(parts, part_moments, merge_all, columns=[T.STATUS, T.PMOS], desc=f"{STAGE} (fit)")
+
+
+def _sum_lists(partials: list[list[int]]) -> list[int]:
+    return [int(sum(v)) for v in zip(*partials)]
 
 
 def level_report(output_dir: Path, m: Moments, bins: int) -> LevelReport:
     """Counts per level and prefix and the p-MOS histogram of the written output, on Ray."""
     lo, hi = histogram_range(m.n, m.min, m.max)
-    _, report = _aggregates()
-    parts = runner.list_parts(output_dir)
+    parts = fs.list_parts(output_dir)
     cols = [T.STATUS, T.PMOS, T.QUALITY_LEVEL, T.QUALITY_PREFIX]
-    v = _read_columns(parts, cols).aggregate(report(lo, hi, bins))["quality_report"]
+    partial = functools.partial(report_partial, lo=lo, hi=hi, bins=bins)
+    v = backend.aggregate_parts(parts, partial, _sum_lists, columns=cols, desc=f"{STAGE} (report)")
     k = T.NUM_QUALITY_LEVELS
     return LevelReport(
         level_counts=[int(x) for x in v[:k]],
         prefix_counts={p: int(c) for p, c in zip(PREFIXES, v[k:k + len(PREFIXES)])},
         hist_edges=np.linspace(lo, hi, bins + 1).tolist(),
         hist_counts=[int(x) for x in v[k + len(PREFIXES):]],
-        status_counts=runner.status_counts(output_dir),
+        status_counts=backend.status_counts(output_dir),
     )
-
-
-def _check_resumable(output_dir: Path, stats: S.QualityStats) -> None:
-    """A folder written with other stats must not be mixed with this run's rows."""
-    path = output_dir / S.STATS_FILE
-    if path.exists():
-        old = S.load(path)
-        if old.id != stats.id:
-            raise QuantizeError(
-                f"{output_dir} was written with quality stats {old.id}, this run gives {stats.id} "
-                "(other scores or settings); remove the folder or choose another --output"
-            )
-    elif output_dir.is_dir() and any(output_dir.glob(runner.PART_GLOB)):
-        raise QuantizeError(f"{output_dir} holds parts but no {S.STATS_FILE}; remove them or choose another --output")
 
 
 @dataclass(frozen=True)
@@ -336,31 +278,39 @@ class QuantizeResult:
     stats: S.QualityStats
     moments: Moments
     report: LevelReport
-    stage: runner.StageReport
+    stage: StageReport
     output_dir: Path
 
 
-def main(cfg: QuantizeConfig, input_dir: str | Path, output_dir: str | Path) -> QuantizeResult:
-    """Run both passes over a scores folder and write the quality folder (resumable)."""
-    from pipeline.raycluster import init_ray
-
-    init_ray()
+def run(cfg: QuantizeConfig, input_dir: str | Path, output_dir: str | Path) -> QuantizeResult:
+    """Run both passes over a scores folder and write the quality folder (resumable: a part is
+    computed again when its input part or the stats changed)."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    parts = runner.list_parts(input_dir)
+    parts = fs.list_parts(input_dir)
     moments = fit_moments(parts)  # 1. corpus statistics
     stats = make_stats(moments, cfg)
-    _check_resumable(output_dir, stats)
     output_dir.mkdir(parents=True, exist_ok=True)
-    S.dump(stats, output_dir / S.STATS_FILE)  # before any part, so a resumed run can check it
+    old = output_dir / S.STATS_FILE
+    if old.exists() and S.load(old).id != stats.id:
+        log.info("%s: the stats changed since the last run (%s -> %s): every part is computed again",
+                 STAGE, S.load(old).id, stats.id)
+    S.dump(stats, output_dir / S.STATS_FILE)
     jobconfig.save_resolved(cfg, output_dir / CONFIG_FILE)
     log.info("%s: stats %s (mu=%s sigma=%s, edges %s)", STAGE, stats.id, stats.mu, stats.sigma, list(stats.band_edges))
-    # 2. levels and prefixes, row-wise
-    stage = runner.run_stage(STAGE, input_dir, output_dir, QuantizeStage, {"stats": stats.to_dict()}, cfg.resources)
+    # 2. levels and prefixes, row-wise; the stats id is part of what each part is made from
+    stage = backend.map_parts(QuantizeStage, {"stats": stats.to_dict()}, input_dir, output_dir, cfg.resources,
+                              params=stats.id)
     # 3. counts, histogram and plot of what was written
     report = level_report(output_dir, moments, cfg.plot_bins)
     report.write(output_dir / REPORT_FILE, stats.id)
     plot_quality(stats, report, output_dir / PLOT_FILE)
+    stage.detail = f"mu={stats.mu:.3f} sigma={stats.sigma:.3f} stats {stats.id}"
     return QuantizeResult(stats, moments, report, stage, output_dir)
+
+
+def main(cfg: QuantizeConfig, input_dir: str | Path, output_dir: str | Path) -> StageReport:
+    """The stage entry point: `run`, reported as every stage reports."""
+    return run(cfg, input_dir, output_dir).stage
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,10 +337,10 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     init_ray(args.address, args.num_cpus)
     try:
-        result = main(cfg, args.input, args.output)
+        result = run(cfg, args.input, args.output)
     except (QuantizeError, FileNotFoundError, T.SchemaError, S.StatsError) as e:
         print(f"mosaiq quantize: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(summary(result.stats, result.report, result.output_dir / S.STATS_FILE))
     return 0
 

@@ -27,12 +27,13 @@ import numpy as np
 import pyarrow as pa
 
 from jobs import config as jobcfg
-from pipeline import audio
-from pipeline.raycluster import add_ray_args, init_ray
-from pipeline.runner import Resources, StageReport, run_stage
+from pipeline import audio, backend
+from pipeline.stage import Resources, Stage, StageReport
 from schemas import tables as T
 
 log = logging.getLogger(__name__)
+
+CONFIG_FILE = "score_config.json"
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,15 @@ class ScoreConfig:
     scorer: Literal["distillmos", "wav2vec2"] = "distillmos"
     model: str | None = None  # local folder for wav2vec2 (see `mosaiq convert-qama`)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the actor has a GPU
-    silence_dbfs: float = -60.0
+    silence_dbfs: float = T.SILENCE_DBFS
     resources: Resources = field(default_factory=lambda: Resources(batch_size=8, concurrency=1, num_cpus=1.0))
 
 
-class ScoreStage:
+class ScoreStage(Stage):
     """Callable over an Arrow batch of clip rows -> the same rows with `pmos` (one out per in)."""
 
+    name = "score"
+    input_schema = T.CLIPS_SCHEMA
     output_schema = T.SCORES_SCHEMA
 
     def __init__(self, cfg: ScoreConfig):
@@ -64,7 +67,7 @@ class ScoreStage:
         self.checks = audio.SignalChecks(silence_dbfs=cfg.silence_dbfs)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        T.require_columns(batch, T.CLIPS_SCHEMA.names, "score")
+        self.check_input(batch.schema)
         rows = batch.select(T.CLIPS_SCHEMA.names).to_pylist()
         pmos: list[float | None] = [None] * len(rows)
         wavs, idx = [], []
@@ -95,12 +98,10 @@ class ScoreStage:
         return pa.Table.from_pylist(rows, schema=T.SCORES_SCHEMA)
 
 
-def main(input_dir: str | Path, output_dir: str | Path, cfg: ScoreConfig = ScoreConfig(),
-         address: str | None = None, num_cpus: int | None = None) -> StageReport:
-    """Score every pending part of `input_dir` into `output_dir` on Ray (embedded or a cluster)."""
-    init_ray(address, num_cpus)
-    report = run_stage("score", input_dir, output_dir, ScoreStage, {"cfg": cfg}, cfg.resources)
-    jobcfg.save_resolved(cfg, Path(output_dir) / "score_config.json")
+def main(cfg: ScoreConfig, input_dir: str | Path, output_dir: str | Path) -> StageReport:
+    """Score every pending part of `input_dir` into `output_dir` on Ray (the caller starts it)."""
+    report = backend.map_parts(ScoreStage, {"cfg": cfg}, input_dir, output_dir, cfg.resources)
+    jobcfg.save_resolved(cfg, Path(output_dir) / CONFIG_FILE)
     return report
 
 
@@ -116,6 +117,8 @@ def _config_from_args(a) -> ScoreConfig:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    from pipeline.raycluster import add_ray_args, init_ray
+
     p = argparse.ArgumentParser(prog="mosaiq score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="clip table folder (from `mosaiq ingest`)")
     p.add_argument("--output", required=True, help="scores folder (part-NNNNN.parquet, same parts as the input)")
@@ -129,11 +132,15 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor")
     add_ray_args(p)
     a = p.parse_args(argv)
-    report = main(a.input, a.output, _config_from_args(a), a.address, a.num_cpus)
+    cfg = _config_from_args(a)
+    init_ray(a.address, a.num_cpus)
+    report = main(cfg, a.input, a.output)
     print(report.line())
     return 0
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(cli())
+    from pipeline.score import cli as _cli  # the importable module, so Ray pickles the stage by reference
+
+    sys.exit(_cli())

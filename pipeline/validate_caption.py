@@ -11,18 +11,17 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-# reason codes (kept in the `candidate_rejects` column)
-EMPTY = "empty"
-TOO_SHORT = "too_short"
-TOO_LONG = "too_long"
-CHAT_MARKUP = "chat_markup"
-REFUSAL = "refusal"
-INSTRUCTIONS = "instructions"
-ECHO_PROMPT = "echo_prompt"
-ECHO_ORIGINAL = "echo_original"
-DUPLICATE = "duplicate"
-LLM_ERROR = "llm_error"  # the engine or server refused the request (its message is logged)
-REASONS = (EMPTY, TOO_SHORT, TOO_LONG, CHAT_MARKUP, REFUSAL, INSTRUCTIONS, ECHO_PROMPT, ECHO_ORIGINAL, DUPLICATE, LLM_ERROR)
+from schemas.tables import CANDIDATE_REJECT_REASONS as REASONS  # noqa: F401 - the reason codes
+from schemas.tables import REJECT_CHAT_MARKUP as CHAT_MARKUP
+from schemas.tables import REJECT_DUPLICATE as DUPLICATE
+from schemas.tables import REJECT_ECHO_ORIGINAL as ECHO_ORIGINAL
+from schemas.tables import REJECT_ECHO_PROMPT as ECHO_PROMPT
+from schemas.tables import REJECT_EMPTY as EMPTY
+from schemas.tables import REJECT_INSTRUCTIONS as INSTRUCTIONS
+from schemas.tables import REJECT_LLM_ERROR as LLM_ERROR  # noqa: F401
+from schemas.tables import REJECT_REFUSAL as REFUSAL
+from schemas.tables import REJECT_TOO_LONG as TOO_LONG
+from schemas.tables import REJECT_TOO_SHORT as TOO_SHORT
 
 _CHAT_MARKUP = re.compile(
     r"<\|[^|<>]{0,40}\|>"  # <|im_start|>, <|eot_id|>, <|assistant|>

@@ -52,10 +52,36 @@ CAPTION_SOURCE = "caption_source"  # "original" or "candidate"
 CAPTION_NOTE = "caption_note"  # why the original was kept, e.g. "llm_no_usable_output"
 PROMPT = "prompt"  # "<quality_prefix>, <caption>" or just the caption
 
+# caption_source values
+SOURCE_ORIGINAL = "original"
+SOURCE_CANDIDATE = "candidate"
+# caption_note values ("" when a candidate was chosen or the row is not ok)
+NOTE_NO_LLM_OUTPUT = "llm_no_usable_output"
+NOTE_ORIGINAL_BEST = "original_best"  # no candidate beat the original by the margin
+NOTE_UNSCORED = "clap_disabled"  # clap.backend none: candidates kept, original caption used
+# reason of a clip whose best caption scores under the CLAP threshold
+MISMATCH = "text_audio_mismatch"
+# candidate_rejects values: why an LLM output did not become a candidate
+REJECT_EMPTY = "empty"
+REJECT_TOO_SHORT = "too_short"
+REJECT_TOO_LONG = "too_long"
+REJECT_CHAT_MARKUP = "chat_markup"
+REJECT_REFUSAL = "refusal"
+REJECT_INSTRUCTIONS = "instructions"
+REJECT_ECHO_PROMPT = "echo_prompt"
+REJECT_ECHO_ORIGINAL = "echo_original"
+REJECT_DUPLICATE = "duplicate"
+REJECT_LLM_ERROR = "llm_error"  # the engine or server refused the request (its message is logged)
+CANDIDATE_REJECT_REASONS = (
+    REJECT_EMPTY, REJECT_TOO_SHORT, REJECT_TOO_LONG, REJECT_CHAT_MARKUP, REJECT_REFUSAL, REJECT_INSTRUCTIONS,
+    REJECT_ECHO_PROMPT, REJECT_ECHO_ORIGINAL, REJECT_DUPLICATE, REJECT_LLM_ERROR,
+)
+
 NUM_QUALITY_LEVELS = 5
 CLIP_SECONDS = 10.24  # QA-MDT's clip length
 PMOS_SAMPLE_RATE = 16_000  # what the p-MOS scorers (wav2vec2, DistillMOS) take
 CLAP_SAMPLE_RATE = 48_000  # what CLAP takes
+SILENCE_DBFS = -60.0  # a clip whose RMS (DC removed) is below this is silent
 
 CLIPS_VERSION = 1
 SCORES_VERSION = 1
@@ -112,6 +138,13 @@ SCORES_SCHEMA = _schema(CLIP_FIELDS + SCORE_FIELDS, "scores", SCORES_VERSION)
 QUALITY_SCHEMA = _schema(CLIP_FIELDS + SCORE_FIELDS + QUALITY_FIELDS, "quality", QUALITY_VERSION)
 CAPTIONS_SCHEMA = _schema(
     CLIP_FIELDS + SCORE_FIELDS + QUALITY_FIELDS + CAPTION_FIELDS, "captions", CAPTIONS_VERSION
+)
+
+# caption's internal work table: the quality table plus the validated LLM candidates
+CANDIDATES_SCHEMA = _schema(
+    CLIP_FIELDS + SCORE_FIELDS + QUALITY_FIELDS
+    + [f for f in CAPTION_FIELDS if f.name in (CANDIDATES, CANDIDATE_REJECTS)],
+    "caption_candidates", 1,
 )
 
 SCHEMAS = {"clips": CLIPS_SCHEMA, "scores": SCORES_SCHEMA, "quality": QUALITY_SCHEMA, "captions": CAPTIONS_SCHEMA}

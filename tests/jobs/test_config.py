@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from jobs import config as C
-from pipeline.runner import Resources
+from pipeline.stage import Resources
 from pipeline.score import ScoreConfig
 
 

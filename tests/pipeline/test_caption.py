@@ -19,7 +19,9 @@ import _caption_fixtures as F  # noqa: E402
 
 from pipeline import caption as C  # noqa: E402
 from pipeline import llm as L  # noqa: E402
-from pipeline.runner import read_folder, write_parts  # noqa: E402
+from pipeline.backend import read_folder  # noqa: E402
+from pipeline.fs import write_parts  # noqa: E402
+from pipeline.stage import Resources  # noqa: E402
 from schemas import tables as T  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -119,8 +121,8 @@ def test_end_to_end_with_vllm_engine_on_ray(ray_session, tmp_path, audio, clap_f
     inp = _quality_input(tmp_path, audio)
     out = tmp_path / "captions"
     cfg = C.CaptionConfig(
-        llm=L.LLMConfig(num_candidates=2, max_tokens=24, batch_size=8, max_facts_chars=LONG_FACTS),
-        clap=C.ClapConfig(backend="hf", path=str(clap_folder), batch_size=4),
+        llm=L.LLMConfig(num_candidates=2, max_tokens=24, resources=Resources(batch_size=8), max_facts_chars=LONG_FACTS),
+        clap=C.ClapConfig(backend="hf", path=str(clap_folder), resources=Resources(batch_size=4)),
         selection=SEL,
     )
     report = C.main(cfg, str(inp), str(out))
@@ -184,8 +186,8 @@ def test_end_to_end_with_openai_compatible_server(ray_session, tmp_path, audio, 
     inp = _quality_input(tmp_path, audio)
     out = tmp_path / "captions"
     cfg = C.CaptionConfig(
-        llm=L.LLMConfig(backend="http", url=vllm_server, served_model="smollm2", num_candidates=2, max_tokens=24, batch_size=4, max_facts_chars=LONG_FACTS),
-        clap=C.ClapConfig(backend="hf", path=str(clap_folder), batch_size=4),
+        llm=L.LLMConfig(backend="http", url=vllm_server, served_model="smollm2", num_candidates=2, max_tokens=24, resources=Resources(batch_size=4), max_facts_chars=LONG_FACTS),
+        clap=C.ClapConfig(backend="hf", path=str(clap_folder), resources=Resources(batch_size=4)),
         selection=SEL,
     )
     C.main(cfg, str(inp), str(out))

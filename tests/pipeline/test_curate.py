@@ -11,7 +11,7 @@ import webdataset as wds
 
 from pipeline import verify
 from pipeline.curate import load_config
-from pipeline.runner import read_folder
+from pipeline.backend import read_folder
 from schemas import shard as S
 from schemas import tables as T
 

@@ -17,7 +17,9 @@ from scipy import stats as sps
 
 from jobs import config as jobconfig
 from pipeline import quantize as Q
-from pipeline import runner
+from pipeline import fs
+from pipeline.backend import read_folder
+from pipeline.stage import Resources
 from schemas import stats as S
 from schemas import tables as T
 
@@ -198,7 +200,7 @@ def test_script_entrypoint_help():
 def scores_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("scores")
     pmos, status = corpus()
-    runner.write_parts(scores_table(pmos, status), folder, rows_per_part=150)
+    fs.write_parts(scores_table(pmos, status), folder, rows_per_part=150)
     return folder
 
 
@@ -206,8 +208,8 @@ def scores_dir(tmp_path_factory):
 @pytest.mark.parametrize("rows_per_part", [997, 100, 37])
 def test_ray_fit_matches_numpy_for_any_number_of_blocks(ray_session, tmp_path, rows_per_part):
     pmos, status = corpus()
-    runner.write_parts(scores_table(pmos, status), tmp_path, rows_per_part)
-    m = Q.fit_moments(runner.list_parts(tmp_path))
+    fs.write_parts(scores_table(pmos, status), tmp_path, rows_per_part)
+    m = Q.fit_moments(fs.list_parts(tmp_path))
     fit = Q.fit_from_moments(m)
     n, mean, sd, skew = numpy_stats(pmos, status)
     assert m.n == n
@@ -221,10 +223,10 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_end_to_end_pass_through_determinism_and_resume(ray_session, scores_dir, tmp_path):
-    cfg = Q.QuantizeConfig(batch_size=64)
-    res = Q.main(cfg, scores_dir, tmp_path / "a")
-    out = runner.read_folder(tmp_path / "a")
-    inp = runner.read_folder(scores_dir)
+    cfg = Q.QuantizeConfig(resources=Resources(batch_size=64))
+    res = Q.run(cfg, scores_dir, tmp_path / "a")
+    out = read_folder(tmp_path / "a")
+    inp = read_folder(scores_dir)
     assert out.num_rows == inp.num_rows and out.select(T.SCORES_SCHEMA.names).equals(inp)
     assert pq.read_schema(tmp_path / "a" / "part-00000.parquet").equals(T.QUALITY_SCHEMA)
     ok = np.array(out.column(T.STATUS).to_pylist()) == T.OK
@@ -242,11 +244,14 @@ def test_end_to_end_pass_through_determinism_and_resume(ray_session, scores_dir,
     for name in first:
         if name not in ("part-00000.parquet", S.STATS_FILE):
             (tmp_path / "a" / name).unlink()
-    Q.main(cfg, scores_dir, tmp_path / "a")
+    Q.run(cfg, scores_dir, tmp_path / "a")
     assert _files(tmp_path / "a") == first
 
-    with pytest.raises(Q.QuantizeError, match="written with quality stats"):  # other bands: refuse to mix
-        Q.main(OFFICIAL, scores_dir, tmp_path / "a")
+    # other bands: every part is made again with the new stats, never a mix of both
+    official = Q.run(OFFICIAL, scores_dir, tmp_path / "a")
+    assert official.stage.parts_skipped == 0 and official.stats.id != res.stats.id
+    assert set(read_folder(tmp_path / "a").column(T.STATS_ID).to_pylist()) == {official.stats.id}
+    assert S.load(tmp_path / "a" / S.STATS_FILE) == official.stats
 
 
 @pytest.mark.slow
@@ -261,10 +266,10 @@ def test_cli_fixed_official_numbers(ray_session, scores_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_reports_too_few_ok_rows_and_zero_spread(ray_session, tmp_path, capsys):
-    runner.write_parts(scores_table([3.7, 2.0], [T.OK, T.REJECTED]), tmp_path / "one", 1)
-    assert Q.cli(["--input", str(tmp_path / "one"), "--output", str(tmp_path / "o1")]) == 1
+    fs.write_parts(scores_table([3.7, 2.0], [T.OK, T.REJECTED]), tmp_path / "one", 1)
+    assert Q.cli(["--input", str(tmp_path / "one"), "--output", str(tmp_path / "o1")]) == 2
     assert "at least 2 ok rows" in capsys.readouterr().err
-    runner.write_parts(scores_table([4.1] * 5), tmp_path / "flat", 2)
-    assert Q.cli(["--input", str(tmp_path / "flat"), "--output", str(tmp_path / "o2")]) == 1
+    fs.write_parts(scores_table([4.1] * 5), tmp_path / "flat", 2)
+    assert Q.cli(["--input", str(tmp_path / "flat"), "--output", str(tmp_path / "o2")]) == 2
     assert "zero spread" in capsys.readouterr().err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

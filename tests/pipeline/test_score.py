@@ -13,7 +13,8 @@ import pytest
 import soundfile as sf
 
 from pipeline import ingest, score
-from pipeline.runner import WORK_DIR, read_folder
+from pipeline import backend
+from pipeline.backend import WORK_DIR, read_folder
 from schemas import tables as T
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,7 +31,7 @@ def stage():
     return score.ScoreStage(score.ScoreConfig())
 
 
-def test_stage_scores_ok_rows_and_reports_bad_samples(tmp_path, stage):
+def test_stage_scores_ok_rows_and_reports_bad_samples(tmp_path, stage, ingest_to):
     rng = np.random.default_rng(0)
     t = np.arange(3 * 16000) / 16000
     music = (0.3 * np.sin(2 * np.pi * 330 * t) * (1 + 0.5 * np.sin(2 * np.pi * 2 * t))).astype(np.float32)
@@ -44,7 +45,7 @@ def test_stage_scores_ok_rows_and_reports_bad_samples(tmp_path, stage):
     write(tmp_path / "silent.wav", np.zeros_like(music))
     write(tmp_path / "dc.wav", np.full_like(music, 0.5))  # clipped to a constant: no signal left
     write(tmp_path / "hiss.flac", (1e-5 * rng.standard_normal(len(music))).astype(np.float32), subtype="PCM_24")
-    table = ingest.main(tmp_path, tmp_path / "clips", progress=False)
+    table = ingest_to(tmp_path, tmp_path / "clips")
     # a row that was already rejected upstream passes through untouched
     out = stage(table)
     rows = {Path(r[T.AUDIO_PATH]).name: r for r in out.to_pylist()}
@@ -58,11 +59,11 @@ def test_stage_scores_ok_rows_and_reports_bad_samples(tmp_path, stage):
         assert rows[name][T.PMOS] is None
 
 
-def test_stage_passes_non_ok_rows_and_catches_files_that_changed(tmp_path, stage):
+def test_stage_passes_non_ok_rows_and_catches_files_that_changed(tmp_path, stage, ingest_to):
     write(tmp_path / "a.wav", (0.2 * np.sin(np.arange(48000) / 7)).astype(np.float32))
     write(tmp_path / "b.wav", (0.2 * np.sin(np.arange(48000) / 5)).astype(np.float32))
     (tmp_path / "z.wav").write_bytes(b"")
-    table = ingest.main(tmp_path, tmp_path / "clips", progress=False)
+    table = ingest_to(tmp_path, tmp_path / "clips")
     data = (tmp_path / "b.wav").read_bytes()
     (tmp_path / "b.wav").write_bytes(data[: len(data) // 3])  # truncated after ingest
     rows = {Path(r[T.AUDIO_PATH]).name: r for r in stage(table).to_pylist()}
@@ -71,7 +72,7 @@ def test_stage_passes_non_ok_rows_and_catches_files_that_changed(tmp_path, stage
     assert rows["a.wav"][T.STATUS] == T.OK
 
 
-def test_stage_names_missing_columns(stage):
+def test_stage_names_missing_columns(stage, ingest_to):
     import pyarrow as pa
 
     with pytest.raises(T.SchemaError, match="score: input is missing column"):
@@ -79,17 +80,18 @@ def test_stage_names_missing_columns(stage):
 
 
 @pytest.fixture(scope="module")
-def sample_clips(sample_dir, tmp_path_factory):
+def sample_clips(sample_dir, tmp_path_factory, ingest_to):
     out = tmp_path_factory.mktemp("clips")
-    ingest.main(sample_dir / "manifest.csv", out, ingest.IngestConfig(rows_per_part=12), progress=False)
+    ingest_to(sample_dir / "manifest.csv", out, ingest.IngestConfig(rows_per_part=12))
     return out
 
 
 def test_actors_holding_every_cpu_are_warned_about(caplog):
     """A pool that holds every CPU starves Ray Data's read tasks: the run would wait forever."""
-    from pipeline.runner import Resources, _warn_if_no_cpu_left
+    from pipeline.backend import _warn_if_no_cpu_left
+    from pipeline.stage import Resources
 
-    with caplog.at_level("WARNING", logger="pipeline.runner"):
+    with caplog.at_level("WARNING", logger="pipeline.backend"):
         assert _warn_if_no_cpu_left("score", Resources(concurrency=1, num_cpus=2.0), 2.0)
         assert "1 actor(s) x 2 CPU = 2 of the cluster's 2 CPUs" in caplog.text
         assert _warn_if_no_cpu_left("score", Resources(concurrency=2, num_cpus=1.0), 2.0)
@@ -100,7 +102,7 @@ def test_actors_holding_every_cpu_are_warned_about(caplog):
 def test_ray_job_is_resumable_and_deterministic(sample_clips, tmp_path, ray_session):
     cfg = score.ScoreConfig()
     first = tmp_path / "s1"
-    report = score.main(sample_clips, first, cfg)
+    report = score.main(cfg, sample_clips, first)
     assert report.rows_written == 33 and report.status_counts == {T.OK: 30, T.ERROR: 3}
     assert not (first / WORK_DIR).exists()
     parts = sorted(p.name for p in first.glob("part-*.parquet"))
@@ -108,7 +110,7 @@ def test_ray_job_is_resumable_and_deterministic(sample_clips, tmp_path, ray_sess
     written = pq.read_schema(first / parts[0])
     assert written.equals(T.SCORES_SCHEMA) and written.metadata[b"mosaiq.table"] == b"scores"
     # a re-run over finished output does nothing
-    again = score.main(sample_clips, first, cfg)
+    again = score.main(cfg, sample_clips, first)
     assert again.parts_skipped == 3 and again.rows_written == 0
 
     # the state a worker killed mid-run leaves: one part missing, some of its rows already in
@@ -118,11 +120,11 @@ def test_ray_job_is_resumable_and_deterministic(sample_clips, tmp_path, ray_sess
     shutil.copytree(first, second)
     (second / "part-00001.parquet").unlink()
     done = pq.read_table(first / "part-00001.parquet").slice(0, 5)
-    work = second / WORK_DIR / "__mosaiq_part=part-00001.parquet"
+    work = backend.work_folder(second, sample_clips / "part-00001.parquet")
     work.mkdir(parents=True)
     pq.write_table(done, work / "earlier_0.parquet")
     (work / "killed_1.parquet").write_bytes(b"PAR1 half a file")
-    resumed = score.main(sample_clips, second, cfg)
+    resumed = score.main(cfg, sample_clips, second)
     assert resumed.parts_skipped == 2 and resumed.rows_written == 12
     for name in parts:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
