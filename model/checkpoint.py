@@ -1,17 +1,29 @@
-"""Training checkpoints as one safetensors file: tensors plus JSON metadata.
+"""Checkpoints: mosaiq's own training checkpoints, and a safe reader for other people's `.pt` files.
+
+Training checkpoints are one safetensors file: tensors plus JSON metadata.
 
 Tensor names are prefixed by group: `model.*` (raw weights), `ema.*` (EMA weights) and
 `optim.<param index>.<state name>` (AdamW moments and step counts, so resume is exact).
 Metadata holds JSON strings: the resolved train config, the model config, the representation
 config, the quality stats found beside the shards, the optimizer's param groups and the train
 state (step). Nothing is pickled; loading never runs code from the file.
+
+`safe_torch_load` reads upstream `.pt` files (LAION CLAP, fairseq wav2vec2, QAMA) with
+`torch.load(weights_only=True)` plus an explicit allowlist of the harmless types those files
+hold beside their tensors: numpy scalars and dtypes (LAION's cosine schedule stores each
+param group's `lr` as a numpy.float64; fairseq's meters keep numpy floats) and
+`argparse.Namespace` (pre-Hydra fairseq `args`). Anything else is refused, naming the type.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import pickle
 import re
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from safetensors import safe_open
@@ -98,3 +110,64 @@ def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
                 _, idx, name = k.split(".", 2)
                 state.setdefault(int(idx), {})[name] = f.get_tensor(k)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# --- other people's .pt files ------------------------------------------------------------
+
+
+class UnsafeCheckpointError(ValueError):
+    """A `.pt` file that holds pickled objects outside the allowlist."""
+
+
+def _allowed_globals() -> list:
+    """numpy scalars (under numpy 1's and numpy 2's module name), numpy dtypes and their
+    classes, and argparse.Namespace: data only, no code runs when they are rebuilt."""
+    import numpy.dtypes
+
+    scalar = np._core.multiarray.scalar  # numpy 2 name; files written by numpy 1 name numpy.core
+    dtype_classes = [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtype_classes, argparse.Namespace]
+
+
+def _global_name(g) -> str:
+    return g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
+
+
+SAFE_GLOBALS = _allowed_globals()
+_SAFE_NAMES = {_global_name(g) for g in SAFE_GLOBALS}
+_REFUSED_GLOBAL = re.compile(r"(?:GLOBAL|reduce for|Unsupported class)\s+([\w.]+)")
+
+
+def _refused_types(path: Path, error: Exception) -> list[str]:
+    """The pickled globals in `path` that the allowlist does not cover (best effort)."""
+    try:
+        names = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - _SAFE_NAMES
+    except Exception:  # noqa: BLE001 - legacy (non-zip) files: fall back to torch's message
+        names = set()
+    return sorted(names or set(_REFUSED_GLOBAL.findall(str(error))))
+
+
+def safe_torch_load(path: str | Path, what: str = "checkpoint") -> object:
+    """`torch.load(path, weights_only=True)` with `SAFE_GLOBALS` allowed, on the CPU.
+
+    Raises FileNotFoundError for a missing file, UnsafeCheckpointError (naming the types) for
+    a file that needs any other pickled object, ValueError for one torch cannot read at all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        types = _refused_types(path, e)
+        if not types:  # not a torch file, or damaged
+            raise ValueError(f"{what} {str(path)!r} cannot be read by torch.load(weights_only=True): {e}") from e
+        raise UnsafeCheckpointError(
+            f"{what} {str(path)!r} holds pickled object(s) of type {', '.join(types)}, which "
+            "torch.load(weights_only=True) refuses: mosaiq allows only tensors, plain Python values, numpy "
+            "scalars/dtypes and argparse.Namespace, and never unpickles anything else. Re-save the file's "
+            "state_dict with plain types if you trust it."
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{what} {str(path)!r} cannot be read by torch.load: {e}") from e
