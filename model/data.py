@@ -11,7 +11,6 @@ decoding them. That is what makes resume exact.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -22,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio
 import webdataset as wds
 
-from model.representation import CLIP_SECONDS, SAMPLE_RATE, seconds_to_samples
+from model.representation import SAMPLE_RATE, seconds_to_samples
+from pipeline.audio import resample
+from pipeline.fs import derive_seed
 from schemas import shard as S
-from schemas.tables import NUM_QUALITY_LEVELS
+from schemas.tables import CLIP_SECONDS, NUM_QUALITY_LEVELS
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,7 @@ def list_shards(spec: str) -> list[str]:
 
 
 def _rng(*parts) -> random.Random:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return random.Random(int.from_bytes(digest, "little"))
+    return random.Random(derive_seed(repr(parts)))
 
 
 def decode_audio(data: bytes, num_samples: int, rng: random.Random | None) -> np.ndarray:
@@ -92,7 +91,7 @@ def decode_audio(data: bytes, num_samples: int, rng: random.Random | None) -> np
     wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (S, ch)
     wave = wave.mean(axis=1)  # (S,)
     if sr != SAMPLE_RATE:
-        wave = torchaudio.functional.resample(torch.from_numpy(wave), sr, SAMPLE_RATE).numpy()  # (S',)
+        wave = resample(wave, sr, SAMPLE_RATE)  # (S',)
     if len(wave) > num_samples:
         start = rng.randrange(len(wave) - num_samples + 1) if rng is not None else 0
         wave = wave[start : start + num_samples]
