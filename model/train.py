@@ -99,7 +99,9 @@ def quality_stats(shards: str) -> dict[str, Any]:
 
 
 def step_seed(*parts) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") % 2**63
+    from pipeline.fs import derive_seed
+
+    return derive_seed(repr(parts)) % 2**63
 
 
 def lr_at(step: int, o: OptimConfig) -> float:
