@@ -10,13 +10,19 @@ laion-clap is built fully offline here, and every workaround it needs lives in t
 - it imports `torchvision` and `wget`, which mosaiq does not install: stub modules stand in
   while it is imported, and are gone afterwards;
 - `CLAP_Module.load_ckpt` unpickles with `weights_only=False` and may download: instead the
-  checkpoint is read with `torch.load(weights_only=True)` and given to `load_state_dict`.
+  checkpoint is read with `model.checkpoint.safe_torch_load` (weights_only=True plus an allowlist
+  of numpy scalars, which LAION's optimizer state holds) and given to `load_state_dict`.
+
+LAION checkpoints are `{"epoch", "name", "state_dict" (DDP `module.` keys), "optimizer", ...}`
+(laion_clap/training/main.py). The audio model is read from the tensors: HTSAT-tiny and
+HTSAT-base differ in their patch-embedding width (96 vs 128) and depth, and fused checkpoints
+carry `fusion_model` / `mel_conv2d` weights. Both backends cut text at 77 tokens, as LAION's
+tokenizer does, so one caption scores the same on either.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.machinery
 import importlib.util
 import logging
@@ -27,12 +33,20 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from pipeline.fs import derive_seed
+from schemas.tables import CLAP_SAMPLE_RATE as SAMPLE_RATE  # Hz, what every CLAP here expects
+
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 48_000  # Hz, what every CLAP here expects
 WINDOW_S = 10.0  # seconds of audio one embedding sees
 WINDOW_SAMPLES = int(SAMPLE_RATE * WINDOW_S)
+TEXT_MAX_TOKENS = 77  # LAION's tokenizer (laion_clap/hook.py) cuts every text here; so does HFClap
 LAION_AUDIO_MODELS = ("HTSAT-base", "HTSAT-tiny")
+AUDIO_MODEL_AUTO = "auto"  # read the audio model from the checkpoint's tensors
+DEFAULT_AUDIO_MODEL = AUDIO_MODEL_AUTO
+AUDIO_MODEL_CHOICES = (AUDIO_MODEL_AUTO, *LAION_AUDIO_MODELS)
+# HTSAT preset -> (patch-embedding width, blocks in its third stage), laion_clap/clap_module/htsat.py
+_HTSAT_SHAPES = {"HTSAT-tiny": (96, 6), "HTSAT-base": (128, 12)}
 
 
 class ClapModelError(ValueError):
@@ -52,8 +66,7 @@ def crop_window(wave: np.ndarray, key: str, seed: int, n: int = WINDOW_SAMPLES) 
         raise ValueError(f"expected a mono (T,) waveform, got shape {wave.shape}")
     if len(wave) <= n:
         return wave
-    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    start = int.from_bytes(digest, "little") % (len(wave) - n + 1)
+    start = derive_seed(f"{seed}:{key}") % (len(wave) - n + 1)
     return wave[start : start + n]
 
 
@@ -151,7 +164,7 @@ def _check_text_folder(text_folder: str | Path | None) -> Path:
     return folder
 
 
-def build_laion_module(text_folder: str | Path, amodel: str = "HTSAT-base", enable_fusion: bool = False):
+def build_laion_module(text_folder: str | Path, amodel: str, enable_fusion: bool = False):
     """An untrained `laion_clap.CLAP_Module`, built offline (see the module docstring)."""
     if amodel not in LAION_AUDIO_MODELS:
         raise ClapModelError(f"laion CLAP audio model {amodel!r} is not one of {LAION_AUDIO_MODELS}")
@@ -163,17 +176,14 @@ def build_laion_module(text_folder: str | Path, amodel: str = "HTSAT-base", enab
 
 
 def read_laion_state_dict(path: str | Path) -> dict:
-    """Tensors of a LAION `.pt` checkpoint, read with `weights_only=True` (no unpickling of
-    arbitrary objects); DDP's `module.` prefix is stripped."""
-    import torch
+    """Tensors of a LAION `.pt` checkpoint as LAION's training saves it, read with
+    `safe_torch_load` (no unpickling of arbitrary objects); DDP's `module.` prefix is stripped."""
+    from model.checkpoint import safe_torch_load
 
-    path = Path(path)
-    if not path.is_file():
-        raise ClapModelError(f"CLAP checkpoint {str(path)!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds here; the message says which
-        raise ClapModelError(f"CLAP checkpoint {str(path)!r} cannot be read safely (weights_only=True): {e}") from e
+        ckpt = safe_torch_load(path, what="CLAP checkpoint")
+    except (FileNotFoundError, ValueError) as e:
+        raise ClapModelError(str(e)) from e
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not state:
         raise ClapModelError(f"CLAP checkpoint {str(path)!r} holds no state_dict")
@@ -182,22 +192,74 @@ def read_laion_state_dict(path: str | Path) -> dict:
     return state
 
 
-def save_laion_checkpoint(module, path: str | Path, epoch: int = 0) -> None:
-    """Save a `CLAP_Module` the way LAION's training does (`{"epoch", "state_dict"}`, DDP prefix)."""
+def laion_architecture(state: dict, source: str = "checkpoint") -> tuple[str, bool]:
+    """(audio model, fusion) of a LAION CLAP state dict, read from its tensors."""
+    patch = state.get("audio_branch.patch_embed.proj.weight")
+    if patch is None:
+        raise ClapModelError(
+            f"CLAP {source} has no audio_branch.patch_embed.proj.weight: not a LAION HTSAT CLAP "
+            f"(mosaiq supports {LAION_AUDIO_MODELS})"
+        )
+    width = int(patch.shape[0])
+    blocks = len({k.split(".")[4] for k in state if k.startswith("audio_branch.layers.2.blocks.")})
+    found = [name for name, shape in _HTSAT_SHAPES.items() if shape == (width, blocks)]
+    if not found:
+        known = ", ".join(f"{n}: width {w}, {b} blocks" for n, (w, b) in _HTSAT_SHAPES.items())
+        raise ClapModelError(
+            f"CLAP {source}: audio patch embedding width {width} with {blocks} blocks in stage 3 matches "
+            f"no supported HTSAT ({known})"
+        )
+    fused = {part: any(f"patch_embed.{part}." in k for k in state) for part in ("fusion_model", "mel_conv2d")}
+    if len(set(fused.values())) > 1:
+        raise ClapModelError(f"CLAP {source} is partly fused ({fused}): cannot tell how to build it")
+    return found[0], fused["fusion_model"]
+
+
+def resolve_audio_model(requested: str | None, inferred: str, source: str = "checkpoint") -> str:
+    """`inferred` when the user asked for `auto` (or nothing) or for the same model; refuse a contradiction."""
+    if requested in (None, "", AUDIO_MODEL_AUTO):
+        return inferred
+    if requested not in LAION_AUDIO_MODELS:
+        raise ClapModelError(f"CLAP audio model {requested!r} is not one of {AUDIO_MODEL_CHOICES}")
+    if requested != inferred:
+        raise ClapModelError(
+            f"CLAP audio model {requested!r} was asked for, but the {source}'s tensors are {inferred}: "
+            f"pass {inferred!r} or {AUDIO_MODEL_AUTO!r}"
+        )
+    return requested
+
+
+def save_laion_checkpoint(module, path: str | Path, epoch: int = 1, name: str = "mosaiq-random", lr: float = 1e-4) -> None:
+    """Save a `CLAP_Module` the way LAION's training/main.py does: `{"epoch", "name",
+    "state_dict" (DDP `module.` keys), "optimizer"}`, where the cosine schedule has left each
+    param group's `lr` a numpy.float64 (for random-weight test and benchmark models)."""
     import torch
 
-    state = {f"module.{k}": v for k, v in module.model.state_dict().items()}
-    torch.save({"epoch": epoch, "state_dict": state}, path)
+    model = module.model
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # LAION's two groups: gains, biases and logit scales without weight decay, the rest with
+    no_decay = [p for n, p in named if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n]
+    rest = [p for n, p in named if not any(p is q for q in no_decay)]
+    optimizer = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": rest, "weight_decay": 0.2}], lr=lr)
+    first = no_decay[0]
+    optimizer.state[first] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(first), "exp_avg_sq": torch.zeros_like(first)}
+    for group in optimizer.param_groups:
+        group["lr"] = np.float64(lr)  # what laion_clap/training/scheduler.py assigns
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"epoch": epoch, "name": name, "state_dict": state, "optimizer": optimizer.state_dict()}, path)
 
 
 class LaionClap:
     """laion-clap `CLAP_Module` with weights from a local LAION `.pt` checkpoint."""
 
-    def __init__(self, checkpoint: str | Path, text_folder: str | Path, amodel: str = "HTSAT-base", seed: int = 0, device: str = "cpu"):
+    def __init__(self, checkpoint: str | Path, text_folder: str | Path, amodel: str = DEFAULT_AUDIO_MODEL, seed: int = 0, device: str = "cpu"):
         import torch
 
         state = read_laion_state_dict(checkpoint)
-        self.module = build_laion_module(text_folder, amodel=amodel)
+        source = f"checkpoint {str(checkpoint)!r}"
+        inferred, self.fusion = laion_architecture(state, source)
+        self.amodel = amodel = resolve_audio_model(amodel, inferred, source)
+        self.module = build_laion_module(text_folder, amodel, enable_fusion=self.fusion)
         model = self.module.model
         # position_ids is a buffer in some transformers versions and not in others
         own = model.state_dict()
@@ -205,7 +267,7 @@ class LaionClap:
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise ClapModelError(f"CLAP checkpoint {str(checkpoint)!r} does not fit laion {amodel}: {e}") from e
+            raise ClapModelError(f"CLAP {source} does not fit laion {amodel} (fusion {self.fusion}): {e}") from e
         self.device = torch.device(device)
         model.to(self.device).eval()
         self.seed = seed
@@ -218,11 +280,15 @@ class LaionClap:
             emb = self.module.get_audio_embedding_from_data(crops, use_tensor=False)  # (N, D)
         return _normalise(emb)
 
+    def tokenize(self, texts: Sequence[str]) -> dict:
+        """laion-clap's own tokenizer call: padded to and cut at TEXT_MAX_TOKENS (77)."""
+        return self.module.tokenizer(list(texts))
+
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         import torch
 
         with torch.no_grad():
-            emb = self.module.get_text_embedding(list(texts), use_tensor=False)  # (M, D)
+            emb = self.module.get_text_embedding(list(texts), use_tensor=False)  # (M, D), tokenised by laion at 77
         return _normalise(emb)
 
 
@@ -232,7 +298,7 @@ class LaionClap:
 class HFClap:
     """transformers `ClapModel` (unfused) from a local folder with its processor files."""
 
-    def __init__(self, folder: str | Path, seed: int = 0, device: str = "cpu"):
+    def __init__(self, folder: str | Path, amodel: str = DEFAULT_AUDIO_MODEL, seed: int = 0, device: str = "cpu"):
         import torch
         from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
 
@@ -244,10 +310,21 @@ class HFClap:
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         if self.features.sampling_rate != SAMPLE_RATE:
             raise ClapModelError(f"CLAP folder {str(folder)!r} expects {self.features.sampling_rate} Hz, not {SAMPLE_RATE}")
+        audio = self.model.config.audio_config
+        source = f"transformers CLAP folder {str(folder)!r}"
+        if audio.enable_fusion:
+            raise ClapModelError(f"{source} is a fused model; mosaiq's transformers backend runs unfused CLAPs only")
+        # the same test as laion_architecture: HTSAT-tiny's patch embedding is 96 wide, base's 128
+        by_width = {width: name for name, (width, _) in _HTSAT_SHAPES.items()}
+        if amodel not in (None, "", AUDIO_MODEL_AUTO):
+            width = int(audio.patch_embeds_hidden_size)
+            if width not in by_width:
+                raise ClapModelError(f"{source}: audio width {width} matches no supported HTSAT; cannot check {amodel!r}")
+            resolve_audio_model(amodel, by_width[width], source)
         self.window = int(self.features.nb_max_samples)
         # RoBERTa-style position ids start after the padding index: 2 fewer usable positions
         positions = self.model.config.text_config.max_position_embeddings - 2
-        self.max_text_tokens = min(int(self.tokenizer.model_max_length), positions)
+        self.max_text_tokens = min(TEXT_MAX_TOKENS, int(self.tokenizer.model_max_length), positions)
         self.device = torch.device(device)
         self.seed = seed
 
@@ -267,21 +344,25 @@ class HFClap:
             emb = self._tensor(self.model.get_audio_features(input_features=inputs["input_features"].to(self.device)))
         return _normalise(emb.cpu().numpy())  # (N, D)
 
+    def tokenize(self, texts: Sequence[str]) -> dict:
+        """Cut at TEXT_MAX_TOKENS as LAION does (padded to the longest text: the mask hides pads)."""
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt")
+
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         import torch
 
-        inputs = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
-        ).to(self.device)
+        inputs = self.tokenize(texts).to(self.device)
         with torch.no_grad():
             emb = self._tensor(self.model.get_text_features(**inputs))
         return _normalise(emb.cpu().numpy())  # (M, D)
 
 
-def load_clap(backend: str, path: str | Path, text_folder: str | Path | None = None, amodel: str = "HTSAT-base", seed: int = 0, device: str = "cpu") -> Clap:
-    """The CLAP of `backend` ("laion" or "hf") from local files only."""
+def load_clap(backend: str, path: str | Path, text_folder: str | Path | None = None, amodel: str = DEFAULT_AUDIO_MODEL,
+              seed: int = 0, device: str = "cpu") -> Clap:
+    """The CLAP of `backend` ("laion" or "hf") from local files only; `amodel` is `auto` (read
+    from the weights) or a LAION audio model name that must agree with them."""
     if backend == "laion":
         return LaionClap(path, text_folder, amodel=amodel, seed=seed, device=device)
     if backend == "hf":
-        return HFClap(path, seed=seed, device=device)
+        return HFClap(path, amodel=amodel, seed=seed, device=device)
     raise ClapModelError(f"unknown CLAP backend {backend!r}; expected 'laion' or 'hf'")
