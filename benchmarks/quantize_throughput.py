@@ -41,6 +41,7 @@ def synthetic_part(start: int, n: int, rng: np.random.Generator) -> pa.Table:
         T.START_S: pa.array(np.arange(n) * 10.24), T.DURATION_S: const(10.24, pa.float64()),
         T.SOURCE_DURATION_S: const(300.0, pa.float64()), T.SOURCE_SAMPLE_RATE: const(44100, pa.int32()),
         T.SOURCE_CHANNELS: const(2, pa.int32()), T.SOURCE_FORMAT: const("FLAC"),
+        T.SOURCE_SIZE_BYTES: const(10_000_000, pa.int64()), T.SOURCE_MTIME_NS: const(0, pa.int64()),
         T.CAPTION_ORIGINAL: const("an upbeat pop song"), T.TAGS: const([], pa.list_(pa.string())),
         T.METADATA_JSON: const("{}"), T.STATUS: pa.array(status, pa.string()),
         T.REASON: pa.array(np.where(status == T.OK, "", "synthetic").astype(object), pa.string()),

@@ -80,17 +80,42 @@ def probe(path: str | Path) -> Probe:
     m = _SHOULD_BE.search(info.extra_info or "")
     if m:
         raise AudioError(f"truncated: header declares {m.group(1)} chunk of {m.group(2)} bytes, file holds {m.group(3)}")
-    if info.frames <= 0 or info.samplerate <= 0 or info.channels <= 0:
-        raise AudioError(f"no audio frames (frames={info.frames}, rate={info.samplerate}, channels={info.channels})")
+    frames = info.frames
+    if frames <= 0 and info.format == "FLAC" and info.samplerate > 0:
+        frames = _count_frames(path)  # a legal FLAC may leave its length unknown (total_samples = 0)
+    if frames <= 0 or info.samplerate <= 0 or info.channels <= 0:
+        raise AudioError(f"no audio frames (frames={frames}, rate={info.samplerate}, channels={info.channels})")
     try:  # lossy headers only estimate the length (MP3: by up to ~0.1 s), so read the last second
         with sf.SoundFile(str(path)) as f:
-            f.seek(max(0, info.frames - info.samplerate))
+            f.seek(max(0, frames - info.samplerate))
             tail = f.read(info.samplerate, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise AudioError(f"truncated: cannot read the end of the stream: {_decoder_message(e)}") from e
     if len(tail) == 0:
-        raise AudioError(f"truncated: the header declares {info.frames} frames but the end holds none")
-    return Probe(int(info.samplerate), int(info.channels), int(info.frames), str(info.format))
+        raise AudioError(f"truncated: the header declares {frames} frames but the end holds none")
+    return Probe(int(info.samplerate), int(info.channels), int(frames), str(info.format))
+
+
+def _count_frames(path: Path) -> int:
+    """Decode a stream whose header gives no length, counting its frames (block by block)."""
+    try:
+        return sum(len(b) for b in sf.blocks(str(path), blocksize=1 << 16, dtype="float32", always_2d=True))
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise AudioError(f"not decodable audio: {_decoder_message(e)}") from e
+
+
+def check_unchanged(path: str | Path, size: int | None, mtime_ns: int | None) -> None:
+    """Raise AudioError "changed since ingest" when the file's size or modification time is not
+    what ingest recorded (a cheap identity check before every decode; None skips it)."""
+    if size is None or mtime_ns is None:
+        return
+    try:
+        st = Path(path).stat()
+    except OSError as e:
+        raise AudioError(f"unreadable: {e.strerror or e}") from e
+    if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+        raise AudioError(f"{T.CHANGED_SINCE_INGEST}: size {size} -> {st.st_size} bytes, "
+                         f"modified {mtime_ns} -> {st.st_mtime_ns} ns")
 
 
 def _decoder_message(e: Exception) -> str:

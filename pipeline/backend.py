@@ -322,11 +322,13 @@ def map_parts(
     """
     t0 = time.perf_counter()
     input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
-    parts, digests, _ = plan_parts(input_dir, output_dir, params, stage_cls.name)
-    pending = pending_parts(parts, digests, output_dir)
-    rows = run_parts(stage_cls, stage_kwargs, pending, digests, output_dir, resources)
+    parts = fs.list_parts(input_dir)
+    with fs.stage_output(stage_cls.name, input_dir, output_dir):
+        parts, digests, _ = plan_parts(input_dir, output_dir, params, stage_cls.name)
+        pending = pending_parts(parts, digests, output_dir)
+        rows = run_parts(stage_cls, stage_kwargs, pending, digests, output_dir, resources)
     report = StageReport(stage_cls.name, len(parts), len(parts) - len(pending), rows, time.perf_counter() - t0,
-                         status_counts(output_dir) if parts else {})
+                         status_counts(output_dir))
     log.info("%s", report.line())
     return report
 

@@ -36,7 +36,7 @@ from jobs.config import load, save_resolved
 from pipeline import llm as L
 from pipeline import validate_caption as V
 from pipeline.validate_caption import ValidationConfig, validate
-from pipeline import backend
+from pipeline import backend, fs
 from pipeline.stage import Resources, Stage, StageReport
 from schemas import tables as T
 from schemas.tables import (CANDIDATES_SCHEMA, MISMATCH, NOTE_NO_LLM_OUTPUT, NOTE_ORIGINAL_BEST, NOTE_UNSCORED,  # noqa: F401
@@ -210,13 +210,14 @@ class ClapSelectStage(Stage):
             self.model = C.load_clap(clap.backend, clap.path, clap.text_model, clap.audio_model, clap.seed, clap.device)
 
     def _load(self, table: pa.Table) -> tuple[list, list[str]]:
-        from model.clap import SAMPLE_RATE
-        from pipeline.audio import AudioError, load_clip
+        from pipeline.audio import AudioError, check_unchanged, load_clip
 
         waves, errors = [], []
-        for path, start, dur in zip(*(table.column(c).to_pylist() for c in (T.AUDIO_PATH, T.START_S, T.DURATION_S))):
+        cols = (T.AUDIO_PATH, T.START_S, T.DURATION_S, T.SOURCE_SIZE_BYTES, T.SOURCE_MTIME_NS)
+        for path, start, dur, size, mtime in zip(*(table.column(c).to_pylist() for c in cols)):
             try:
-                waves.append(load_clip(path, start, dur, SAMPLE_RATE, mono=True))
+                check_unchanged(path, size, mtime)
+                waves.append(load_clip(path, start, dur, T.CLAP_SAMPLE_RATE, mono=True))
                 errors.append("")
             except AudioError as e:
                 waves.append(None)
@@ -298,8 +299,6 @@ def _candidates_part(part: str, work_dir: str, out_path: str, llm_cfg: L.LLMConf
     """Step 2 for one part (a Ray task): join its LLM rows, validate, write atomically."""
     import pyarrow.dataset as pads
 
-    from pipeline import fs
-
     table = pq.read_table(part)
     ids = table.column(T.CLIP_ID)
     files = sorted(str(f) for f in Path(work_dir).glob("*.parquet"))
@@ -319,6 +318,15 @@ def main(cfg: CaptionConfig, input_dir: str | Path, output_dir: str | Path) -> S
     cfg.check_runnable()
     t0 = time.perf_counter()
     input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
+    fs.list_parts(input_dir)  # a missing input is an error before the folder is claimed
+    with fs.stage_output(STAGE, input_dir, output_dir):
+        report = _run(cfg, input_dir, output_dir)
+    report.seconds = time.perf_counter() - t0
+    log.info("%s", report.line())
+    return report
+
+
+def _run(cfg: CaptionConfig, input_dir: Path, output_dir: Path) -> StageReport:
     parts, digests, _ = backend.plan_parts(input_dir, output_dir, stage=STAGE)
     for p in parts:
         T.require_columns(pq.read_schema(p), QUALITY_INPUT, f"{STAGE} ({p.name})")
@@ -340,10 +348,7 @@ def main(cfg: CaptionConfig, input_dir: str | Path, output_dir: str | Path) -> S
             shutil.rmtree(llm_dir, ignore_errors=True)
             shutil.rmtree(cand_dir, ignore_errors=True)
     rows = sum(pq.read_metadata(output_dir / p.name).num_rows for p in pending)
-    report = StageReport(STAGE, len(parts), len(parts) - len(pending), rows, time.perf_counter() - t0,
-                         backend.status_counts(output_dir))
-    log.info("%s", report.line())
-    return report
+    return StageReport(STAGE, len(parts), len(parts) - len(pending), rows, 0.0, backend.status_counts(output_dir))
 
 
 # --- entry point -------------------------------------------------------------------------

@@ -143,3 +143,103 @@ def write_parts(table: pa.Table, folder: str | Path, rows_per_part: int) -> list
         write_if_changed(path, table_bytes(table.slice(i * rows_per_part, rows_per_part)))
         paths.append(path)
     return paths
+
+
+# --- output folders that protect themselves ---------------------------------------------------
+
+MARKER_FILE = "_mosaiq_stage.json"  # which stage wrote this folder, from which input
+LOCK_FILE = "_mosaiq.lock"  # host and pid of the run writing this folder now
+_held: dict[str, int] = {}  # lock files this process holds, with their nesting depth
+
+
+class FolderError(ValueError):
+    """An output folder this stage must not write (another stage's, its own input, locked)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _take_lock(lock: Path) -> None:
+    import json
+    import socket
+    import time
+
+    key = str(lock)
+    if key in _held:
+        _held[key] += 1
+        return
+    host = socket.gethostname()
+    body = json.dumps({"host": host, "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(lock.read_text(encoding="utf-8") or "{}")
+            except (OSError, ValueError):
+                held = {}
+            if held.get("host") == host and isinstance(held.get("pid"), int) and not _pid_alive(held["pid"]):
+                lock.unlink(missing_ok=True)  # stale: its run is gone
+                continue
+            raise FolderError(
+                f"{lock.parent} is being written by another run (host {held.get('host', '?')}, pid "
+                f"{held.get('pid', '?')}, since {held.get('since', '?')}); if no such run is going, remove {lock}"
+            ) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(body)
+        _held[key] = 1
+        return
+    raise FolderError(f"could not lock {lock.parent}")
+
+
+def _release_lock(lock: Path) -> None:
+    key = str(lock)
+    _held[key] -= 1
+    if _held[key] == 0:
+        del _held[key]
+        lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def stage_output(stage: str, input_path: str | Path, output_dir: str | Path) -> Iterator[Path]:
+    """Claim `output_dir` for `stage` while the block runs.
+
+    Refuses (FolderError) an output that is the stage's input or holds it, a folder another
+    stage wrote, a folder that holds files but no mosaiq marker, and a folder another run is
+    writing (a lock with host and pid; a lock whose process is gone is taken over). The marker
+    `_mosaiq_stage.json` names the stage and its input.
+    """
+    import json
+
+    out = Path(os.path.abspath(output_dir))
+    inp = Path(os.path.abspath(input_path))
+    if out == inp or out in inp.parents:
+        raise FolderError(f"{stage}: the output folder {str(out)!r} is (or holds) the stage's input {str(inp)!r}; choose another output")
+    marker = out / MARKER_FILE
+    if marker.is_file():
+        try:
+            claimed = json.loads(marker.read_text(encoding="utf-8"))
+        except ValueError:
+            claimed = {}
+        if claimed.get("stage") != stage:
+            raise FolderError(f"{stage}: {str(out)!r} holds the output of stage {claimed.get('stage', '?')!r}; "
+                              "choose another output folder")
+    elif out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
+        raise FolderError(f"{stage}: {str(out)!r} holds files that mosaiq did not write (no {MARKER_FILE}); "
+                          "choose a new or empty output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK_FILE
+    _take_lock(lock)
+    try:
+        if not marker.is_file() or json.loads(marker.read_text(encoding="utf-8")).get("input") != str(inp):
+            atomic_write_text(marker, json.dumps({"stage": stage, "input": str(inp)}, indent=2, sort_keys=True) + "\n")
+        yield out
+    finally:
+        _release_lock(lock)

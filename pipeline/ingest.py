@@ -54,7 +54,10 @@ class IngestConfig:
     clips_per_file: int = 1  # for "first" and "random"
     seed: int = 0  # for "random" offsets
     max_sample_rate: int = 384_000  # above this a file is rejected
-    roots: tuple[str, ...] = ()  # when set, files outside these folders are refused
+    min_sample_rate: int = 8_000  # below this a file is rejected (a 1 Hz file would give 1000s of clips)
+    max_clips_per_file: int = 5_000  # a longer file is rejected (5000 x 10.24 s is 14 hours)
+    roots: tuple[str, ...] = ()  # folders files must be in; () = the scanned folder or the manifest's folder
+    allow_any_path: bool = False  # True: no confinement at all (a manifest may name any file)
     clip_id_from: Literal["content", "path"] = "content"  # content digest survives renames
     rows_per_part: int = 1000
     workers: int = 4  # files probed at once
@@ -66,6 +69,10 @@ class IngestConfig:
             raise ValueError(f"min_seconds must be in (0, clip_seconds={self.clip_seconds}], got {self.min_seconds}")
         if self.clips_per_file < 1:
             raise ValueError(f"clips_per_file must be >= 1, got {self.clips_per_file}")
+        if not 1 <= self.min_sample_rate <= self.max_sample_rate:
+            raise ValueError(f"need 1 <= min_sample_rate <= max_sample_rate, got {self.min_sample_rate}, {self.max_sample_rate}")
+        if self.max_clips_per_file < 1:
+            raise ValueError(f"max_clips_per_file must be >= 1, got {self.max_clips_per_file}")
 
 
 @dataclass(frozen=True)
@@ -101,10 +108,10 @@ def read_manifest(path: str | Path) -> list[SourceRow]:
     """Rows of a CSV, JSONL or Parquet manifest; relative paths are relative to the manifest."""
     import pandas as pd
 
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(path, dtype=str)  # empty cells and NaN/NA/null read as missing, not as text
     elif suffix in (".jsonl", ".json"):
         df = pd.read_json(path, lines=True, dtype=False)
     elif suffix == ".parquet":
@@ -117,8 +124,8 @@ def read_manifest(path: str | Path) -> list[SourceRow]:
     rows = []
     for rec in df.to_dict(orient="records"):
         p = _clean_text(rec[PATH_COLUMN])
-        if p and "://" not in p and not os.path.isabs(p):
-            p = str(path.parent / p)
+        if p and "://" not in p:
+            p = os.path.normpath(os.path.join(path.parent, p))  # relative to the manifest, stored absolute
         meta = {c: _jsonable(rec[c]) for c in extra}
         rows.append(
             SourceRow(
@@ -140,19 +147,25 @@ def _jsonable(v):
         return v
     if isinstance(v, (list, tuple, np.ndarray)):
         return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
     return str(v)
 
 
 def scan_folder(folder: str | Path) -> list[SourceRow]:
-    """Every file under `folder` with an audio extension, sorted by path."""
-    folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in audio.AUDIO_EXTENSIONS)
+    """Every file under `folder` with an audio extension, sorted by path, stored absolute.
+
+    A symlink is listed even when it cannot be followed (a loop, a dangling link), so it ends
+    as an `error` row instead of vanishing."""
+    folder = Path(os.path.abspath(folder))
+    files = sorted(p for p in folder.rglob("*")
+                   if p.suffix.lower() in audio.AUDIO_EXTENSIONS and (p.is_symlink() or p.is_file()))
     return [SourceRow(path=str(p)) for p in files]
 
 
 def read_input(path: str | Path) -> tuple[list[SourceRow], Path]:
     """Rows from a folder or a manifest, and the folder that is the default root."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     if path.is_dir():
         return scan_folder(path), path
     if path.is_file():
@@ -187,9 +200,18 @@ def clip_spans(duration_s: float, key: str, cfg: IngestConfig) -> list[tuple[flo
     return spans
 
 
-def _inside(path: Path, roots: list[Path]) -> bool:
-    rp = path.resolve()
-    return any(rp == r or r in rp.parents for r in roots)
+def _under(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def inside_roots(path: str, roots: list[Path]) -> bool:
+    """Whether `path` is inside one of `roots` (absolute folders) both as written and after
+    following symlinks. Decided from the path alone, the same way whether or not the file exists."""
+    lexical = Path(os.path.normpath(os.path.abspath(path)))
+    if not any(_under(lexical, r) or _under(lexical, Path(os.path.realpath(r))) for r in roots):
+        return False
+    real = Path(os.path.realpath(lexical))  # a loop stays unresolved: the probe reports it
+    return any(_under(real, Path(os.path.realpath(r))) for r in roots)
 
 
 def _row(src: SourceRow, **fields) -> dict:
@@ -202,6 +224,8 @@ def _row(src: SourceRow, **fields) -> dict:
         T.SOURCE_SAMPLE_RATE: None,
         T.SOURCE_CHANNELS: None,
         T.SOURCE_FORMAT: None,
+        T.SOURCE_SIZE_BYTES: None,
+        T.SOURCE_MTIME_NS: None,
         T.CAPTION_ORIGINAL: src.caption,
         T.TAGS: list(src.tags),
         T.METADATA_JSON: src.metadata_json,
@@ -221,31 +245,43 @@ def ingest_file(src: SourceRow, cfg: IngestConfig, roots: list[Path]) -> list[di
     if "://" in src.path:
         return [_row(src, **{T.STATUS: T.ERROR, T.REASON: f"remote paths are not supported by ingest yet: {src.path}"})]
     path = Path(src.path)
-    if roots and not _inside(path, roots):
-        return [_row(src, **{T.STATUS: T.ERROR, T.REASON: f"path outside the configured roots {[str(r) for r in roots]}"})]
+    if roots and not inside_roots(src.path, roots):
+        return [_row(src, **{T.STATUS: T.ERROR, T.REASON: f"{T.OUTSIDE_ROOTS} {[str(r) for r in roots]}"})]
     try:
+        before = path.stat()
         info = audio.probe(path)
+        digest = fs.file_digest(path)
+        after = path.stat()
     except audio.AudioError as e:
         return [_row(src, **{T.STATUS: e.status, T.REASON: e.reason})]
-    digest = fs.file_digest(path)
+    except OSError as e:
+        return [_row(src, **{T.STATUS: T.ERROR, T.REASON: f"unreadable: {e.strerror or e}"})]
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        return [_row(src, **{T.STATUS: T.ERROR, T.REASON: "the file changed while it was being ingested"})]
     meta = {
         T.SOURCE_DIGEST: digest,
         T.SOURCE_DURATION_S: info.duration_s,
         T.SOURCE_SAMPLE_RATE: info.sample_rate,
         T.SOURCE_CHANNELS: info.channels,
         T.SOURCE_FORMAT: info.format,
+        T.SOURCE_SIZE_BYTES: after.st_size,
+        T.SOURCE_MTIME_NS: after.st_mtime_ns,
     }
     if info.sample_rate > cfg.max_sample_rate:
         reason = f"sample_rate_too_high: {info.sample_rate} Hz > max {cfg.max_sample_rate} Hz"
+        return [_row(src, **meta, **{T.STATUS: T.REJECTED, T.REASON: reason})]
+    if info.sample_rate < cfg.min_sample_rate:
+        reason = f"sample_rate_too_low: {info.sample_rate} Hz < min {cfg.min_sample_rate} Hz"
         return [_row(src, **meta, **{T.STATUS: T.REJECTED, T.REASON: reason})]
     if info.duration_s < cfg.min_seconds:
         reason = f"too_short: {info.duration_s:.2f} s < min {cfg.min_seconds:.2f} s"
         return [_row(src, **meta, **{T.DURATION_S: info.duration_s, T.STATUS: T.REJECTED, T.REASON: reason})]
     key = digest if cfg.clip_id_from == "content" else "path:" + src.path
-    return [
-        _row(src, **meta, **{T.START_S: s, T.DURATION_S: d, T.CLIP_ID: clip_id(key, s, d)})
-        for s, d in clip_spans(info.duration_s, key, cfg)
-    ]
+    spans = clip_spans(info.duration_s, key, cfg)
+    if len(spans) > cfg.max_clips_per_file:
+        reason = f"too_many_clips: {len(spans)} clips > max_clips_per_file {cfg.max_clips_per_file}"
+        return [_row(src, **meta, **{T.DURATION_S: info.duration_s, T.STATUS: T.REJECTED, T.REASON: reason})]
+    return [_row(src, **meta, **{T.START_S: s, T.DURATION_S: d, T.CLIP_ID: clip_id(key, s, d)}) for s, d in spans]
 
 
 def _mark_duplicates(rows: list[dict]) -> None:
@@ -272,6 +308,14 @@ def ingest_rows(sources: list[SourceRow], cfg: IngestConfig, roots: list[Path], 
     return pa.Table.from_pylist(rows, schema=T.CLIPS_SCHEMA)
 
 
+def resolve_roots(cfg: IngestConfig, default_root: Path) -> list[Path]:
+    """The folders files must be in: the configured roots, else the scanned folder or the
+    manifest's folder; none with `allow_any_path`."""
+    if cfg.allow_any_path:
+        return []
+    return [Path(os.path.normpath(os.path.abspath(r))) for r in (cfg.roots or (str(default_root),))]
+
+
 def main(cfg: IngestConfig, input_path: str | Path, output_dir: str | Path, progress: bool = True) -> StageReport:
     """Ingest a folder or manifest into `output_dir/part-NNNNN.parquet`.
 
@@ -280,17 +324,17 @@ def main(cfg: IngestConfig, input_path: str | Path, output_dir: str | Path, prog
     """
     t0 = time.perf_counter()
     sources, default_root = read_input(input_path)
-    roots = [Path(r).resolve() for r in cfg.roots]
-    if Path(input_path).is_dir() and not roots:
-        roots = [default_root.resolve()]  # a folder scan never leaves its folder (symlinks)
+    roots = resolve_roots(cfg, default_root)
     log.info("ingest: %d file(s) from %s", len(sources), input_path)
     table = ingest_rows(sources, cfg, roots, progress=progress)
-    out = Path(output_dir)
-    written = fs.write_parts(table, out, cfg.rows_per_part)
-    for old in sorted(set(out.glob(fs.PART_GLOB)) - set(written)):
-        log.info("ingest: removing %s, an earlier run's part the input no longer fills", old)
-        old.unlink()  # ingest wrote it: parts are its own output
-    jobcfg.save_resolved(cfg, out / CONFIG_FILE)
+    if table.num_rows == 0:
+        log.warning("ingest: %s lists no audio file: writing an empty clip table", input_path)
+    with fs.stage_output("ingest", input_path, output_dir) as out:
+        written = fs.write_parts(table, out, cfg.rows_per_part)
+        for old in sorted(set(out.glob(fs.PART_GLOB)) - set(written)):
+            log.info("ingest: removing %s, an earlier run's part the input no longer fills", old)
+            old.unlink()  # ingest wrote it: this folder carries ingest's marker
+        jobcfg.save_resolved(cfg, out / CONFIG_FILE)
     return StageReport("ingest", len(written), 0, table.num_rows, time.perf_counter() - t0, status_counts(table),
                        detail=summarize(table).splitlines()[0])
 
@@ -321,11 +365,14 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", choices=["all", "first", "random"], default=None, help="which clips of a file (default all)")
     p.add_argument("--clips-per-file", type=int, default=None, help="clips per file for first/random (default 1)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--root", action="append", default=None, dest="roots", help="allowed root folder (repeatable)")
+    p.add_argument("--root", action="append", default=None, dest="roots",
+                   help="folder the audio must be in (repeatable; default: the scanned folder or the manifest's folder)")
+    p.add_argument("--allow-any-path", action="store_true", default=None,
+                   help="no confinement: a manifest may name files anywhere")
     a = p.parse_args(argv)
     cfg = jobcfg.load(IngestConfig, a.config, section="ingest" if a.config else None, clip_seconds=a.clip_seconds,
                       policy=a.policy, clips_per_file=a.clips_per_file, seed=a.seed,
-                      roots=tuple(a.roots) if a.roots else None)
+                      roots=tuple(a.roots) if a.roots else None, allow_any_path=a.allow_any_path)
     from pipeline.backend import read_folder
 
     main(cfg, a.input, a.output)

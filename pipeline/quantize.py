@@ -285,7 +285,11 @@ class QuantizeResult:
 def run(cfg: QuantizeConfig, input_dir: str | Path, output_dir: str | Path) -> QuantizeResult:
     """Run both passes over a scores folder and write the quality folder (resumable: a part is
     computed again when its input part or the stats changed)."""
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    with fs.stage_output(STAGE, input_dir, output_dir):
+        return _run(cfg, Path(input_dir), Path(output_dir))
+
+
+def _run(cfg: QuantizeConfig, input_dir: Path, output_dir: Path) -> QuantizeResult:
     parts = fs.list_parts(input_dir)
     moments = fit_moments(parts)  # 1. corpus statistics
     stats = make_stats(moments, cfg)

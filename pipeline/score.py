@@ -75,6 +75,7 @@ class ScoreStage(Stage):
             if r[T.STATUS] != T.OK:
                 continue
             try:
+                audio.check_unchanged(r[T.AUDIO_PATH], r[T.SOURCE_SIZE_BYTES], r[T.SOURCE_MTIME_NS])
                 wav = audio.load_clip(r[T.AUDIO_PATH], r[T.START_S], r[T.DURATION_S], self.scorer.sample_rate)
             except audio.AudioError as e:
                 r[T.STATUS], r[T.REASON] = e.status, e.reason

@@ -18,7 +18,7 @@ STATUSES = (OK, REJECTED, ERROR)
 
 # --- clip manifest (ingest) ------------------------------------------------------------
 CLIP_ID = "clip_id"  # hex digest of (file content digest, start, duration)
-AUDIO_PATH = "audio_path"  # path or fsspec URI of the source file
+AUDIO_PATH = "audio_path"  # absolute path (or URL) of the source file
 SOURCE_DIGEST = "source_digest"  # blake2b-128 of the file's bytes ("" when unreadable)
 START_S = "start_s"  # clip start in the source, seconds
 DURATION_S = "duration_s"  # clip duration, seconds
@@ -26,6 +26,8 @@ SOURCE_DURATION_S = "source_duration_s"  # whole file duration, seconds
 SOURCE_SAMPLE_RATE = "source_sample_rate"  # native rate, Hz
 SOURCE_CHANNELS = "source_channels"
 SOURCE_FORMAT = "source_format"  # container as the decoder reports it (WAV, FLAC, ...)
+SOURCE_SIZE_BYTES = "source_size_bytes"  # the file's size when ingested (identity check)
+SOURCE_MTIME_NS = "source_mtime_ns"  # the file's modification time when ingested, ns (identity check)
 CAPTION_ORIGINAL = "caption_original"  # caption as given by the input ("" when missing)
 TAGS = "tags"  # list of tags as given by the input
 METADATA_JSON = "metadata_json"  # other input columns, as a JSON object string
@@ -59,6 +61,7 @@ SOURCE_CANDIDATE = "candidate"
 NOTE_NO_LLM_OUTPUT = "llm_no_usable_output"
 NOTE_ORIGINAL_BEST = "original_best"  # no candidate beat the original by the margin
 NOTE_UNSCORED = "clap_disabled"  # clap.backend none: candidates kept, original caption used
+NOTE_ORIGINAL_CLEANED = "original_cleaned"  # the original caption had markup, control characters or was cut
 # reason of a clip whose best caption scores under the CLAP threshold
 MISMATCH = "text_audio_mismatch"
 # candidate_rejects values: why an LLM output did not become a candidate
@@ -81,12 +84,15 @@ NUM_QUALITY_LEVELS = 5
 CLIP_SECONDS = 10.24  # QA-MDT's clip length
 PMOS_SAMPLE_RATE = 16_000  # what the p-MOS scorers (wav2vec2, DistillMOS) take
 CLAP_SAMPLE_RATE = 48_000  # what CLAP takes
-SILENCE_DBFS = -60.0  # a clip whose RMS (DC removed) is below this is silent
+SILENCE_DBFS = -60.0
+# reasons shared by the stages that decode audio
+CHANGED_SINCE_INGEST = "changed since ingest"  # the file is not the one ingest saw
+OUTSIDE_ROOTS = "path outside the allowed roots"  # the same words whether or not the file exists  # a clip whose RMS (DC removed) is below this is silent
 
-CLIPS_VERSION = 1
-SCORES_VERSION = 1
-QUALITY_VERSION = 1
-CAPTIONS_VERSION = 1
+CLIPS_VERSION = 2  # 2: source_size_bytes, source_mtime_ns
+SCORES_VERSION = 2
+QUALITY_VERSION = 2
+CAPTIONS_VERSION = 2
 
 CLIP_FIELDS = [
     pa.field(CLIP_ID, pa.string(), nullable=False),
@@ -98,6 +104,8 @@ CLIP_FIELDS = [
     pa.field(SOURCE_SAMPLE_RATE, pa.int32()),
     pa.field(SOURCE_CHANNELS, pa.int32()),
     pa.field(SOURCE_FORMAT, pa.string()),
+    pa.field(SOURCE_SIZE_BYTES, pa.int64()),
+    pa.field(SOURCE_MTIME_NS, pa.int64()),
     pa.field(CAPTION_ORIGINAL, pa.string(), nullable=False),
     pa.field(TAGS, pa.list_(pa.string()), nullable=False),
     pa.field(METADATA_JSON, pa.string(), nullable=False),

@@ -50,6 +50,7 @@ def quality_rows(specs: list[dict]) -> pa.Table:
             T.CLIP_ID: s["clip_id"], T.AUDIO_PATH: str(s["audio_path"]), T.SOURCE_DIGEST: "d" * 32,
             T.START_S: s.get("start_s", 0.0), T.DURATION_S: s.get("duration_s", 10.24),
             T.SOURCE_DURATION_S: 10.24, T.SOURCE_SAMPLE_RATE: SR, T.SOURCE_CHANNELS: 1, T.SOURCE_FORMAT: "WAV",
+            T.SOURCE_SIZE_BYTES: None, T.SOURCE_MTIME_NS: None,  # not from ingest: no identity check
             T.CAPTION_ORIGINAL: s.get("caption", ""), T.TAGS: s.get("tags", []),
             T.METADATA_JSON: json.dumps(s.get("metadata", {})), T.STATUS: s.get("status", T.OK),
             T.REASON: s.get("reason", ""), T.PMOS: 3.9, T.SCORER: "test", T.QUALITY_LEVEL: 3,

@@ -34,7 +34,7 @@ def scores_table(pmos, status=None) -> pa.Table:
         T.CLIP_ID: [f"{i:032x}" for i in range(n)], T.AUDIO_PATH: [f"/a/{i}.wav" for i in range(n)],
         T.SOURCE_DIGEST: ["d"] * n, T.START_S: [0.0] * n, T.DURATION_S: [10.24] * n,
         T.SOURCE_DURATION_S: [30.0] * n, T.SOURCE_SAMPLE_RATE: [44100] * n, T.SOURCE_CHANNELS: [2] * n,
-        T.SOURCE_FORMAT: ["WAV"] * n, T.CAPTION_ORIGINAL: ["c"] * n, T.TAGS: [["x"]] * n,
+        T.SOURCE_FORMAT: ["WAV"] * n, T.SOURCE_SIZE_BYTES: [1000] * n, T.SOURCE_MTIME_NS: [0] * n, T.CAPTION_ORIGINAL: ["c"] * n, T.TAGS: [["x"]] * n,
         T.METADATA_JSON: ["{}"] * n, T.STATUS: status,
         T.REASON: ["" if s == T.OK else "bad" for s in status], T.PMOS: list(pmos), T.SCORER: ["t"] * n,
     }

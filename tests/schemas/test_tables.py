@@ -9,6 +9,7 @@ def _row(**over):
     r = {
         T.CLIP_ID: "abc", T.AUDIO_PATH: "/x.wav", T.SOURCE_DIGEST: "d", T.START_S: 0.0, T.DURATION_S: 10.24,
         T.SOURCE_DURATION_S: 30.0, T.SOURCE_SAMPLE_RATE: 44100, T.SOURCE_CHANNELS: 2, T.SOURCE_FORMAT: "WAV",
+        T.SOURCE_SIZE_BYTES: 1234, T.SOURCE_MTIME_NS: 1_700_000_000_000_000_000,
         T.CAPTION_ORIGINAL: "piano ♪ — “quoted”", T.TAGS: ["a", "b"], T.METADATA_JSON: '{"k": 1}',
         T.STATUS: T.OK, T.REASON: "", T.PMOS: 3.9, T.SCORER: "distillmos", T.QUALITY_LEVEL: 3,
         T.QUALITY_PREFIX: "medium quality", T.STATS_ID: "s1", T.CANDIDATES: ["c1"], T.CANDIDATE_REJECTS: [],
