@@ -31,7 +31,21 @@ from model.qamdt import build_model, model_config  # noqa: E402
 from model.representation import CLIP_SECONDS, SAMPLE_RATE, Representation, RepresentationConfig  # noqa: E402
 from schemas import shard as S  # noqa: E402
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+# dense (not sparse) bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets, matched in this
+# order against torch.cuda.get_device_name (most specific first; "H100 80GB HBM3" is the SXM card)
+PEAK_BF16_TFLOPS = (
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),  # SXM5
+    ("H200 NVL", 835.0),
+    ("H200", 989.4),  # SXM, and GH200
+    ("A100", 312.0),  # SXM4 and PCIe
+)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its CUDA name, None when it is not in the table."""
+    return next((v for k, v in PEAK_BF16_TFLOPS if k in device_name), None)
 
 
 def write_shards(folder: Path, n: int, seconds: float, seed: int = 0) -> None:
@@ -48,26 +62,51 @@ def write_shards(folder: Path, n: int, seconds: float, seed: int = 0) -> None:
             sink.write({"__key__": f"c{i:06d}", S.AUDIO_EXT: buf.getvalue(), S.JSON_EXT: json.dumps(meta).encode()})
 
 
-def flops_per_sample(cfg, tokens: int, text_len: int) -> float:
-    """Training FLOPs (3 x forward matmuls) of one sample through the masked model."""
-    d, hid = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
+def forward_flops(cfg, tokens: int, visible: int | None, text_len: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one sample's forward pass: `tokens` patches, of which
+    `visible` reach the encoder (None: unmasked), `text_len` text states. Counts every linear
+    layer (embedders, adaLN, attention, the long-skip linears, MLP, output) and the attention
+    products; norms, activations and RoPE are left out."""
+    d, hid, s_ = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio), text_len
+    patch = cfg.in_channels * cfg.patch_size[0] * cfg.patch_size[1]
     half = (cfg.depth - cfg.decode_layers) // 2
-    visible = int(tokens * (1 - cfg.mask_ratio - cfg.mask_ratio_jitter / 2)) + 1
+    zero = cfg.adaln == "zero"
 
-    def block(n):
-        return 2 * n * (4 * d * d + 2 * d * hid + 2 * d * d) + 4 * text_len * d * d + 4 * n * n * d + 4 * n * text_len * d
+    def block(n: int, skip: bool) -> float:
+        f = 2 * n * (3 * d * d + d * d) + 4 * n * n * d  # self-attention: qkv, proj; QK^T and AV
+        f += 2 * n * 2 * d * d + 2 * s_ * 2 * d * d + 4 * n * s_ * d  # cross: q, proj; kv of the text; products
+        f += 2 * n * 2 * d * hid  # MLP
+        f += 2 * n * 2 * d * d if skip else 0  # long-skip linear over [x, skip]
+        f += 2 * d * 6 * d if zero else 0  # per-block adaLN-Zero modulation (once per sample)
+        return f
 
-    fwd = 2 * half * block(visible) + (cfg.decode_layers + 1) * block(tokens + 1)
-    return 3.0 * fwd
+    n_enc = 1 + (tokens if visible is None else visible)  # quality prefix + visible tokens
+    f = 2 * tokens * patch * d + 2 * (256 * d + d * d) + 2 * s_ * cfg.cond_dim * d  # x, t and y embedders
+    f += 0 if zero else 2 * d * 6 * d  # the shared adaLN-single MLP
+    f += half * block(n_enc, False) + half * block(n_enc, True)  # encoder in / out blocks
+    f += block(1 + tokens, False) if visible is not None else 0  # side interpolator (masked path only)
+    f += cfg.decode_layers * block(1 + tokens, True)  # decoder blocks
+    f += (2 * d * 2 * d if zero else 0) + 2 * tokens * d * patch  # final layer
+    return float(f)
+
+
+def flops_per_sample(cfg, tokens: int, text_len: int) -> float:
+    """Training FLOPs of one sample (forward + backward = 3 x forward) at the mean mask ratio."""
+    visible = int(tokens * (1 - cfg.mask_ratio - cfg.mask_ratio_jitter / 2))
+    return 3.0 * forward_flops(cfg, tokens, visible, text_len)
 
 
 def time_trainer(args, device) -> tuple[float, float]:
     rep = Representation(RepresentationConfig()).to(device)
     T, F = rep.latent_size(CLIP_SECONDS)
-    cfg = model_config(args.preset, in_channels=1, freq_size=F, cond_dim=args.text_dim, patch_size=(16, 4))
+    cfg = model_config(args.preset, in_channels=1, freq_size=F, cond_dim=args.text_dim, patch_size=(16, 4), adaln=args.adaln)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if device.type == "cuda":  # as the trainer: TF32 for what stays fp32, fused AdamW
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.compile:
+        model.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     diff = GaussianDiffusion(DiffusionConfig())
     wave = torch.randn(args.batch_size, int(CLIP_SECONDS * SAMPLE_RATE), device=device) * 0.1
     y = torch.randn(args.batch_size, args.text_len, args.text_dim, device=device)
@@ -76,9 +115,9 @@ def time_trainer(args, device) -> tuple[float, float]:
     amp = device.type == "cuda"
 
     def step():
-        x0 = rep.encode(wave)
+        x0 = rep.encode(wave, autocast=amp)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            loss = diff.training_loss(model, x0, q, y, m, mask_ratio=model.sample_mask_ratio())
+            loss = diff.training_loss(model, x0, q, y, m, mask_ratio=model.mask_ratio_at(0.5))  # the mean ratio
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -120,6 +159,8 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--text-len", type=int, default=32)
     p.add_argument("--text-dim", type=int, default=1024)
+    p.add_argument("--adaln", choices=["zero", "single"], default="zero")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -136,7 +177,7 @@ def main() -> None:
     print(f"loader ({args.num_workers} workers): {loader_sps:8.2f} samples/s")
     print(f"ratio loader/trainer: {loader_sps / train_sps:.1f}  (target >= 3)")
     if device.type == "cuda":
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        peak = peak_tflops(name)
         mfu = f"{100 * flops_s / (peak * 1e12):.1f}%" if peak else "unknown peak"
         print(f"model FLOP/s (bf16): {flops_s / 1e12:.1f} TFLOP/s, MFU {mfu}")
 

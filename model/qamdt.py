@@ -308,7 +308,15 @@ class QAMDT(nn.Module):
 
     def sample_mask_ratio(self) -> float:
         """A training mask ratio: mask_ratio + U(0, jitter), from torch's global RNG."""
-        return self.cfg.mask_ratio + self.cfg.mask_ratio_jitter * torch.rand(()).item()
+        return self.mask_ratio_at(torch.rand(()).item())
+
+    def mask_ratio_at(self, u: float, buckets: int = 0) -> float:
+        """The training mask ratio for a uniform draw u in [0, 1): mask_ratio + jitter * u. With
+        `buckets` > 0, u is snapped to the centre of one of that many bins, so the visible-token
+        count takes few values (a compiled model then sees few shapes)."""
+        if buckets > 0:
+            u = (min(int(u * buckets), buckets - 1) + 0.5) / buckets
+        return self.cfg.mask_ratio + self.cfg.mask_ratio_jitter * u
 
     def _run(self, block, *args, **kwargs):
         if self.cfg.grad_checkpoint and self.training:

@@ -275,9 +275,13 @@ class Representation(nn.Module):
         return frames // dt, self.cfg.mel.n_mels // df
 
     @torch.no_grad()
-    def encode(self, wave: torch.Tensor) -> torch.Tensor:
+    def encode(self, wave: torch.Tensor, autocast: bool = False) -> torch.Tensor:
+        """wave (N, S) -> latent (N, C, T', F') in float32. The mel is always computed in fp32;
+        `autocast` runs the autoencoder under bf16 autocast (CUDA only)."""
         mel = self.logmel(wave)  # (N, 1, T, F)
-        return self.autoencoder.encode(mel)  # (N, C, T', F')
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and wave.is_cuda):
+            z = self.autoencoder.encode(mel)  # (N, C, T', F')
+        return z.float()
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 
 from jobs.config import from_dict, load, save_resolved, to_dict
 from model import checkpoint as ckpt
-from model.data import AUDIO, PROMPTS, QUALITY, DataConfig, list_shards, make_loader
+from model.data import AUDIO, PROMPTS, QUALITY, DataConfig, ShardStream, list_shards
 from model.diffusion import DiffusionConfig, GaussianDiffusion, drop_prompts
 from model.qamdt import PRESETS, QAMDTConfig, build_model, preset_table
 from model.representation import Representation, RepresentationConfig
@@ -68,9 +68,13 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: bool = True  # continue from the newest checkpoint in output_dir if there is one
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool = True  # bf16 autocast, on CUDA only
+    bf16: bool = True  # bf16 autocast (model, text encoder, autoencoder), on CUDA only
+    tf32: bool = True  # TF32 matmuls and convolutions for what runs in fp32, on CUDA only
+    compile: bool = False  # torch.compile the model (the mask ratio is then bucketed, see below)
+    compile_backend: str = "inductor"  # torch.compile backend ("eager" traces only: CPU tests)
+    mask_ratio_buckets: int = 8  # with compile: visible-token counts snapped to this many values
     ray_workers: int = 0  # 0: train in this process; n: Ray Train TorchTrainer with n workers
-    ray_use_gpu: bool = False
+    ray_use_gpu: bool = False  # one GPU per Ray worker, NCCL (the CLI's --gpu)
     ray_address: str | None = None  # None: the running cluster or a new local one
 
     def __post_init__(self):
@@ -80,6 +84,8 @@ class TrainConfig:
             raise ValueError("max_steps, log_every, checkpoint_every and keep_checkpoints must be >= 1")
         if self.ray_workers < 0:
             raise ValueError(f"ray_workers must be >= 0, got {self.ray_workers}")
+        if self.mask_ratio_buckets < 1:
+            raise ValueError(f"mask_ratio_buckets must be >= 1, got {self.mask_ratio_buckets}")
 
 
 def resolve_model_config(cfg: TrainConfig, rep: Representation, text_dim: int) -> QAMDTConfig:
@@ -110,9 +116,26 @@ def lr_at(step: int, o: OptimConfig) -> float:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    """ema += (1 - d) (model - ema) over every parameter in one foreach kernel."""
     d = min(decay, (1 + step) / (10 + step))
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm.detach().float(), 1 - d)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - d)
+
+
+def make_train_loader(cfg: TrainConfig, rank: int, world_size: int, start_batch: int, device: torch.device):
+    """`model.data.make_loader`'s stream, with pinned host memory when the model runs on CUDA."""
+    stream = ShardStream(cfg.data, cfg.seed, rank, world_size, start_batch)
+    n = cfg.data.num_workers
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=n, prefetch_factor=4 if n else None,
+                                       pin_memory=device.type == "cuda")
+
+
+def mask_ratio_for_step(model, cfg: TrainConfig, step: int) -> float | None:
+    """The step's mask ratio, drawn from (seed, step) only: every DDP rank masks as many
+    tokens, so no rank waits for a slower one; bucketed when the model is compiled."""
+    if not cfg.diffusion.masked_training:
+        return None
+    u = random.Random(step_seed(cfg.seed, "mask", step)).random()
+    return model.mask_ratio_at(u, cfg.mask_ratio_buckets if cfg.compile else 0)
 
 
 def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
@@ -122,6 +145,9 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
     if device is None:
         want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         device = torch.device("cuda" if want_cuda else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
     out = Path(cfg.output_dir)
     rep = Representation(cfg.representation).to(device)
     text = FrozenTextEncoder(cfg.text).to(device)
@@ -133,7 +159,8 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
     model = build_model(model_cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     o = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
+                            fused=device.type == "cuda")
     log.info("QA-MDT %s: %.2fM parameters, %s", cfg.preset, sum(p.numel() for p in model.parameters()) / 1e6, model_cfg)
 
     # 3. resume
@@ -148,6 +175,8 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
         log.info("resumed from %s at step %d", path, step)
 
     # 4. DDP and the data stream, started where the last run stopped
+    if cfg.compile:
+        model.compile(backend=cfg.compile_backend)  # in place: parameter names (checkpoints, EMA) stay as they are
     net = model
     if world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -155,26 +184,28 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
             find_unused_parameters=not cfg.diffusion.masked_training,
         )
     diffusion = GaussianDiffusion(cfg.diffusion)
-    batches = iter(make_loader(cfg.data, cfg.seed, rank, world_size, start_batch=step))
+    batches = iter(make_train_loader(cfg, rank, world_size, step, device))
     autocast = device.type == "cuda" and cfg.bf16
     metadata = {
         ckpt.TRAIN_CONFIG: to_dict(cfg), ckpt.MODEL_CONFIG: dataclasses.asdict(model_cfg),
         ckpt.REPRESENTATION: to_dict(cfg.representation), ckpt.QUALITY_STATS: stats,
     }
 
-    # 5. the loop
+    # 5. the loop; losses stay on the device until a log step (no host sync per step)
     losses: list[float] = []
+    pending: list[torch.Tensor] = []
     last_path = None
-    window, t0, n0 = [], time.perf_counter(), step
+    t0, n0 = time.perf_counter(), step
     model.train()
     while step < cfg.max_steps:
         batch = next(batches)
         torch.manual_seed(step_seed(cfg.seed, "step", step, rank))
         prompts = drop_prompts(batch[PROMPTS], cfg.diffusion.uncond_prob, random.Random(step_seed(cfg.seed, "drop", step, rank)))
-        x0 = rep.encode(batch[AUDIO].to(device))  # (B, C, T, F)
-        y, y_mask = text(prompts)  # (B, S, E), (B, S)
-        quality = batch[QUALITY].to(device)  # (B,)
-        ratio = model.sample_mask_ratio() if cfg.diffusion.masked_training else None
+        x0 = rep.encode(batch[AUDIO].to(device, non_blocking=True), autocast=autocast)  # (B, C, T, F)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y, y_mask = text(prompts)  # (B, S, E), (B, S)
+        quality = batch[QUALITY].to(device, non_blocking=True)  # (B,)
+        ratio = mask_ratio_for_step(model, cfg, step)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             loss = diffusion.training_loss(net, x0, quality, y.float(), y_mask, mask_ratio=ratio)
         for g in opt.param_groups:
@@ -186,10 +217,12 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
         opt.step()
         update_ema(ema, model, step, o.ema_decay)
         step += 1
-        losses.append(loss.item())
-        window.append(losses[-1])
+        pending.append(loss.detach())
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
+            window = torch.stack(pending).tolist()  # the one host sync of the window
+            losses.extend(window)
+            pending = []
             dt = time.perf_counter() - t0
             sps = (step - n0) * cfg.data.batch_size * world_size / max(dt, 1e-9)
             metrics = {"step": step, "loss": sum(window) / len(window), "samples_per_s": sps, "lr": lr_at(step - 1, o)}
@@ -197,7 +230,7 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
                 log.info("step %d loss %.4f  %.1f samples/s  lr %.2e", step, metrics["loss"], sps, metrics["lr"])
             if report is not None:
                 report(metrics)
-            window, t0, n0 = [], time.perf_counter(), step
+            t0, n0 = time.perf_counter(), step
         if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
             metadata[ckpt.TRAIN_STATE] = {"step": step, "world_size": world_size, "samples_seen": step * cfg.data.batch_size * world_size}
             last_path = ckpt.save_checkpoint(out / CHECKPOINT_DIR / ckpt.checkpoint_name(step), model, ema, opt, metadata)
@@ -220,7 +253,7 @@ def run_ray(cfg: TrainConfig) -> dict[str, Any]:
     """Run `train_loop` on `cfg.ray_workers` Ray Train workers (DDP)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address)
@@ -228,6 +261,7 @@ def run_ray(cfg: TrainConfig) -> dict[str, Any]:
         _ray_worker,
         train_loop_config=to_dict(cfg),
         scaling_config=ScalingConfig(num_workers=cfg.ray_workers, use_gpu=cfg.ray_use_gpu),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray_use_gpu else "gloo"),
         run_config=RunConfig(name="qamdt", storage_path=str(Path(cfg.output_dir) / "ray")),
     )
     result = trainer.fit()
@@ -287,10 +321,14 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--text-encoder", help="local transformers folder of the frozen text encoder (text.path)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--ray-workers", type=int, help="0: this process; n: Ray Train with n workers")
+    p.add_argument("--gpu", action="store_true", default=None,
+                   help="train on CUDA: one GPU per Ray worker (NCCL) with --ray-workers, else this process's GPU")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--seed", type=int)
     a = p.parse_args(argv)
     base = load(TrainConfig, a.config, preset=a.preset, output_dir=a.output_dir, max_steps=a.max_steps,
-                ray_workers=a.ray_workers, seed=a.seed)
+                ray_workers=a.ray_workers, seed=a.seed, compile=a.compile,
+                ray_use_gpu=a.gpu, device="cuda" if a.gpu else None)
     cfg = dataclasses.replace(
         base,
         data=dataclasses.replace(base.data, shards=a.shards or base.data.shards),
