@@ -39,8 +39,9 @@ from pipeline.validate_caption import ValidationConfig, validate
 from pipeline import backend, fs
 from pipeline.stage import Resources, Stage, StageReport
 from schemas import tables as T
-from schemas.tables import (CANDIDATES_SCHEMA, MISMATCH, NOTE_NO_LLM_OUTPUT, NOTE_ORIGINAL_BEST, NOTE_UNSCORED,  # noqa: F401
-                            SOURCE_CANDIDATE, SOURCE_ORIGINAL)
+from schemas.tables import (CANDIDATES_SCHEMA, MISMATCH, NO_CAPTION, NOTE_NO_LLM_OUTPUT,  # noqa: F401
+                            NOTE_ORIGINAL_BEST, NOTE_ORIGINAL_CLEANED, NOTE_UNSCORED, SOURCE_CANDIDATE, SOURCE_FACTS,
+                            SOURCE_ORIGINAL)
 
 log = logging.getLogger(__name__)
 
@@ -132,52 +133,82 @@ def attach_candidates(table: pa.Table, llm_rows: pa.Table, llm_cfg: L.LLMConfig,
     return T.conform(table, CANDIDATES_SCHEMA)
 
 
-def choose(original: float | None, candidates: list[float], sel: SelectionConfig) -> tuple[int, str, str]:
-    """(index of the chosen candidate or -1 for the original, caption_note, reason if rejected)."""
-    if original is None:
-        return -1, NOTE_UNSCORED, ""
+def choose(has_original: bool, clap_on: bool, original: float | None, candidates: list[float], n_candidates: int,
+           sel: SelectionConfig) -> tuple[int, str, str]:
+    """(the chosen candidate's index, -1 for the original, -2 for none; caption_note; reason
+    to reject the clip or "").
+
+    Without CLAP the original stays when there is one, else the first candidate that passed
+    the checks is taken. With CLAP the original and the candidates compete: a candidate
+    replaces an original only when it beats it by `sel.margin`, and a clip whose best score is
+    under `sel.reject_threshold` is rejected."""
+    if not clap_on:
+        if has_original:
+            return -1, NOTE_UNSCORED, ""
+        return (0, NOTE_UNSCORED, "") if n_candidates else (-2, NOTE_NO_LLM_OUTPUT, NO_CAPTION)
+    contenders = ([original] if has_original else []) + list(candidates)
+    if not contenders:
+        return -2, NOTE_NO_LLM_OUTPUT, NO_CAPTION
+    reason = MISMATCH if max(contenders) < sel.reject_threshold else ""
     best_k = int(np.argmax(candidates)) if candidates else -1
-    best = max([original] + list(candidates))
-    if best < sel.reject_threshold:
-        reason = MISMATCH
-    else:
-        reason = ""
+    if not has_original:
+        return best_k, "", reason
     if best_k >= 0 and candidates[best_k] >= original + sel.margin:
         return best_k, "", reason
     return -1, (NOTE_ORIGINAL_BEST if candidates else NOTE_NO_LLM_OUTPUT), reason
 
 
-def select(table: pa.Table, clap_original: list, clap_candidates: list, sel: SelectionConfig, errors: list | None = None) -> pa.Table:
-    """Candidates table + CLAP scores (None for unscored rows) -> the captions table.
+def select(table: pa.Table, clap_original: list, clap_candidates: list, sel: SelectionConfig, errors: list | None = None,
+           validation: ValidationConfig = ValidationConfig(), clap_on: bool | None = None,
+           fallback: list[str] | None = None) -> pa.Table:
+    """Candidates table + CLAP scores -> the captions table.
 
+    `clap_on` says whether CLAP scored the rows (default: whether any original has a score).
     `errors[i]`, when not empty, turns an `ok` row into an `error` row with that reason.
+    `fallback[i]` is a caption made from the clip's confident measured facts, used when there
+    is no original and no usable candidate; with none either, the clip is rejected `no_caption`.
+    Original captions are cleaned (markup, control characters, length) before they reach a
+    prompt, noted `original_cleaned`. No prompt is ever empty or a bare prefix.
     """
     T.require_columns(table, CANDIDATES_SCHEMA.names, STAGE)
     n = table.num_rows
     errors = errors or [""] * n
+    fallback = fallback or [""] * n
+    if clap_on is None:
+        clap_on = any(v is not None for v in clap_original)
     cols = {c: table.column(c).to_pylist() for c in (T.STATUS, T.REASON, T.CAPTION_ORIGINAL, T.QUALITY_PREFIX, T.CANDIDATES)}
     status, reason = list(cols[T.STATUS]), list(cols[T.REASON])
     caption, source, note, score, prompt = [], [], [], [], []
     for i in range(n):
-        original, cands = cols[T.CAPTION_ORIGINAL][i], cols[T.CANDIDATES][i]
-        chosen, why, mismatch = -1, "", ""
+        original, cleaned = V.clean_original(cols[T.CAPTION_ORIGINAL][i], validation)
+        cands = cols[T.CANDIDATES][i]
+        chosen, why, rejected = -1, "", ""
         if status[i] == T.OK and errors[i]:
             status[i], reason[i] = T.ERROR, errors[i]
         elif status[i] == T.OK:
-            chosen, why, mismatch = choose(clap_original[i], clap_candidates[i] or [], sel)
-            if not cands:  # the more useful note: there was nothing to choose from
+            chosen, why, rejected = choose(bool(original), clap_on, clap_original[i], clap_candidates[i] or [], len(cands), sel)
+            if not cands and chosen != -2:  # the more useful note: there was nothing to choose from
                 why = NOTE_NO_LLM_OUTPUT
-            if mismatch:
-                status[i], reason[i] = T.REJECTED, mismatch
-        text = cands[chosen] if chosen >= 0 else original
-        caption.append(text)
-        source.append(SOURCE_CANDIDATE if chosen >= 0 else SOURCE_ORIGINAL)
-        note.append(why)
-        if clap_original[i] is None:
-            score.append(None)
+            if chosen == -1 and cleaned:
+                why = NOTE_ORIGINAL_CLEANED
+            if chosen == -2 and fallback[i]:
+                rejected = ""
+            if rejected:
+                status[i], reason[i] = T.REJECTED, rejected
+        if chosen >= 0:
+            text, src = cands[chosen], SOURCE_CANDIDATE
+        elif chosen == -2:
+            text, src = fallback[i], SOURCE_FACTS
         else:
-            score.append(clap_candidates[i][chosen] if chosen >= 0 else clap_original[i])
-        prompt.append(final_prompt(cols[T.QUALITY_PREFIX][i], text))
+            text, src = original, SOURCE_ORIGINAL
+        caption.append(text)
+        source.append(src)
+        note.append(why)
+        if chosen >= 0 and clap_on and clap_candidates[i]:
+            score.append(clap_candidates[i][chosen])
+        else:
+            score.append(clap_original[i] if chosen == -1 else None)
+        prompt.append(final_prompt(cols[T.QUALITY_PREFIX][i], text) if text else "")
     out = table.set_column(table.schema.get_field_index(T.STATUS), T.STATUS, pa.array(status, pa.string()))
     out = out.set_column(out.schema.get_field_index(T.REASON), T.REASON, pa.array(reason, pa.string()))
     new = {
@@ -201,10 +232,10 @@ class ClapSelectStage(Stage):
     input_schema = CANDIDATES_SCHEMA
     output_schema = T.CAPTIONS_SCHEMA
 
-    def __init__(self, clap: ClapConfig, selection: SelectionConfig):
+    def __init__(self, clap: ClapConfig, selection: SelectionConfig, validation: ValidationConfig = ValidationConfig()):
         from model import clap as C
 
-        self.cfg, self.sel = clap, selection
+        self.cfg, self.sel, self.validation = clap, selection, validation
         self.model = None
         if clap.backend != "none":
             self.model = C.load_clap(clap.backend, clap.path, clap.text_model, clap.audio_model, clap.seed, clap.device)
@@ -234,7 +265,7 @@ class ClapSelectStage(Stage):
             sub = table.take(ok)
             waves, errs = self._load(sub)
             ids = sub.column(T.CLIP_ID).to_pylist()
-            originals = sub.column(T.CAPTION_ORIGINAL).to_pylist()
+            originals = [V.clean_original(t, self.validation)[0] for t in sub.column(T.CAPTION_ORIGINAL).to_pylist()]
             cands = sub.column(T.CANDIDATES).to_pylist()
             good = [j for j, e in enumerate(errs) if not e]
             for j, e in enumerate(errs):
@@ -249,9 +280,10 @@ class ClapSelectStage(Stage):
                 for g, j in enumerate(good):
                     a, m = spans[g]
                     sims = (text[a : a + m] @ audio[g]).astype(np.float64).tolist()  # (m,)
-                    clap_original[ok[j]] = sims[0]
+                    clap_original[ok[j]] = sims[0] if originals[j] else None  # no original: nothing scored
                     clap_candidates[ok[j]] = sims[1:]
-        return select(table, clap_original, clap_candidates, self.sel, errors)
+        return select(table, clap_original, clap_candidates, self.sel, errors, self.validation,
+                      clap_on=self.model is not None)
 
 
 # --- Ray adapter -------------------------------------------------------------------------
@@ -342,7 +374,7 @@ def _run(cfg: CaptionConfig, input_dir: Path, output_dir: Path) -> StageReport:
         calls = [(str(p), str(llm_dir), str(cand_dir / p.name), cfg.llm, cfg.validation, digests[p.name]) for p in todo]
         backend.run_tasks(_candidates_part, calls, f"{STAGE} (candidates)", num_cpus=cfg.llm.aux_num_cpus, unit="part")
         # 3. CLAP scores and the choice, recording the digest of the quality part
-        backend.run_parts(ClapSelectStage, {"clap": cfg.clap, "selection": cfg.selection},
+        backend.run_parts(ClapSelectStage, {"clap": cfg.clap, "selection": cfg.selection, "validation": cfg.validation},
                           [cand_dir / p.name for p in pending], digests, output_dir, cfg.clap.resources)
         if all(backend.recorded_digest(output_dir / p.name) == digests[p.name] for p in parts):
             shutil.rmtree(llm_dir, ignore_errors=True)
@@ -415,6 +447,7 @@ def cli(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":  # guard: vLLM spawns processes that re-import the entry module
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # run the importable module's cli, so Ray pickles the stage classes by reference
-    from pipeline.caption import cli as _cli
+    from pipeline.cli import run_command
+    from pipeline.caption import cli as _cli  # the importable module, so Ray pickles its classes by reference
 
-    sys.exit(_cli())
+    sys.exit(run_command("caption", _cli, None))

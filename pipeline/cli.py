@@ -35,6 +35,51 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+# what a user can fix: bad paths, values, configs, folders, missing columns
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+TRACEBACK_FILE = "mosaiq-last-error.log"
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The user error at the root of `exc`, through Ray's task wrappers; None if there is none.
+
+    A `RayTaskError` subclasses its cause's type but prints the whole remote traceback, so its
+    `cause` is read first."""
+    seen: BaseException | None = exc
+    for _ in range(16):
+        if seen is None:
+            return None
+        inner = getattr(seen, "cause", None)
+        if isinstance(inner, BaseException) and inner is not seen:
+            seen = inner
+            continue
+        if isinstance(seen, USER_ERRORS):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+def run_command(name: str, fn, argv: list[str] | None) -> int:
+    """Run a command's `cli(argv)`: a user error (even one raised inside a Ray task) prints as
+    one line with exit code 2, its traceback goes to a log file; anything else raises."""
+    try:
+        return int(fn(argv) or 0)
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and the rest below
+        err = user_error(e)
+        if err is None or os.environ.get("MOSAIQ_DEBUG"):
+            raise
+        import tempfile
+        import traceback
+
+        path = os.path.join(tempfile.gettempdir(), TRACEBACK_FILE)
+        with open(path, "w", encoding="utf-8") as f:
+            traceback.print_exception(e, file=f)
+        logging.getLogger("mosaiq").debug("traceback written to %s", path)
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"mosaiq {name}: {message}  (traceback in {path}; MOSAIQ_DEBUG=1 shows it)", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -46,13 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     module = importlib.import_module(COMMANDS[name][0])
-    try:
-        return int(module.cli(rest) or 0)
-    except (FileNotFoundError, ValueError) as e:  # bad paths, values and configs: no traceback
-        if os.environ.get("MOSAIQ_DEBUG"):
-            raise
-        print(f"mosaiq {name}: {e}  (MOSAIQ_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return 2
+    return run_command(name, module.cli, rest)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,7 @@ def cli(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.curate import cli as _cli  # the importable module, so Ray pickles by reference
+    from pipeline.cli import run_command
+    from pipeline.curate import cli as _cli  # the importable module, so Ray pickles its classes by reference
 
-    sys.exit(_cli())
+    sys.exit(run_command("curate", _cli, None))

@@ -382,6 +382,7 @@ def cli(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.ingest import cli as _cli
+    from pipeline.cli import run_command
+    from pipeline.ingest import cli as _cli  # the importable module, so Ray pickles its classes by reference
 
-    sys.exit(_cli())
+    sys.exit(run_command("ingest", _cli, None))

@@ -79,6 +79,23 @@ def clean(text: str | None) -> str:
     return text
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]")
+
+
+def clean_original(text: str | None, cfg: ValidationConfig) -> tuple[str, bool]:
+    """An original caption made safe for a prompt: chat markup and control or invisible
+    characters removed, whitespace folded, cut at a word boundary to `cfg.max_chars`. Returns
+    (text, whether anything was changed beyond whitespace)."""
+    raw = unicodedata.normalize("NFC", text or "")
+    out = _CONTROL.sub(" ", raw)
+    out = _CHAT_MARKUP.sub(" ", out)
+    out = " ".join(out.split())
+    if len(out) > cfg.max_chars:
+        cut = out[: cfg.max_chars + 1]
+        out = (cut.rsplit(" ", 1)[0] if " " in cut else cut[: cfg.max_chars]).rstrip(" ,;:-")
+    return out, out != " ".join(raw.split())
+
+
 def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 

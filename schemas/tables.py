@@ -57,6 +57,7 @@ PROMPT = "prompt"  # "<quality_prefix>, <caption>" or just the caption
 # caption_source values
 SOURCE_ORIGINAL = "original"
 SOURCE_CANDIDATE = "candidate"
+SOURCE_FACTS = "facts"  # no original and no usable candidate: a caption made from measured facts
 # caption_note values ("" when a candidate was chosen or the row is not ok)
 NOTE_NO_LLM_OUTPUT = "llm_no_usable_output"
 NOTE_ORIGINAL_BEST = "original_best"  # no candidate beat the original by the margin
@@ -64,6 +65,7 @@ NOTE_UNSCORED = "clap_disabled"  # clap.backend none: candidates kept, original 
 NOTE_ORIGINAL_CLEANED = "original_cleaned"  # the original caption had markup, control characters or was cut
 # reason of a clip whose best caption scores under the CLAP threshold
 MISMATCH = "text_audio_mismatch"
+NO_CAPTION = "no_caption"  # no original, no usable candidate, nothing confident to say
 # candidate_rejects values: why an LLM output did not become a candidate
 REJECT_EMPTY = "empty"
 REJECT_TOO_SHORT = "too_short"
