@@ -1,3 +1,6 @@
+"""p-MOS scorers: the wav2vec2 regressor round-trips and clamps, clips score alone as in a batch,
+DistillMOS groups lengths. QAMA conversion is tested in test_qama.py."""
+
 import numpy as np
 import pytest
 import torch
@@ -58,78 +61,6 @@ def test_head_clamps_to_one_and_five(tmp_path):
     with torch.no_grad():
         model.head.bias.fill_(-9.0)
     assert torch.all(model(torch.zeros(2, 16000)) == 1.0)
-
-
-def hf_to_fairseq(sd):
-    """Inverse of the converter's key map: builds a checkpoint with fairseq's key names."""
-    inverse = {
-        "feature_projection.projection": "post_extract_proj",
-        "feature_projection.layer_norm": "layer_norm",
-        "masked_spec_embed": "mask_emb",
-        "encoder.pos_conv_embed.conv.bias": "encoder.pos_conv.0.bias",
-        "encoder.pos_conv_embed.conv.parametrizations.weight.original0": "encoder.pos_conv.0.weight_g",
-        "encoder.pos_conv_embed.conv.parametrizations.weight.original1": "encoder.pos_conv.0.weight_v",
-        ".attention.": ".self_attn.",
-        ".layer_norm.": ".self_attn_layer_norm.",
-        "feed_forward.intermediate_dense": "fc1",
-        "feed_forward.output_dense": "fc2",
-        ".conv.": ".0.",
-    }
-    out = {}
-    for k, v in sd.items():
-        f = k
-        if k.startswith("feature_extractor"):
-            f = f.replace(".conv.", ".0.").replace(".layer_norm.", ".2.")
-        elif k.startswith("encoder.layers"):
-            for a, b in [(".attention.", ".self_attn."), (".layer_norm.", ".self_attn_layer_norm."),
-                         ("feed_forward.intermediate_dense", "fc1"), ("feed_forward.output_dense", "fc2")]:
-                f = f.replace(a, b)
-        else:
-            for a, b in inverse.items():
-                if f.startswith(a):
-                    f = b + f[len(a):]
-                    break
-        out[f] = v.clone()
-    return out
-
-
-def test_qama_fairseq_checkpoint_converts_to_the_same_model(tmp_path):
-    backbone = tiny_backbone(seed=3)
-    ref = pmos.Wav2Vec2PMOS(backbone).eval()
-    with torch.no_grad():
-        ref.head.bias.fill_(3.0)
-    fair = hf_to_fairseq(backbone.state_dict())
-    assert "encoder.layers.0.self_attn.k_proj.weight" in fair and "post_extract_proj.weight" in fair
-    assert "feature_extractor.conv_layers.0.2.weight" in fair and "encoder.pos_conv.0.weight_g" in fair
-    qama = {f"ssl_model.{k}": v for k, v in fair.items()}
-    qama.update({"output_layer_arch1.weight": ref.head.weight.detach().clone(), "output_layer_arch1.bias": ref.head.bias.detach().clone(),
-                 "fc1.weight": torch.zeros(256, 32), "output_layer_class.weight": torch.zeros(5, 32)})
-    torch.save(qama, tmp_path / "qama_full.pt")
-    torch.save({"model": fair, "cfg": {"model": {"_name": "wav2vec2"}}}, tmp_path / "checkpoint_best.pt")
-    out = pmos.convert_qama(tmp_path / "qama_full.pt", tmp_path / "converted", tmp_path / "checkpoint_best.pt",
-                            num_heads=2, conv_stride=(5, 2, 2))
-    loaded = pmos.Wav2Vec2PMOS.from_pretrained(out)
-    x = torch.from_numpy(np.stack(waves(2)))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), ref(x))
-
-
-class Evil:
-    """Any non-tensor object in a checkpoint: loading it would need unpickling code."""
-
-
-def test_converter_refuses_unknown_keys_and_pickled_objects(tmp_path):
-    fair = hf_to_fairseq(tiny_backbone().state_dict())
-    fair["encoder.mystery.weight"] = torch.zeros(2)
-    qama = {f"ssl_model.{k}": v for k, v in fair.items()}
-    qama.update({"output_layer_arch1.weight": torch.zeros(1, 32), "output_layer_arch1.bias": torch.zeros(1)})
-    torch.save(qama, tmp_path / "q.pt")
-    with pytest.raises(ValueError, match="unrecognised fairseq key"):
-        pmos.convert_qama(tmp_path / "q.pt", tmp_path / "o", num_heads=2)
-
-    torch.save({"model": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="weights_only=True"):
-        pmos.convert_qama(tmp_path / "evil.pt", tmp_path / "o2")
 
 
 def test_missing_model_folder_and_unknown_scorer_are_clear(tmp_path):
