@@ -33,7 +33,8 @@ _EXPECTED_FORMAT = {
 }
 
 _SHOULD_BE = re.compile(r"^(data|RIFF|SSND|FORM)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
-_LENGTH_SLACK_S = 0.25  # how far a lossy header's frame count may overstate the real length
+_LENGTH_SLACK_S = 0.25
+_UNKNOWN_FRAMES = 1 << 62  # libsndfile's frame count for a stream of unknown length is about 2**63  # how far a lossy header's frame count may overstate the real length
 
 
 class AudioError(Exception):
@@ -81,8 +82,12 @@ def probe(path: str | Path) -> Probe:
     if m:
         raise AudioError(f"truncated: header declares {m.group(1)} chunk of {m.group(2)} bytes, file holds {m.group(3)}")
     frames = info.frames
-    if frames <= 0 and info.format == "FLAC" and info.samplerate > 0:
-        frames = _count_frames(path)  # a legal FLAC may leave its length unknown (total_samples = 0)
+    if info.format == "FLAC" and info.samplerate > 0 and not 0 < frames < _UNKNOWN_FRAMES:
+        # a legal FLAC may leave its length unknown (total_samples = 0): libsndfile then
+        # reports 0 or SF_COUNT_MAX frames, so the stream is decoded to measure it
+        frames = _count_frames(path)  # decoded to its end: no tail to check
+        if frames > 0 and info.channels > 0:
+            return Probe(int(info.samplerate), int(info.channels), int(frames), str(info.format))
     if frames <= 0 or info.samplerate <= 0 or info.channels <= 0:
         raise AudioError(f"no audio frames (frames={frames}, rate={info.samplerate}, channels={info.channels})")
     try:  # lossy headers only estimate the length (MP3: by up to ~0.1 s), so read the last second
@@ -99,9 +104,30 @@ def probe(path: str | Path) -> Probe:
 def _count_frames(path: Path) -> int:
     """Decode a stream whose header gives no length, counting its frames (block by block)."""
     try:
-        return sum(len(b) for b in sf.blocks(str(path), blocksize=1 << 16, dtype="float32", always_2d=True))
+        with sf.SoundFile(str(path)) as f:
+            return len(_read_sequential(f, 0, None))
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise AudioError(f"not decodable audio: {_decoder_message(e)}") from e
+
+
+def _unknown_length(f: sf.SoundFile) -> bool:
+    return f.format == "FLAC" and not 0 < f.frames < _UNKNOWN_FRAMES
+
+
+def _read_sequential(f: sf.SoundFile, start: int, n: int | None, block: int = 1 << 16) -> np.ndarray:
+    """Frames [start, start + n) (n None: to the end) of a stream libsndfile cannot seek in (a
+    FLAC of unknown length), read front to back. (T, C) float32."""
+    f.seekable = lambda: False  # soundfile seeks after every read when it thinks it can: it cannot here
+    pos, out = 0, []
+    while n is None or pos < start + n:
+        data = f.read(block, dtype="float32", always_2d=True)
+        if not len(data):
+            break
+        lo, hi = max(start - pos, 0), len(data) if n is None else min(len(data), start + n - pos)
+        if hi > lo:
+            out.append(data[lo:hi])
+        pos += len(data)
+    return np.concatenate(out) if out else np.zeros((0, f.channels), np.float32)
 
 
 def check_unchanged(path: str | Path, size: int | None, mtime_ns: int | None) -> None:
@@ -138,8 +164,11 @@ def load_clip(path: str | Path, start_s: float, duration_s: float, target_sr: in
                 raise AudioError(f"sample rate changed: the file is {sr} Hz now, the table says {expected_sr} Hz")
             start = int(round(start_s * sr))
             n = int(round(duration_s * sr))
-            f.seek(start)
-            data = f.read(n, dtype="float32", always_2d=True)  # (T, C)
+            if _unknown_length(f):
+                data = _read_sequential(f, start, n)  # (T, C)
+            else:
+                f.seek(start)
+                data = f.read(n, dtype="float32", always_2d=True)  # (T, C)
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise AudioError(f"decode failed: {_decoder_message(e)}") from e
     if len(data) < n - int(_LENGTH_SLACK_S * sr):

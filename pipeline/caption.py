@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.config import load, save_resolved
+from model.clap import AUDIO_MODEL_CHOICES, DEFAULT_AUDIO_MODEL
 from pipeline import llm as L
 from pipeline import validate_caption as V
 from pipeline.validate_caption import ValidationConfig, validate
@@ -61,7 +62,7 @@ class ClapConfig:
     backend: Literal["laion", "hf", "none"] = "laion"
     path: str = ""  # laion: a LAION .pt checkpoint; hf: a transformers CLAP folder
     text_model: str = ""  # laion only: local roberta-style folder (config + tokenizer)
-    audio_model: str = "HTSAT-base"  # laion only
+    audio_model: str = DEFAULT_AUDIO_MODEL  # laion: auto = read from the checkpoint's tensors
     seed: int = 0  # crop offsets
     device: str = "cpu"
     resources: Resources = field(default_factory=lambda: Resources(batch_size=8))
@@ -411,6 +412,8 @@ def build_config(args) -> CaptionConfig:
             clap = dataclasses.replace(clap, backend=backend, path=args.clap)
     if args.clap_text_model is not None:
         clap = dataclasses.replace(clap, text_model=args.clap_text_model)
+    if args.clap_audio_model is not None:
+        clap = dataclasses.replace(clap, audio_model=args.clap_audio_model)
     return dataclasses.replace(cfg, llm=llm, clap=clap)
 
 
@@ -423,6 +426,8 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="job YAML (section `caption`); default: offline defaults")
     p.add_argument("--clap", default=None, help="LAION .pt checkpoint or transformers CLAP folder; `none` = keep originals, candidates unscored")
     p.add_argument("--clap-text-model", default=None, help="laion CLAP: local roberta-style folder (config + tokenizer)")
+    p.add_argument("--clap-audio-model", default=None, choices=AUDIO_MODEL_CHOICES,
+                   help="laion CLAP audio model; auto = read from the checkpoint's tensors (default)")
     p.add_argument("--llm-model", default=None, help="local HF model folder for vLLM (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--llm-url", default=None, help="OpenAI-compatible chat completions URL (switches the LLM to the http backend)")
     p.add_argument("--llm-served-model", default=None, help="model name the server knows")

@@ -22,7 +22,7 @@ COMMANDS = {
     "export": ("pipeline.export", "caption table -> WebDataset shards, index and dataset card"),
     "verify": ("pipeline.verify", "re-read shards and check counts, keys, audio and JSON"),
     "curate": ("pipeline.curate", "ingest -> score -> quantize -> caption -> export as one job"),
-    "convert-qama": ("model.pmos", "convert QAMA fairseq checkpoints to a local wav2vec2 p-MOS folder"),
+    "convert-qama": ("model.qama", "convert QAMA fairseq checkpoints to a local wav2vec2 p-MOS folder"),
     "train": ("model.train", "train QA-MDT on mosaiq shards"),
     "generate": ("model.generate", "generate audio for a prompt at a quality level"),
 }

@@ -209,10 +209,17 @@ def quality_prefixes(scores: np.ndarray, prefix_edges: dict) -> np.ndarray:
     return np.select([medium, low, high], [S.PREFIX_MEDIUM, S.PREFIX_LOW, S.PREFIX_HIGH], S.PREFIX_NONE).astype(object)
 
 
-def quantize_table(table: pa.Table, stats: S.QualityStats) -> pa.Table:
-    """Scores table -> quality table, one row per row; non-ok rows get a null level and ""."""
+def quantize_table(table: pa.Table, stats: S.QualityStats | None) -> pa.Table:
+    """Scores table -> quality table, one row per row; non-ok rows get a null level and "".
+    `stats` None (a corpus with no ok row) takes only rows that are not ok."""
     table = T.conform(table, T.SCORES_SCHEMA)
     ok = table.column(T.STATUS).to_numpy(zero_copy_only=False) == T.OK
+    if stats is None:
+        if ok.any():
+            raise QuantizeError(f"{int(ok.sum())} ok row(s) but no quality statistics to quantize them with")
+        arrays = table.columns + [pa.nulls(len(table), pa.int8()), pa.array([S.PREFIX_NONE] * len(table), pa.string()),
+                                  pa.array([""] * len(table), pa.string())]
+        return pa.Table.from_arrays(arrays, schema=T.QUALITY_SCHEMA)
     scores = table.column(T.PMOS).fill_null(np.nan).to_numpy(zero_copy_only=False)
     broken = ok & ~np.isfinite(scores)
     if broken.any():
@@ -232,8 +239,8 @@ class QuantizeStage(Stage):
     input_schema = T.SCORES_SCHEMA
     output_schema = T.QUALITY_SCHEMA
 
-    def __init__(self, stats: dict):
-        self.stats = S.from_dict(stats)
+    def __init__(self, stats: dict | None):
+        self.stats = S.from_dict(stats) if stats is not None else None
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return quantize_table(table, self.stats)
@@ -275,7 +282,7 @@ def level_report(output_dir: Path, m: Moments, bins: int) -> LevelReport:
 
 @dataclass(frozen=True)
 class QuantizeResult:
-    stats: S.QualityStats
+    stats: S.QualityStats | None  # None: no ok row, nothing to fit
     moments: Moments
     report: LevelReport
     stage: StageReport
@@ -292,14 +299,23 @@ def run(cfg: QuantizeConfig, input_dir: str | Path, output_dir: str | Path) -> Q
 def _run(cfg: QuantizeConfig, input_dir: Path, output_dir: Path) -> QuantizeResult:
     parts = fs.list_parts(input_dir)
     moments = fit_moments(parts)  # 1. corpus statistics
-    stats = make_stats(moments, cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
+    jobconfig.save_resolved(cfg, output_dir / CONFIG_FILE)
+    if moments.n == 0 and moments.bad == 0 and cfg.mu is None:
+        # an empty corpus (an empty manifest, every clip rejected) flows through: no bands to fit
+        log.warning("%s: no ok row with a p-MOS in %s: no statistics; rows pass through with no level", STAGE, input_dir)
+        (output_dir / S.STATS_FILE).unlink(missing_ok=True)  # an earlier run's stats would not apply
+        stage = backend.map_parts(QuantizeStage, {"stats": None}, input_dir, output_dir, cfg.resources, params="no-stats")
+        report = level_report(output_dir, moments, cfg.plot_bins)
+        report.write(output_dir / REPORT_FILE, "")
+        stage.detail = "no ok rows: no statistics"
+        return QuantizeResult(None, moments, report, stage, output_dir)
+    stats = make_stats(moments, cfg)
     old = output_dir / S.STATS_FILE
     if old.exists() and S.load(old).id != stats.id:
         log.info("%s: the stats changed since the last run (%s -> %s): every part is computed again",
                  STAGE, S.load(old).id, stats.id)
     S.dump(stats, output_dir / S.STATS_FILE)
-    jobconfig.save_resolved(cfg, output_dir / CONFIG_FILE)
     log.info("%s: stats %s (mu=%s sigma=%s, edges %s)", STAGE, stats.id, stats.mu, stats.sigma, list(stats.band_edges))
     # 2. levels and prefixes, row-wise; the stats id is part of what each part is made from
     stage = backend.map_parts(QuantizeStage, {"stats": stats.to_dict()}, input_dir, output_dir, cfg.resources,
@@ -345,7 +361,10 @@ def cli(argv: list[str] | None = None) -> int:
     except (QuantizeError, FileNotFoundError, T.SchemaError, S.StatsError) as e:
         print(f"mosaiq quantize: {e}", file=sys.stderr)
         return 2
-    print(summary(result.stats, result.report, result.output_dir / S.STATS_FILE))
+    if result.stats is None:
+        print(result.stage.line())
+    else:
+        print(summary(result.stats, result.report, result.output_dir / S.STATS_FILE))
     return 0
 
 
