@@ -2,7 +2,10 @@
 
 wave (N, S) at 16 kHz -> log-mel (N, 1, T, F) -> latent (N, C, T', F') and back:
 latent -> mel (autoencoder decode) -> wave (Griffin-Lim on a CPU, or a neural vocoder from a
-checkpoint). The `RepresentationConfig` is written into every training checkpoint, so
+checkpoint). `autoencoder: audioldm` / `vocoder: audioldm` load AudioLDM's released VAE and
+HiFi-GAN (model/audioldm.py) over AudioLDM's front end (`mel_scale: slaney`); the VAE takes
+the natural-log mel itself, and its latents are multiplied by `latent_scale`, measured from
+the first training batch when `scale_by_std` is set (as AudioLDM and QA-MDT do). The `RepresentationConfig` is written into every training checkpoint, so
 `generate` rebuilds exactly the representation a model was trained on.
 """
 
@@ -23,6 +26,8 @@ import torchaudio
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from model.audioldm import AudioLDMVAEConfig, HiFiGANConfig, load_autoencoder, load_vocoder
+
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000  # Hz, as QA-MDT
@@ -32,7 +37,13 @@ KL_METADATA_KEY = "mosaiq.kl_autoencoder"
 
 @dataclass(frozen=True)
 class MelConfig:
-    """Log-mel front end (AudioLDM/QA-MDT settings) and its normalisation."""
+    """Log-mel front end (AudioLDM/QA-MDT STFT settings) and its normalisation.
+
+    `mel_scale: slaney` is AudioLDM's filterbank (librosa's default: Slaney mel scale, Slaney
+    area normalisation), which its VAE and HiFi-GAN were trained on; with it, AudioLDM's
+    dataset statistics (-4.63, 2.74) normalise music to about zero mean and unit variance.
+    "htk" (unnormalised HTK filters) is the older default, kept so existing runs reproduce.
+    """
 
     sample_rate: int = SAMPLE_RATE
     n_fft: int = 1024
@@ -41,6 +52,7 @@ class MelConfig:
     n_mels: int = 64
     f_min: float = 0.0
     f_max: float = 8000.0
+    mel_scale: Literal["htk", "slaney"] = "htk"
     log_floor: float = 1e-5  # magnitude floor before the natural log
     norm_mean: float = -5.0  # (log-mel - mean) / std: roughly zero-mean, unit-std on music
     norm_std: float = 2.5
@@ -62,17 +74,29 @@ class RepresentationConfig:
     """Mel front end, autoencoder (identity or KL from a checkpoint) and vocoder."""
 
     mel: MelConfig = field(default_factory=MelConfig)
-    autoencoder: Literal["identity", "kl"] = "identity"
-    autoencoder_checkpoint: str | None = None  # safetensors written by `save_kl_autoencoder`
-    vocoder: Literal["griffinlim", "hifigan"] = "griffinlim"
-    vocoder_path: str | None = None  # a transformers SpeechT5HifiGan folder
+    autoencoder: Literal["identity", "kl", "audioldm"] = "identity"
+    # kl: safetensors written by `save_kl_autoencoder`; audioldm: AudioLDM's released checkpoint
+    # (.safetensors, or a .ckpt read with weights_only) or a bare state dict of the VAE
+    autoencoder_checkpoint: str | None = None
+    audioldm_vae: AudioLDMVAEConfig = field(default_factory=AudioLDMVAEConfig)
+    # hifigan: a transformers SpeechT5HifiGan folder; audioldm: a file holding AudioLDM's HiFi-GAN
+    # (default: autoencoder_checkpoint, whose first_stage_model.vocoder.* it is)
+    vocoder: Literal["griffinlim", "hifigan", "audioldm"] = "griffinlim"
+    vocoder_path: str | None = None
+    audioldm_vocoder: HiFiGANConfig = field(default_factory=HiFiGANConfig)
     griffinlim_iters: int = 32
+    scale_by_std: bool = False  # training measures latent_scale = 1 / std of the first batch's latents
+    latent_scale: float = 1.0  # latents are multiplied by this before diffusion (written into checkpoints)
 
     def __post_init__(self):
-        if self.autoencoder == "kl" and not self.autoencoder_checkpoint:
-            raise ValueError("autoencoder 'kl' needs autoencoder_checkpoint (a safetensors file), got None")
+        if self.autoencoder in ("kl", "audioldm") and not self.autoencoder_checkpoint:
+            raise ValueError(f"autoencoder {self.autoencoder!r} needs autoencoder_checkpoint (a file), got None")
         if self.vocoder == "hifigan" and not self.vocoder_path:
             raise ValueError("vocoder 'hifigan' needs vocoder_path (a SpeechT5HifiGan folder), got None")
+        if self.vocoder == "audioldm" and not (self.vocoder_path or self.autoencoder_checkpoint):
+            raise ValueError("vocoder 'audioldm' needs vocoder_path or autoencoder_checkpoint (a file), got None")
+        if not (self.latent_scale > 0 and math.isfinite(self.latent_scale)):
+            raise ValueError(f"latent_scale must be a positive number, got {self.latent_scale}")
 
 
 def num_frames(seconds: float, mel: MelConfig) -> int:
@@ -86,24 +110,33 @@ class LogMel(nn.Module):
     def __init__(self, cfg: MelConfig):
         super().__init__()
         self.cfg = cfg
+        slaney = cfg.mel_scale == "slaney"
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_length, hop_length=cfg.hop_length,
-            f_min=cfg.f_min, f_max=cfg.f_max, n_mels=cfg.n_mels, power=1.0, center=True,
+            f_min=cfg.f_min, f_max=cfg.f_max, n_mels=cfg.n_mels, power=1.0, center=True, pad_mode="reflect",
+            norm="slaney" if slaney else None, mel_scale="slaney" if slaney else "htk",
         )
 
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+    def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
+        """wave (N, S) -> natural-log magnitude mel (N, 1, T, F), as AudioLDM computes it."""
         frames = int(round(wave.shape[-1] / self.cfg.hop_length))
         m = self.mel(wave.float())  # (N, F, S // hop + 1)
         m = m[..., :frames]  # (N, F, T)
         m = torch.log(m.clamp(min=self.cfg.log_floor))  # (N, F, T)
-        m = (m - self.cfg.norm_mean) / self.cfg.norm_std  # (N, F, T)
         return m.transpose(1, 2).unsqueeze(1)  # (N, 1, T, F)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        return (self.log_mel(wave) - self.cfg.norm_mean) / self.cfg.norm_std  # (N, 1, T, F)
+
+    def clamp_log_mel(self, log_mel: torch.Tensor) -> torch.Tensor:
+        """Clamp a natural-log mel to what audio in [-1, 1] can produce."""
+        return log_mel.clamp(math.log(self.cfg.log_floor), math.log(self.cfg.n_fft))
 
     def denormalise(self, mel: torch.Tensor) -> torch.Tensor:
         """Normalised (N, 1, T, F) -> natural-log magnitude mel (N, T, F), clamped to what audio
         in [-1, 1] can produce (a generated latent can stray far outside it)."""
         log_mel = mel.squeeze(1) * self.cfg.norm_std + self.cfg.norm_mean  # (N, T, F)
-        return log_mel.clamp(math.log(self.cfg.log_floor), math.log(self.cfg.n_fft))  # (N, T, F)
+        return self.clamp_log_mel(log_mel)  # (N, T, F)
 
 
 # --- autoencoders -------------------------------------------------------------------------
@@ -114,6 +147,7 @@ class IdentityAutoencoder(nn.Module):
 
     downsample = (1, 1)
     latent_channels = 1
+    takes_log_mel = False
 
     def encode(self, mel: torch.Tensor, sample: bool = False) -> torch.Tensor:
         return mel
@@ -165,6 +199,7 @@ class KLAutoencoder(nn.Module):
         k = 2 ** (len(chans) - 1)
         self.downsample = (k, k)
         self.latent_channels = cfg.z_channels
+        self.takes_log_mel = False
 
     def encode(self, mel: torch.Tensor, sample: bool = False) -> torch.Tensor:
         moments = self.encoder(mel)  # (N, 2z, T/k, F/k)
@@ -242,6 +277,24 @@ class HifiGanVocoder(nn.Module):
         return wave if wave.dim() == 2 else wave.unsqueeze(0)  # (N, S)
 
 
+class AudioLDMVocoder(nn.Module):
+    """log-mel (N, T, F) -> wave (N, S) through AudioLDM's HiFi-GAN, from a local file."""
+
+    def __init__(self, path: str, cfg: HiFiGANConfig, mel: MelConfig):
+        super().__init__()
+        if cfg.num_mels != mel.n_mels or cfg.hop_length != mel.hop_length or mel.sample_rate != SAMPLE_RATE:
+            raise ValueError(
+                f"AudioLDM vocoder takes {cfg.num_mels} mel bins at hop {cfg.hop_length} and {SAMPLE_RATE} Hz; "
+                f"the representation has {mel.n_mels} bins, hop {mel.hop_length}, {mel.sample_rate} Hz"
+            )
+        if mel.mel_scale != "slaney":
+            raise ValueError(f"AudioLDM vocoder needs mel_scale 'slaney' (its training features), got {mel.mel_scale!r}")
+        self.net = load_vocoder(path, cfg)
+
+    def forward(self, log_mel: torch.Tensor) -> torch.Tensor:
+        return self.net(log_mel.float().transpose(1, 2)).squeeze(1)  # (N, S)
+
+
 # --- the whole representation ---------------------------------------------------------------
 
 
@@ -254,8 +307,13 @@ class Representation(nn.Module):
         self.logmel = LogMel(cfg.mel)
         if cfg.autoencoder == "identity":
             self.autoencoder = IdentityAutoencoder()
-        else:
+        elif cfg.autoencoder == "kl":
             self.autoencoder = load_kl_autoencoder(cfg.autoencoder_checkpoint)
+        else:
+            if cfg.mel.mel_scale != "slaney":
+                raise ValueError(f"autoencoder 'audioldm' needs mel.mel_scale 'slaney' (its training features), got {cfg.mel.mel_scale!r}")
+            self.autoencoder, self.checkpoint_scale = load_autoencoder(cfg.autoencoder_checkpoint, cfg.audioldm_vae)
+        self.latent_scale = cfg.latent_scale  # replaced by the measured one under scale_by_std
         self.vocoder: nn.Module | None = None  # built on first decode; training never needs it
         self.requires_grad_(False)
 
@@ -278,10 +336,11 @@ class Representation(nn.Module):
     def encode(self, wave: torch.Tensor, autocast: bool = False) -> torch.Tensor:
         """wave (N, S) -> latent (N, C, T', F') in float32. The mel is always computed in fp32;
         `autocast` runs the autoencoder under bf16 autocast (CUDA only)."""
-        mel = self.logmel(wave)  # (N, 1, T, F)
+        ae = self.autoencoder
+        mel = self.logmel.log_mel(wave) if ae.takes_log_mel else self.logmel(wave)  # (N, 1, T, F)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and wave.is_cuda):
-            z = self.autoencoder.encode(mel)  # (N, C, T', F')
-        return z.float()
+            z = ae.encode(mel)  # (N, C, T', F')
+        return z.float() * self.latent_scale  # (N, C, T', F')
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
@@ -289,10 +348,17 @@ class Representation(nn.Module):
         if self.vocoder is None:
             if self.cfg.vocoder == "griffinlim":
                 self.vocoder = GriffinLimVocoder(self.cfg.mel, self.cfg.griffinlim_iters).to(z.device)
-            else:
+            elif self.cfg.vocoder == "hifigan":
                 self.vocoder = HifiGanVocoder(self.cfg.vocoder_path, self.cfg.mel).to(z.device)
-        mel = self.autoencoder.decode(z)  # (N, 1, T, F)
-        wave = self.vocoder(self.logmel.denormalise(mel))  # (N, S')
+            else:
+                path = self.cfg.vocoder_path or self.cfg.autoencoder_checkpoint
+                self.vocoder = AudioLDMVocoder(path, self.cfg.audioldm_vocoder, self.cfg.mel).to(z.device)
+        mel = self.autoencoder.decode(z / self.latent_scale)  # (N, 1, T, F)
+        if self.autoencoder.takes_log_mel:
+            log_mel = self.logmel.clamp_log_mel(mel.squeeze(1))  # (N, T, F)
+        else:
+            log_mel = self.logmel.denormalise(mel)  # (N, T, F)
+        wave = self.vocoder(log_mel)  # (N, S')
         if num_samples is not None:
             wave = wave[:, :num_samples]  # (N, <=S)
             wave = F.pad(wave, (0, num_samples - wave.shape[1]))  # (N, S)

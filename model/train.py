@@ -129,6 +129,17 @@ def make_train_loader(cfg: TrainConfig, rank: int, world_size: int, start_batch:
                                        pin_memory=device.type == "cuda")
 
 
+def measured_latent_scale(rep: Representation, wave: torch.Tensor, world_size: int) -> float:
+    """1 / std of the unscaled latents of `wave`, the variance averaged over every rank's batch."""
+    rep.latent_scale = 1.0
+    z = rep.encode(wave).double()  # (B, C, T', F')
+    moments = torch.stack([z.mean(), (z * z).mean()])  # (2,): E[z], E[z^2]
+    if world_size > 1:
+        torch.distributed.all_reduce(moments)
+        moments = moments / world_size
+    return float(1.0 / (moments[1] - moments[0] ** 2).clamp(min=1e-12).sqrt())
+
+
 def mask_ratio_for_step(model, cfg: TrainConfig, step: int) -> float | None:
     """The step's mask ratio, drawn from (seed, step) only: every DDP rank masks as many
     tokens, so no rank waits for a slower one; bucketed when the model is compiled."""
@@ -171,7 +182,9 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
         model.load_state_dict(ckpt.read_group(path, "model"))
         ema.load_state_dict(ckpt.read_group(path, "ema"))
         ckpt.load_optimizer(path, opt)
-        step = int(ckpt.read_metadata(path)[ckpt.TRAIN_STATE]["step"])
+        meta = ckpt.read_metadata(path)
+        step = int(meta[ckpt.TRAIN_STATE]["step"])
+        rep.latent_scale = float(meta[ckpt.REPRESENTATION].get("latent_scale", rep.latent_scale))
         log.info("resumed from %s at step %d", path, step)
 
     # 4. DDP and the data stream, started where the last run stopped
@@ -188,8 +201,10 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
     autocast = device.type == "cuda" and cfg.bf16
     metadata = {
         ckpt.TRAIN_CONFIG: to_dict(cfg), ckpt.MODEL_CONFIG: dataclasses.asdict(model_cfg),
-        ckpt.REPRESENTATION: to_dict(cfg.representation), ckpt.QUALITY_STATS: stats,
+        ckpt.REPRESENTATION: to_dict(dataclasses.replace(cfg.representation, latent_scale=rep.latent_scale)),
+        ckpt.QUALITY_STATS: stats,
     }
+    measure_scale = cfg.representation.scale_by_std and not found
 
     # 5. the loop; losses stay on the device until a log step (no host sync per step)
     losses: list[float] = []
@@ -199,6 +214,11 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
     model.train()
     while step < cfg.max_steps:
         batch = next(batches)
+        if measure_scale:  # AudioLDM's scale_by_std: 1 / std of the first batch's latents, over all ranks
+            rep.latent_scale = measured_latent_scale(rep, batch[AUDIO].to(device), world_size)
+            metadata[ckpt.REPRESENTATION] = to_dict(dataclasses.replace(cfg.representation, latent_scale=rep.latent_scale))
+            measure_scale = False
+            log.info("latent scale %.6f (1 / std of the first batch's latents)", rep.latent_scale)
         torch.manual_seed(step_seed(cfg.seed, "step", step, rank))
         prompts = drop_prompts(batch[PROMPTS], cfg.diffusion.uncond_prob, random.Random(step_seed(cfg.seed, "drop", step, rank)))
         x0 = rep.encode(batch[AUDIO].to(device, non_blocking=True), autocast=autocast)  # (B, C, T, F)

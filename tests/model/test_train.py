@@ -173,3 +173,51 @@ def test_compiled_tiny_trains_and_logs_every_n(tmp_path, shard_dir, text_encoder
     assert [m["step"] for m in reported] == [5, 7]
     names = set(ckpt.read_group(result["checkpoint"], "model"))
     assert not any("_orig_mod" in n for n in names)  # compiled in place: checkpoints keep the plain names
+
+
+def _official_tiny(tmp_path, shard_dir, text_encoder_dir, out, **kw):
+    """jobs/train-qamdt-official.yaml at the tiny size over a tiny AudioLDM-layout VAE file."""
+    from pathlib import Path
+
+    import yaml
+
+    from tests.model.test_audioldm import TINY_VAE, TINY_VOC, _release_like
+
+    path = tmp_path / "audioldm-tiny.safetensors"
+    if not path.exists():
+        _release_like(tmp_path, "safetensors")
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs" / "train-qamdt-official.yaml").read_text())
+    raw["representation"].update(autoencoder_checkpoint=str(path), audioldm_vae=dataclasses.asdict(TINY_VAE),
+                                 audioldm_vocoder=dataclasses.asdict(TINY_VOC))
+    raw.update(preset="tiny", output_dir=out, max_steps=kw.pop("max_steps"), log_every=5,
+               data={"shards": shard_dir, "clip_seconds": 1.28, "batch_size": 4, "num_workers": 0, "shuffle_buffer": 8},
+               text={"path": text_encoder_dir}, optim={"lr": 2e-3, "warmup_steps": 5, "ema_decay": 0.99})
+    raw["model"]["patch_size"] = [4, 4]  # 32 x 16 latent -> 32 tokens
+    raw.update(kw)
+    return from_dict(TrainConfig, raw)
+
+
+@pytest.mark.slow
+def test_official_preset_tiny_trains_measures_the_latent_scale_and_resumes(tmp_path, shard_dir, text_encoder_dir):
+    full = main(_official_tiny(tmp_path, shard_dir, text_encoder_dir, str(tmp_path / "a"), max_steps=60))
+    losses = full["losses"]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, losses
+    meta = ckpt.read_metadata(full["checkpoint"])
+    rep_meta = meta[ckpt.REPRESENTATION]
+    assert rep_meta["autoencoder"] == "audioldm" and rep_meta["scale_by_std"]
+    # the stored scale is 1 / std of the first batch's (unscaled) latents
+    cfg = _official_tiny(tmp_path, shard_dir, text_encoder_dir, str(tmp_path / "x"), max_steps=1)
+    from model.train import make_train_loader
+
+    first = next(iter(make_train_loader(cfg, 0, 1, 0, torch.device("cpu"))))
+    z = Representation(cfg.representation).encode(first[AUDIO])
+    assert rep_meta["latent_scale"] == pytest.approx(1 / z.double().std(unbiased=False).item(), rel=1e-5)
+    assert rep_meta["latent_scale"] != 1.0
+    assert meta[ckpt.MODEL_CONFIG]["adaln"] == "single" and meta[ckpt.MODEL_CONFIG]["in_channels"] == 8
+    # exact resume: a run stopped at step 7 and continued matches an uninterrupted one
+    kw = dict(checkpoint_every=7)
+    ref = main(_official_tiny(tmp_path, shard_dir, text_encoder_dir, str(tmp_path / "b"), max_steps=12, **kw))
+    main(_official_tiny(tmp_path, shard_dir, text_encoder_dir, str(tmp_path / "c"), max_steps=7, **kw))
+    second = main(_official_tiny(tmp_path, shard_dir, text_encoder_dir, str(tmp_path / "c"), max_steps=12, **kw))
+    assert second["losses"] == pytest.approx(ref["losses"][7:], rel=1e-6, abs=1e-7)
+    assert ckpt.read_metadata(second["checkpoint"])[ckpt.REPRESENTATION]["latent_scale"] == rep_meta["latent_scale"]
