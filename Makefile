@@ -1,13 +1,14 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   install into .venv, then run the main job on the bundled sample (offline models)
-#   make test   install into .venv, then run the test suite
+#   make test   install into .venv, then run the test suite (CI runs this)
+#   make test-fast   the tests that start no Ray, vLLM or server (the edit loop)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check
 OUT ?= out/demo
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-fast install clean bench
 
 install: $(VENV)/.installed
 
@@ -30,6 +31,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# the edit loop: every test that starts no Ray, vLLM, server or Ray Train (about a minute)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

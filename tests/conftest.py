@@ -16,6 +16,17 @@ os.environ.setdefault("RAY_health_check_timeout_ms", "60000")
 import pytest
 
 
+# fixtures that start Ray, a Ray cluster or a server: a test that uses one must be marked slow,
+# so `make test-fast` (-m "not slow") never starts them
+SLOW_FIXTURES = {"ray_session", "ray_head", "vllm_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [i.nodeid for i in items if SLOW_FIXTURES & set(getattr(i, "fixturenames", ())) and not i.get_closest_marker("slow")]
+    if unmarked:
+        raise pytest.UsageError(f"these tests start Ray or a server but are not marked slow: {unmarked}")
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """An embedded Ray for the whole test session (stages call init_ray, which reuses it)."""
