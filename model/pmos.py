@@ -127,10 +127,3 @@ def build_scorer(name: str, model_path: str | Path | None = None, device: str = 
             raise ValueError("the wav2vec2 scorer needs --model PATH (a folder made by `mosaiq convert-qama`)")
         return Wav2Vec2Scorer(model_path, device)
     raise ValueError(f"unknown scorer {name!r}; expected one of {list(SCORERS)}")
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """`mosaiq convert-qama` until pipeline/cli.py points that command at model.qama."""
-    from model import qama
-
-    return qama.cli(argv)
