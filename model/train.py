@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import time
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,8 @@ import torch
 from jobs.config import from_dict, load, save_resolved, to_dict
 from model import checkpoint as ckpt
 from model.data import AUDIO, PROMPTS, QUALITY, DataConfig, ShardStream, list_shards
-from model.diffusion import DiffusionConfig, GaussianDiffusion, drop_prompts
+from model.diffusion import QUALITY_HIGH, DiffusionConfig, GaussianDiffusion, drop_prompts
+from model.evaluate import validation_loss, write_samples
 from model.qamdt import PRESETS, QAMDTConfig, build_model, preset_table
 from model.representation import Representation, RepresentationConfig
 from model.text import FrozenTextEncoder, TextEncoderConfig
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 STATS_GLOB = "*stats*.json"  # the quality-stats JSON that the export stage puts beside the shards
 CHECKPOINT_DIR = "checkpoints"
 RESOLVED_CONFIG = "train_config.json"
+SAMPLES_DIR = "samples"
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,15 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
+    # rank 0, with the EMA weights: validation loss over val_batches batches of val_shards
+    # (fixed timesteps and noise) every val_every steps, and samples for sample_prompts (DDIM,
+    # sample_steps) into output_dir/samples every sample_every steps; 0 turns either off
+    val_shards: str = ""
+    val_every: int = 0
+    val_batches: int = 2
+    sample_every: int = 0
+    sample_prompts: tuple[str, ...] = ("high quality, a calm piano melody",)
+    sample_steps: int = 25
     resume: bool = True  # continue from the newest checkpoint in output_dir if there is one
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True  # bf16 autocast (model, text encoder, autoencoder), on CUDA only
@@ -84,6 +96,8 @@ class TrainConfig:
             raise ValueError("max_steps, log_every, checkpoint_every and keep_checkpoints must be >= 1")
         if self.ray_workers < 0:
             raise ValueError(f"ray_workers must be >= 0, got {self.ray_workers}")
+        if self.val_every and not self.val_shards:
+            raise ValueError(f"val_every {self.val_every} needs val_shards (a folder of shards held out from training)")
         if self.mask_ratio_buckets < 1:
             raise ValueError(f"mask_ratio_buckets must be >= 1, got {self.mask_ratio_buckets}")
 
@@ -206,6 +220,10 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
     }
     measure_scale = cfg.representation.scale_by_std and not found
 
+    def val_batches():  # the same held-out batches at every evaluation
+        return iter(make_train_loader(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=cfg.val_shards, random_crop=False)),
+                                      0, 1, 0, device))
+
     # 5. the loop; losses stay on the device until a log step (no host sync per step)
     losses: list[float] = []
     pending: list[torch.Tensor] = []
@@ -246,11 +264,18 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
             dt = time.perf_counter() - t0
             sps = (step - n0) * cfg.data.batch_size * world_size / max(dt, 1e-9)
             metrics = {"step": step, "loss": sum(window) / len(window), "samples_per_s": sps, "lr": lr_at(step - 1, o)}
+            if rank == 0 and cfg.val_every and step % cfg.val_every == 0:
+                metrics["val_loss"] = validation_loss(ema, rep, text, diffusion, islice(val_batches(), cfg.val_batches),
+                                                      step_seed(cfg.seed, "val"), autocast)
             if rank == 0:
-                log.info("step %d loss %.4f  %.1f samples/s  lr %.2e", step, metrics["loss"], sps, metrics["lr"])
+                log.info("step %d loss %.4f  %.1f samples/s  lr %.2e%s", step, metrics["loss"], sps, metrics["lr"],
+                         f"  val {metrics['val_loss']:.4f}" if "val_loss" in metrics else "")
             if report is not None:
                 report(metrics)
             t0, n0 = time.perf_counter(), step
+        if rank == 0 and cfg.sample_every and step % cfg.sample_every == 0:
+            write_samples(ema, rep, text, diffusion, cfg.sample_prompts, QUALITY_HIGH, x0.shape[1:],
+                          batch[AUDIO].shape[1], out / SAMPLES_DIR, step, cfg.seed, cfg.sample_steps)
         if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
             metadata[ckpt.TRAIN_STATE] = {"step": step, "world_size": world_size, "samples_seen": step * cfg.data.batch_size * world_size}
             last_path = ckpt.save_checkpoint(out / CHECKPOINT_DIR / ckpt.checkpoint_name(step), model, ema, opt, metadata)
@@ -303,7 +328,7 @@ def _absolute(cfg: TrainConfig) -> TrainConfig:
     rep = cfg.representation
     return dataclasses.replace(
         cfg, output_dir=ab(cfg.output_dir),
-        data=dataclasses.replace(cfg.data, shards=ab(cfg.data.shards)),
+        data=dataclasses.replace(cfg.data, shards=ab(cfg.data.shards)), val_shards=ab(cfg.val_shards),
         text=dataclasses.replace(cfg.text, path=ab(cfg.text.path)),
         representation=dataclasses.replace(rep, autoencoder_checkpoint=ab(rep.autoencoder_checkpoint), vocoder_path=ab(rep.vocoder_path)),
     )
