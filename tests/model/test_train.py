@@ -150,8 +150,18 @@ def test_foreach_ema_matches_the_per_parameter_update():
         torch.testing.assert_close(v, want[k])
 
 
-def test_gpu_flag_and_pinned_loader(tmp_path, monkeypatch, shard_dir):
+def test_gpu_flag_and_pinned_loader(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from train_throughput import write_shards  # mosaiq-layout shards without the export stage (no Ray)
+
     from model import train as T
+
+    shard_dir = str(tmp_path / "shards")
+    Path(shard_dir).mkdir()
+    write_shards(Path(shard_dir), n=4, seconds=1.28)
 
     seen = {}
     monkeypatch.setattr(T, "main", lambda cfg: seen.setdefault("cfg", cfg) and {"step": 0})
