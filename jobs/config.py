@@ -137,8 +137,6 @@ def to_dict(cfg: Any) -> dict:
 
 def save_resolved(cfg: Any, path: str | Path) -> None:
     """Write the resolved config beside a stage's outputs (JSON, sorted keys, stable bytes)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    from pipeline.fs import atomic_write_text
+
+    atomic_write_text(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")

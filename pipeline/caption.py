@@ -5,11 +5,12 @@ Pure parts (no Ray): `attach_candidates` (LLM outputs -> validated candidates pe
 class that loads CLAP once). `main` runs on Ray through `pipeline.backend`, in three resumable steps over the
 pending parts of the quality table:
 1. LLM: every `ok` clip -> K prompt rows -> `ray.data.llm` processor (vLLM engine or an
-   OpenAI-compatible server) -> `<output>/_llm/` (clips already there are not asked again);
+   OpenAI-compatible server) -> `<output>/_llm/` (a cache across runs, keyed by the LLM config
+   and each clip's own facts: a clip already answered is not asked again);
 2. candidates: one Ray task per part joins its LLM rows, validates them, writes
    `<output>/_candidates/part-NNNNN.parquet`;
 3. CLAP: `pipeline.backend.run_parts` runs `ClapSelectStage` over those parts and writes the
-   final parts (same names as the input) atomically; work folders are removed at the end.
+   final parts (same names as the input) atomically; `_candidates/` is removed at the end.
 """
 
 from __future__ import annotations
@@ -290,53 +291,106 @@ class ClapSelectStage(Stage):
 # --- Ray adapter -------------------------------------------------------------------------
 
 
-def _llm_done(work_dir: Path, k: int) -> set[str]:
-    """Clips whose K LLM outputs are all in the work folder (from this or an earlier run)."""
-    files = backend.readable_work_files([work_dir])
-    if not files:
-        return set()
-    rows = pa.concat_tables([pq.read_table(f, columns=[T.CLIP_ID, L.K_COL]) for f in files])
-    per_clip: dict[str, set[int]] = {}
-    for cid, kk in zip(rows.column(T.CLIP_ID).to_pylist(), rows.column(L.K_COL).to_pylist()):
-        per_clip.setdefault(cid, set()).add(kk)
-    return {cid for cid, ks in per_clip.items() if len(ks) >= k}
+# LLM answers are kept in `<output>/_llm/` as a cache across runs: one folder per request run,
+# each with `_keys.parquet` (clip_id, request key) and the answer rows Ray wrote. A clip's request
+# key digests what its prompt and sampling depend on, so a clip whose quality level changed (a
+# new corpus statistic) is not asked again, and one whose caption or tags changed is.
+_KEYS_FILE = "_keys.parquet"
+_KEY_COL = "request_key"
+_THROUGHPUT_KNOBS = ("resources", "max_concurrent_batches", "max_pending_requests", "aux_num_cpus", "http_max_retries")
 
 
-def _llm_input(part: str, done: set[str]) -> pa.Table:
-    """The `ok` clips of one part that still need LLM candidates (a Ray task)."""
+def llm_fingerprint(cfg: L.LLMConfig) -> str:
+    """What every answer depends on: the LLM config less its throughput knobs."""
+    import json
+
+    from jobs.config import to_dict
+
+    body = {k: v for k, v in to_dict(cfg).items() if k not in _THROUGHPUT_KNOBS}
+    return fs.text_digest(json.dumps(body, sort_keys=True, default=str))
+
+
+def request_keys(table: pa.Table, fingerprint: str) -> list[str]:
+    """One key per row: the LLM config and the clip's own facts (id, caption, tags, metadata)."""
+    import json
+
+    cols = [table.column(c).to_pylist() for c in (T.CLIP_ID, T.CAPTION_ORIGINAL, T.TAGS, T.METADATA_JSON)]
+    return [fs.text_digest(json.dumps([fingerprint, *row], sort_keys=True)) for row in zip(*cols)]
+
+
+def llm_index(llm_dir: Path, k: int) -> dict[tuple[str, str], str]:
+    """(clip_id, request key) -> the run folder that holds all K answers for it."""
+    index: dict[tuple[str, str], str] = {}
+    for run in sorted(d for d in llm_dir.iterdir() if d.is_dir()) if llm_dir.is_dir() else []:
+        if not (run / _KEYS_FILE).is_file():
+            continue
+        files = [f for f in backend.readable_work_files([run]) if not f.name.startswith("_")]
+        if not files:
+            continue
+        rows = pa.concat_tables([pq.read_table(f, columns=[T.CLIP_ID, L.K_COL]) for f in files])
+        got: dict[str, set[int]] = {}
+        for cid, kk in zip(rows.column(T.CLIP_ID).to_pylist(), rows.column(L.K_COL).to_pylist()):
+            got.setdefault(cid, set()).add(kk)
+        keys = pq.read_table(run / _KEYS_FILE)
+        for cid, key in zip(keys.column(T.CLIP_ID).to_pylist(), keys.column(_KEY_COL).to_pylist()):
+            if len(got.get(cid, ())) >= k:
+                index.setdefault((cid, key), run.name)
+    return index
+
+
+def _ok_clips(part: str, fingerprint: str) -> pa.Table:
+    """The `ok` clips of one part with their request keys."""
     t = pq.read_table(part, columns=[T.CLIP_ID, T.STATUS, T.CAPTION_ORIGINAL, T.TAGS, T.METADATA_JSON])
-    keep = [s == T.OK and c not in done for s, c in zip(t.column(T.STATUS).to_pylist(), t.column(T.CLIP_ID).to_pylist())]
-    return t.filter(pa.array(keep, pa.bool_()))
+    t = t.filter(pc.equal(t.column(T.STATUS), T.OK))
+    return t.append_column(_KEY_COL, pa.array(request_keys(t, fingerprint), pa.string()))
 
 
-def _llm_step(cfg: CaptionConfig, pending: list[Path], work_dir: Path) -> int:
-    """Ask the LLM for the clips of `pending` parts not yet in `work_dir`; returns prompts sent."""
-    done = _llm_done(work_dir, cfg.llm.num_candidates)
-    todo = 0
+def _llm_input(part: str, fingerprint: str, todo: set[tuple[str, str]]) -> pa.Table:
+    """The `ok` clips of one part that still need LLM answers (a Ray task)."""
+    t = _ok_clips(part, fingerprint)
+    keep = [(c, k) in todo for c, k in zip(t.column(T.CLIP_ID).to_pylist(), t.column(_KEY_COL).to_pylist())]
+    return t.filter(pa.array(keep, pa.bool_())).drop_columns([_KEY_COL])
+
+
+def _llm_step(cfg: CaptionConfig, pending: list[Path], llm_dir: Path) -> dict[tuple[str, str], str]:
+    """Ask the LLM for the clips of `pending` parts that have no cached answers; returns the
+    index of answers (clip_id, key) -> run folder."""
+    k = cfg.llm.num_candidates
+    fingerprint = llm_fingerprint(cfg.llm)
+    index = llm_index(llm_dir, k)
+    wanted: set[tuple[str, str]] = set()
     for p in pending:
-        t = pq.read_table(p, columns=[T.CLIP_ID, T.STATUS])
-        ok = pc.equal(t.column(T.STATUS), T.OK)
-        ids = t.column(T.CLIP_ID).filter(ok).to_pylist()
-        todo += sum(1 for c in ids if c not in done)
-    if todo == 0:
-        log.info("%s: no clip needs the LLM (all done or none ok)", STAGE)
-        return 0
-    log.info("%s: asking the LLM for %d candidate(s) of %d clip(s)", STAGE, cfg.llm.num_candidates, todo)
-    backend.map_llm(_llm_input, [(str(p), done) for p in pending], L.expand_prompts, {"cfg": cfg.llm},
-                    L.build_processor(cfg.llm), work_dir, cfg.llm.aux_num_cpus)  # postprocess keeps LLM_ROW_COLUMNS
-    return todo * cfg.llm.num_candidates
+        t = _ok_clips(str(p), fingerprint)
+        wanted.update(zip(t.column(T.CLIP_ID).to_pylist(), t.column(_KEY_COL).to_pylist()))
+    todo = wanted - set(index)
+    if not todo:
+        log.info("%s: no clip needs the LLM (%d answered before or none ok)", STAGE, len(wanted))
+        return index
+    log.info("%s: asking the LLM for %d candidate(s) of %d clip(s) (%d answered before)", STAGE, k, len(todo),
+             len(wanted) - len(todo))
+    ordered = sorted(todo)
+    run = llm_dir / f"run-{fs.text_digest(repr(ordered))[:16]}"
+    keys = pa.table({T.CLIP_ID: [c for c, _ in ordered], _KEY_COL: [key for _, key in ordered]})
+    fs.atomic_write_table(keys, run / _KEYS_FILE)  # first: answers of a killed run are found again
+    backend.map_llm(_llm_input, [(str(p), fingerprint, todo) for p in pending], L.expand_prompts, {"cfg": cfg.llm},
+                    L.build_processor(cfg.llm), run, cfg.llm.aux_num_cpus)  # postprocess keeps LLM_ROW_COLUMNS
+    return llm_index(llm_dir, k)
 
 
-def _candidates_part(part: str, work_dir: str, out_path: str, llm_cfg: L.LLMConfig, val_cfg: ValidationConfig,
-                     digest: str) -> int:
-    """Step 2 for one part (a Ray task): join its LLM rows, validate, write atomically."""
-    import pyarrow.dataset as pads
-
+def _candidates_part(part: str, llm_dir: str, runs: dict[str, str], out_path: str, llm_cfg: L.LLMConfig,
+                     val_cfg: ValidationConfig, digest: str) -> int:
+    """Step 2 for one part (a Ray task): join its clips' LLM answers (`runs`: clip_id -> the run
+    folder that answered it), validate, write atomically."""
     table = pq.read_table(part)
-    ids = table.column(T.CLIP_ID)
-    files = sorted(str(f) for f in Path(work_dir).glob("*.parquet"))
-    if files:
-        rows = pads.dataset(files, format="parquet").to_table(columns=list(L.LLM_ROW_COLUMNS), filter=pc.field(T.CLIP_ID).isin(ids))
+    pieces = []
+    for run in sorted(set(runs.values())):
+        ids = pa.array([c for c, r in runs.items() if r == run], pa.string())
+        files = [str(f) for f in sorted((Path(llm_dir) / run).glob("*.parquet")) if not f.name.startswith("_")]
+        for f in files:
+            rows = pq.read_table(f, columns=list(L.LLM_ROW_COLUMNS))
+            pieces.append(rows.filter(pc.is_in(rows.column(T.CLIP_ID), value_set=ids)))
+    if pieces:
+        rows = pa.concat_tables(pieces)
     else:
         rows = pa.table({c: pa.array([], pa.int64() if c == L.K_COL else pa.string()) for c in L.LLM_ROW_COLUMNS})
     fs.atomic_write_table(backend.with_digest(attach_candidates(table, rows, llm_cfg, val_cfg), digest), out_path)
@@ -368,18 +422,23 @@ def _run(cfg: CaptionConfig, input_dir: Path, output_dir: Path) -> StageReport:
     pending = backend.pending_parts(parts, digests, output_dir)
     if pending:
         llm_dir, cand_dir = output_dir / LLM_DIR, output_dir / CANDIDATES_DIR
-        # 1. LLM candidates of the clips not asked yet
-        _llm_step(cfg, pending, llm_dir)
+        # 1. LLM candidates of the clips with no cached answer
+        index = _llm_step(cfg, pending, llm_dir)
         # 2. validated candidates per part
         todo = [p for p in pending if backend.recorded_digest(cand_dir / p.name) != digests[p.name]]
-        calls = [(str(p), str(llm_dir), str(cand_dir / p.name), cfg.llm, cfg.validation, digests[p.name]) for p in todo]
+        fingerprint = llm_fingerprint(cfg.llm)
+        calls = []
+        for p in todo:
+            t = _ok_clips(str(p), fingerprint)
+            runs = {c: index[(c, key)] for c, key in zip(t.column(T.CLIP_ID).to_pylist(), t.column(_KEY_COL).to_pylist())
+                    if (c, key) in index}
+            calls.append((str(p), str(llm_dir), runs, str(cand_dir / p.name), cfg.llm, cfg.validation, digests[p.name]))
         backend.run_tasks(_candidates_part, calls, f"{STAGE} (candidates)", num_cpus=cfg.llm.aux_num_cpus, unit="part")
         # 3. CLAP scores and the choice, recording the digest of the quality part
         backend.run_parts(ClapSelectStage, {"clap": cfg.clap, "selection": cfg.selection, "validation": cfg.validation},
                           [cand_dir / p.name for p in pending], digests, output_dir, cfg.clap.resources)
         if all(backend.recorded_digest(output_dir / p.name) == digests[p.name] for p in parts):
-            shutil.rmtree(llm_dir, ignore_errors=True)
-            shutil.rmtree(cand_dir, ignore_errors=True)
+            shutil.rmtree(cand_dir, ignore_errors=True)  # the LLM answers stay: a cache for later runs
     rows = sum(pq.read_metadata(output_dir / p.name).num_rows for p in pending)
     return StageReport(STAGE, len(parts), len(parts) - len(pending), rows, 0.0, backend.status_counts(output_dir))
 
