@@ -25,6 +25,7 @@ COMMANDS = {
     "convert-qama": ("model.qama", "convert QAMA fairseq checkpoints to a local wav2vec2 p-MOS folder"),
     "train": ("model.train", "train QA-MDT on mosaiq shards"),
     "generate": ("model.generate", "generate audio for a prompt at a quality level"),
+    "evaluate": ("model.evaluate", "CLAP score and FAD of a checkpoint's generations against reference audio"),
 }
 
 
