@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
@@ -115,19 +116,33 @@ def test_adding_or_changing_a_file_recomputes_only_the_parts_that_changed(tmp_pa
     folders = {s: cfg.folder(s) for s in ("ingest", "score", "quantize", "caption")}
     before = {s: _stamp(f) for s, f in folders.items()}
     assert all(len(b) == 3 for b in before.values())
+    captions_before = {r[T.AUDIO_PATH]: r for r in read_folder(folders["caption"]).to_pylist()}
 
     write("b.wav", 999.0)  # changed content: its clip lands in part 0
     write("g.wav", 777.0)  # a new file, sorted last: a new part 3
     again = {r.stage: r for r in curate.main(cfg)}
     after = {s: _stamp(f) for s, f in folders.items()}
-    for stage in folders:
-        assert sorted(after[stage]) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
+    four = ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
+    for stage in ("ingest", "score"):  # exactly the parts whose input changed
+        assert sorted(after[stage]) == four
         for name in ("part-00001.parquet", "part-00002.parquet"):  # untouched: same bytes, not even rewritten
             assert after[stage][name] == before[stage][name], (stage, name)
         assert after[stage]["part-00000.parquet"][1] != before[stage]["part-00000.parquet"][1], stage
-    for stage in ("score", "quantize", "caption"):
-        assert (again[stage].parts_total, again[stage].parts_skipped) == (4, 2), again[stage]
+    assert (again["score"].parts_total, again["score"].parts_skipped) == (4, 2), again["score"]
+    # quantize: the corpus statistics (count, fit) changed, so its stats id, which every row
+    # carries, changed: every part is made again, and caption follows; the LLM is asked only for
+    # the two clips it has not answered (its answers are cached by clip and prompt)
+    assert (again["quantize"].parts_total, again["quantize"].parts_skipped) == (4, 0)
+    runs = sorted((folders["caption"] / "_llm").iterdir())
+    assert len(runs) == 2
+    asked = sorted(Path(p).name for p in pq.read_table(runs[1] / "_keys.parquet").column(T.CLIP_ID).to_pylist())
+    new_ids = {r[T.AUDIO_PATH]: r[T.CLIP_ID] for r in read_folder(folders["ingest"]).to_pylist()}
+    assert asked == sorted([new_ids[str(music / "b.wav")], new_ids[str(music / "g.wav")]])
     captions = read_folder(folders["caption"])
+    for r in captions.to_pylist():
+        old = captions_before.get(r[T.AUDIO_PATH])
+        if old is not None and r[T.CLIP_ID] == old[T.CLIP_ID]:
+            assert r[T.CANDIDATES] == old[T.CANDIDATES]  # the cached answers
     assert captions.num_rows == 7 == read_folder(folders["ingest"]).num_rows
-    assert sorted(captions.column(T.CLIP_ID).to_pylist()) == sorted(read_folder(folders["ingest"]).column(T.CLIP_ID).to_pylist())
+    assert sorted(captions.column(T.CLIP_ID).to_pylist()) == sorted(new_ids.values())
     assert first[-1].stage == "verify" and again["verify"].detail.endswith(": ok")
