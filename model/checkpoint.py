@@ -73,9 +73,10 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, ema: torch.nn.Modu
     tensors.update(optim)
     meta = {k: json.dumps(v, sort_keys=True) for k, v in metadata.items()}
     meta[OPTIM_GROUPS] = json.dumps(groups, sort_keys=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    from pipeline.fs import atomic_target
+
+    with atomic_target(path) as tmp:  # streamed to disk: a large model is not held twice in memory
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

@@ -152,10 +152,9 @@ def main(cfg: EvaluateConfig, clap=None, embed: Embedding | None = None) -> dict
         "fad": fad, "embedding": cfg.embedding, "config": dataclasses.asdict(cfg),
         "files": [str(p) for p in paths],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (REPORT + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
-    tmp.replace(out / REPORT)
+    from pipeline.fs import atomic_write_text
+
+    atomic_write_text(out / REPORT, json.dumps(report, indent=2, sort_keys=True))
     log.info("CLAP score %.4f, FAD %.4f over %d generations, %d references", report["clap_score"], fad, len(paths), len(ref_waves))
     return report
 

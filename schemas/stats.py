@@ -243,11 +243,9 @@ def load(path: str | Path) -> QualityStats:
 
 def dump(stats: QualityStats, path: str | Path) -> None:
     """Write under a temporary name, then rename (same stats -> same bytes)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dumps(validate(stats)), encoding="utf-8")
-    tmp.replace(path)
+    from pipeline.fs import atomic_write_text  # the one atomic writer (imported here: schemas has no deps)
+
+    atomic_write_text(path, dumps(validate(stats)))
 
 
 def make(
