@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from jobs import config as jobconfig
-from pipeline import export as E
+from pipeline import fs
 from schemas import shard as S
 from schemas import stats as Q
 from schemas import tables as T
@@ -110,7 +110,7 @@ def check_shard(path: str | Path, stats_id: str | None = None) -> ShardCheck:
     """Read one shard end to end, in memory; collect its complete sample keys and problems."""
     path = Path(path)
     res = ShardCheck(path.name)
-    res.sha256 = E.sha256_file(path)
+    res.sha256 = fs.sha256_file(path)
     seen: set[str] = set()
     key, members = None, {}
 
@@ -132,8 +132,8 @@ def check_shard(path: str | Path, stats_id: str | None = None) -> ShardCheck:
                     res.problems.append(f"{path.name}: member {name!r} is not a regular file")
                     continue
                 mkey, _, ext = name.partition(".")
-                if not E.KEY_RE.match(mkey) or ext not in SAMPLE_EXTS:
-                    res.problems.append(f"{path.name}: member {name!r} is not <key>.{{{','.join(SAMPLE_EXTS)}}} with a key matching {E.KEY_RE.pattern}")
+                if not S.KEY_RE.match(mkey) or ext not in SAMPLE_EXTS:
+                    res.problems.append(f"{path.name}: member {name!r} is not <key>.{{{','.join(SAMPLE_EXTS)}}} with a key matching {S.KEY_RE.pattern}")
                     continue
                 data = tar.extractfile(m).read()
                 if len(data) != m.size:
@@ -200,11 +200,11 @@ def main(cfg: VerifyConfig) -> VerifyResult:
     if not folder.is_dir():
         raise FileNotFoundError(f"shards folder {cfg.shards_dir!r} does not exist")
     problems: list[str] = []
-    sizes = _read_json(folder / E.SIZES_FILE, problems)
+    sizes = _read_json(folder / S.SIZES_FILE, problems)
     if sizes is not None and not (isinstance(sizes, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in sizes.values())):
-        problems.append(f"{E.SIZES_FILE} is not an object of shard -> integer count: {str(sizes)[:200]}")
+        problems.append(f"{S.SIZES_FILE} is not an object of shard -> integer count: {str(sizes)[:200]}")
         sizes = None
-    sums = _read_checksums(folder / E.CHECKSUMS_FILE, problems)
+    sums = _read_checksums(folder / S.CHECKSUMS_FILE, problems)
     stats_id = None
     if (folder / Q.STATS_FILE).is_file():
         try:
@@ -212,21 +212,21 @@ def main(cfg: VerifyConfig) -> VerifyResult:
         except Q.StatsError as e:
             problems.append(f"{Q.STATS_FILE}: {e}")
     index = None
-    if (folder / E.INDEX_FILE).is_file():
+    if (folder / S.INDEX_FILE).is_file():
         try:
-            index = pq.read_table(folder / E.INDEX_FILE)
-            T.require_columns(index, E.INDEX_SCHEMA.names, "verify")
+            index = pq.read_table(folder / S.INDEX_FILE)
+            T.require_columns(index, S.INDEX_SCHEMA.names, "verify")
         except (OSError, ValueError) as e:
-            problems.append(f"{E.INDEX_FILE} cannot be read: {e}")
+            problems.append(f"{S.INDEX_FILE} cannot be read: {e}")
             index = None
     else:
-        problems.append(f"{E.INDEX_FILE} is missing")
-    problems += [f"temporary file {p.name} of an interrupted run is left" for p in sorted(folder.glob(f".*{E.PARTIAL_SUFFIX}"))]
+        problems.append(f"{S.INDEX_FILE} is missing")
+    problems += [f"temporary file {p.name} of an interrupted run is left" for p in sorted(folder.glob(f".*{fs.TMP_MARK}*"))]
 
-    on_disk = sorted(p.name for p in folder.glob(f"*{E.SHARD_EXT}") if p.is_file())
+    on_disk = sorted(p.name for p in folder.glob(f"*{S.SHARD_EXT}") if p.is_file())
     declared = sorted(sizes) if sizes is not None else on_disk
-    problems += [f"{name} is in {E.SIZES_FILE} but missing" for name in declared if name not in on_disk]
-    problems += [f"{name} is not in {E.SIZES_FILE}" for name in on_disk if sizes is not None and name not in sizes]
+    problems += [f"{name} is in {S.SIZES_FILE} but missing" for name in declared if name not in on_disk]
+    problems += [f"{name} is not in {S.SIZES_FILE}" for name in on_disk if sizes is not None and name not in sizes]
     found: dict[str, tuple[str, int]] = {}  # clip -> (shard, position)
     samples = 0
     for name in on_disk:
@@ -234,16 +234,16 @@ def main(cfg: VerifyConfig) -> VerifyResult:
         problems += res.problems
         samples += len(res.keys)
         if sizes is not None and name in sizes and sizes[name] != len(res.keys):
-            problems.append(f"{name}: {len(res.keys)} complete sample(s), {E.SIZES_FILE} says {sizes[name]}")
+            problems.append(f"{name}: {len(res.keys)} complete sample(s), {S.SIZES_FILE} says {sizes[name]}")
         if name not in sums:
-            problems.append(f"{name} has no line in {E.CHECKSUMS_FILE}")
+            problems.append(f"{name} has no line in {S.CHECKSUMS_FILE}")
         elif sums[name] != res.sha256:
-            problems.append(f"{name}: sha256 {res.sha256} differs from {E.CHECKSUMS_FILE} ({sums[name]})")
+            problems.append(f"{name}: sha256 {res.sha256} differs from {S.CHECKSUMS_FILE} ({sums[name]})")
         for pos, key in enumerate(res.keys):
             if key in found:
                 problems.append(f"{name}: sample {key!r} is also in {found[key][0]}")
             found[key] = (name, pos)
-    problems += [f"{name} is in {E.CHECKSUMS_FILE} but missing" for name in sorted(sums) if name not in on_disk]
+    problems += [f"{name} is in {S.CHECKSUMS_FILE} but missing" for name in sorted(sums) if name not in on_disk]
     if index is not None:
         problems += _check_index(index, found)
     log.info("verify: %d shard(s), %d sample(s), %d problem(s)", len(on_disk), samples, len(problems))
@@ -252,18 +252,18 @@ def main(cfg: VerifyConfig) -> VerifyResult:
 
 def _check_index(index, found: dict[str, tuple[str, int]]) -> list[str]:
     problems = []
-    rows = zip(*(index.column(c).to_pylist() for c in (T.CLIP_ID, E.SHARD, E.POSITION)))
+    rows = zip(*(index.column(c).to_pylist() for c in (T.CLIP_ID, S.SHARD, S.POSITION)))
     listed = {}
     for clip, shard, pos in rows:
         if clip in listed:
-            problems.append(f"{E.INDEX_FILE}: clip {clip!r} is listed twice")
+            problems.append(f"{S.INDEX_FILE}: clip {clip!r} is listed twice")
         listed[clip] = (shard, pos)
     for clip, where in sorted(listed.items()):
         if clip not in found:
-            problems.append(f"{E.INDEX_FILE}: clip {clip!r} ({where[0]}) is in no shard")
+            problems.append(f"{S.INDEX_FILE}: clip {clip!r} ({where[0]}) is in no shard")
         elif found[clip] != where:
-            problems.append(f"{E.INDEX_FILE}: clip {clip!r} is at {where}, found at {found[clip]}")
-    problems += [f"{E.INDEX_FILE}: clip {clip!r} in {found[clip][0]} is not listed" for clip in sorted(set(found) - set(listed))]
+            problems.append(f"{S.INDEX_FILE}: clip {clip!r} is at {where}, found at {found[clip]}")
+    problems += [f"{S.INDEX_FILE}: clip {clip!r} in {found[clip][0]} is not listed" for clip in sorted(set(found) - set(listed))]
     return problems
 
 

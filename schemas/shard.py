@@ -1,11 +1,42 @@
-"""The JSON that sits beside each audio file in a mosaiq WebDataset shard (stable-audio-tools layout).
+"""A mosaiq shards folder: the sample JSON beside each audio file in a WebDataset shard
+(stable-audio-tools layout), the key pattern, and the files written beside the shards.
 
 A sample is `<key>.flac` + `<key>.json` (optionally `<key>.latent.npy`); keys have no dots.
+`pipeline/export.py` writes the folder, `pipeline/verify.py` checks it, `model/` reads it.
 """
 
 from __future__ import annotations
 
+import re
+
+import pyarrow as pa
+
+from schemas import tables as T
+
 SHARD_SAMPLE_VERSION = 1
+
+# --- the shards folder ---------------------------------------------------------------------
+
+SHARD_EXT = ".tar"  # shard-NNNNNN.tar
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,90}$")  # sample keys: no dots, no `/`, fit a USTAR name with ext
+SIZES_FILE = "sizes.json"  # shard file name -> sample count
+INDEX_FILE = "index.parquet"  # clip -> shard, position (INDEX_SCHEMA)
+CHECKSUMS_FILE = "SHA256SUMS"  # `sha256sum -c` format
+REPORT_FILE = "export_report.json"  # rows left out of the shards and why
+CONFIG_FILE = "export_config.json"  # the export's resolved config
+STATE_DIR = ".export_state"  # one record per complete shard (plan digest, bytes, sha256): resume
+
+# the index table (index.parquet)
+SHARD = "shard"  # shard file name
+POSITION = "position"  # sample index inside the shard
+INDEX_VERSION = 1
+INDEX_SCHEMA = pa.schema(
+    [pa.field(T.CLIP_ID, pa.string(), nullable=False), pa.field(SHARD, pa.string(), nullable=False),
+     pa.field(POSITION, pa.int32(), nullable=False)],
+    metadata={b"mosaiq.table": b"shard_index", b"mosaiq.version": str(INDEX_VERSION).encode()},
+)
+
+# --- the sample JSON -----------------------------------------------------------------------
 
 AUDIO_EXT = "flac"
 JSON_EXT = "json"

@@ -1,4 +1,7 @@
-"""verify: a clean export passes; each kind of damage is found and named."""
+"""verify: a clean export passes; each kind of damage is found and named.
+
+The clean export runs its shard tasks in this process (no Ray: `backend.run_tasks` replaced by
+a loop), so these tests are in the fast set; tests/pipeline/test_export.py runs export on Ray."""
 
 from __future__ import annotations
 
@@ -12,24 +15,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import export as E
+from pipeline import backend, fs
 from pipeline import verify as V
 from schemas import shard as S
 from schemas import tables as T
 
 try:  # the fixtures live beside this file
-    from test_export import export, make_captions
+    from test_export import export, make_captions, run_in_process
 except ImportError:  # pragma: no cover - when tests/ is a package
-    from tests.pipeline.test_export import export, make_captions
-
-pytestmark = pytest.mark.slow
+    from tests.pipeline.test_export import export, make_captions, run_in_process
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory, ray_session):
+def clean(tmp_path_factory):
     root = tmp_path_factory.mktemp("verify")
     out = root / "shards"
-    export(make_captions(root, n_ok=8), out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backend, "run_tasks", run_in_process)
+        export(make_captions(root, n_ok=8), out)
     return out
 
 
@@ -129,9 +132,9 @@ def test_json_field_of_the_wrong_type(shards):
 
 
 def test_count_disagrees_with_sizes_json(shards):
-    sizes = json.loads((shards / E.SIZES_FILE).read_text())
+    sizes = json.loads((shards / S.SIZES_FILE).read_text())
     sizes["shard-000001.tar"] += 1
-    (shards / E.SIZES_FILE).write_text(json.dumps(sizes))
+    (shards / S.SIZES_FILE).write_text(json.dumps(sizes))
     assert problems(shards) == ["shard-000001.tar: 3 complete sample(s), sizes.json says 4"]
 
 
@@ -166,16 +169,16 @@ def test_unsafe_member_names_are_refused(shards):
 
 def test_checksum_index_and_leftovers(shards):
     # a shard whose bytes changed but still reads: only the checksum can tell
-    (shards / ".shard-000001.tar.77.partial").write_bytes(b"")
-    index = pq.read_table(shards / E.INDEX_FILE)
-    pos = index.column(E.POSITION).to_pylist()
+    (shards / f".shard-000001.tar{fs.TMP_MARK}77").write_bytes(b"")
+    index = pq.read_table(shards / S.INDEX_FILE)
+    pos = index.column(S.POSITION).to_pylist()
     pos[0] += 1
-    pq.write_table(index.set_column(index.schema.get_field_index(E.POSITION), E.POSITION, pa.array(pos, pa.int32())), shards / E.INDEX_FILE)
-    sums = (shards / E.CHECKSUMS_FILE).read_text().replace("shard-000002.tar", "shard-000009.tar")
-    (shards / E.CHECKSUMS_FILE).write_text(sums)
+    pq.write_table(index.set_column(index.schema.get_field_index(S.POSITION), S.POSITION, pa.array(pos, pa.int32())), shards / S.INDEX_FILE)
+    sums = (shards / S.CHECKSUMS_FILE).read_text().replace("shard-000002.tar", "shard-000009.tar")
+    (shards / S.CHECKSUMS_FILE).write_text(sums)
     found = problems(shards)
     clip = index.column(T.CLIP_ID)[0].as_py()
-    assert "temporary file .shard-000001.tar.77.partial of an interrupted run is left" in found
+    assert f"temporary file .shard-000001.tar{fs.TMP_MARK}77 of an interrupted run is left" in found
     assert any(f"clip {clip!r} is at" in p for p in found), found
     assert "shard-000002.tar has no line in SHA256SUMS" in found
     assert "shard-000009.tar is in SHA256SUMS but missing" in found
