@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import html
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline import fs
 from schemas import stats as Q
 from schemas import tables as T
 
@@ -68,10 +68,11 @@ def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.partial")
-    fig.savefig(tmp, format="png", metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with fs.atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", metadata={"Software": None})
+    finally:
+        plt.close(fig)
 
 
 def plot_status(counts: list[tuple[str, str, int]], path: Path) -> None:
@@ -234,8 +235,6 @@ def write_card(out_dir: str | Path, table: pa.Table, report: dict, stats: Q.Qual
               _floats(c for c, k in zip(table.column(T.CLAP_ORIGINAL).to_pylist(), is_ok) if k),
               _floats(c for c, k in zip(clap, is_ok) if not k), plots / PLOT_CLAP)
     path = out / CARD_FILE
-    tmp = out / f".{CARD_FILE}.partial"
-    tmp.write_text(render(table, report, stats, examples), encoding="utf-8")
-    os.replace(tmp, path)
+    fs.atomic_write_text(path, render(table, report, stats, examples))
     log.info("export: dataset card written to %s", path)
     return path

@@ -6,13 +6,13 @@ aggregate that sums `report_partial` over blocks lives in pipeline/quantize.py."
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline import fs
 from schemas import stats as S
 from schemas import tables as T
 
@@ -55,10 +55,7 @@ class LevelReport:
                 "hist_counts": self.hist_counts, "status_counts": self.status_counts}
 
     def write(self, path: str | Path, stats_id: str) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(stats_id), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        fs.atomic_write_text(path, json.dumps(self.to_dict(stats_id), indent=2, sort_keys=True) + "\n")
 
 
 def summary(st: S.QualityStats, rep: LevelReport, stats_path: Path) -> str:
@@ -129,8 +126,9 @@ def plot_quality(stats: S.QualityStats, report: LevelReport, path: str | Path) -
     fig.tight_layout()
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})  # no version stamp: stable bytes
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with fs.atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=110, metadata={"Software": None})  # no version stamp: stable bytes
+    finally:
+        plt.close(fig)
     return path
