@@ -14,16 +14,16 @@ LEVEL_PREFIX = {1: "low quality", 2: "", 3: "medium quality", 4: "", 5: "high qu
 
 
 def write_test_shards(dir, n: int, seed: int, seconds: float = 1.28, per_shard: int = 4) -> list[str]:
-    """Write `n` samples as mosaiq shards into `dir` with the export stage; return the shard paths.
+    """Write `n` samples as mosaiq shards into `dir`, without Ray; return the shard paths.
 
     Each clip is a seeded chord of sines whose added noise grows as its quality level falls,
-    written as a WAV file and described by a caption-table row; `pipeline.export` (on the
-    session's embedded Ray) turns that table into `<key>.flac` + `<key>.json` shards.
+    written as a WAV file and described by a caption-table row (one Parquet part); the export
+    stage's own planning (`pipeline.export`) cuts the rows into shards, `pipeline.shards.write_shard`
+    writes each `<key>.flac` + `<key>.json` shard in this process, and the index files follow.
     """
     import pyarrow as pa
 
-    from pipeline import export
-    from pipeline.runner import write_parts
+    from pipeline import export, fs, shards
     from schemas import tables as T
 
     dir = Path(dir)
@@ -51,9 +51,13 @@ def write_test_shards(dir, n: int, seed: int, seconds: float = 1.28, per_shard: 
             T.CAPTION: caption, T.CAPTION_SOURCE: "original", T.CAPTION_NOTE: "",
             T.PROMPT: f"{prefix}, {caption}" if prefix else caption,
         })
-    write_parts(pa.Table.from_pylist(rows, schema=T.CAPTIONS_SCHEMA), src / "captions", rows_per_part=1000)
-    export.main(export.ExportConfig(input=str(src / "captions"), output=str(dir), seed=seed,
-                                    shard_max_count=per_shard, num_cpus=2))
+    captions = src / "captions"
+    fs.atomic_write_table(pa.Table.from_pylist(rows, schema=T.CAPTIONS_SCHEMA), captions / fs.part_name(0))
+    ok, _ = export.split_rows(export.read_captions(captions))
+    plan = export.plan_shards(ok, export.ExportConfig(seed=seed, shard_max_count=per_shard))
+    dir.mkdir(parents=True, exist_ok=True)
+    results = [shards.write_shard(spec, str(dir)) for spec in plan]
+    export.write_index_files(dir, plan, results)
     return sorted(str(p) for p in dir.glob("*.tar"))
 
 
