@@ -29,7 +29,9 @@ import soundfile as sf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import export as E  # noqa: E402
-from pipeline.runner import write_parts  # noqa: E402
+from pipeline import fs  # noqa: E402
+from pipeline import shards as W  # noqa: E402
+from schemas import shard as S  # noqa: E402
 from schemas import stats as Q  # noqa: E402
 from schemas import tables as T  # noqa: E402
 
@@ -60,6 +62,7 @@ def make_input(root: Path, clips: int, seconds: float, seed: int) -> Path:
             rows.append({
                 T.CLIP_ID: f"bench{f:04d}{c:02d}", T.AUDIO_PATH: str(path), T.SOURCE_DIGEST: f"{f}",
                 T.START_S: c * seconds, T.DURATION_S: seconds, T.SOURCE_DURATION_S: frames / RATE,
+                T.SOURCE_SIZE_BYTES: None, T.SOURCE_MTIME_NS: None,
                 T.SOURCE_SAMPLE_RATE: RATE, T.SOURCE_CHANNELS: CHANNELS, T.SOURCE_FORMAT: "WAV",
                 T.CAPTION_ORIGINAL: caption, T.TAGS: [], T.METADATA_JSON: "{}", T.STATUS: T.OK, T.REASON: "",
                 T.PMOS: float(3 + rng.random() * 1.5), T.SCORER: "bench", T.QUALITY_LEVEL: level,
@@ -68,17 +71,17 @@ def make_input(root: Path, clips: int, seconds: float, seed: int) -> Path:
                 T.CAPTION_SOURCE: "original", T.CAPTION_NOTE: "", T.PROMPT: caption,
             })
     captions = root / "captions"
-    write_parts(T.conform(pa.Table.from_pylist(rows), T.CAPTIONS_SCHEMA), captions, rows_per_part=250)
+    fs.write_parts(T.conform(pa.Table.from_pylist(rows), T.CAPTIONS_SCHEMA), captions, rows_per_part=250)
     Q.dump(stats, captions / Q.STATS_FILE)
     return captions
 
 
-def plain_loop(plan: list[E.ShardSpec]) -> tuple[int, float]:
+def plain_loop(plan: list[W.ShardSpec]) -> tuple[int, float]:
     """Decode and FLAC-encode every planned clip, one after another: (bytes, seconds)."""
     t0, total = time.perf_counter(), 0
     for spec in plan:
         for s in spec.samples:
-            total += len(E.encode_flac(E.load_clip(s, spec.sample_rate, spec.mono), s.source_rate, spec.flac_subtype))
+            total += len(W.encode_flac(W.load_clip(s, spec.sample_rate, spec.mono), s.source_rate, spec.flac_subtype))
     return total, time.perf_counter() - t0
 
 
@@ -103,18 +106,18 @@ def main() -> int:
         cpus = int(ray.cluster_resources().get("CPU", 0))
         out = root / "shards"
         out.mkdir()
-        cfg = E.ExportConfig(input=str(captions), output=str(out), shard_max_count=args.shard_max_count)
+        cfg = E.ExportConfig(shard_max_count=args.shard_max_count)
         t0 = time.perf_counter()
         plan = E.plan_shards(E.split_rows(E.read_captions(captions))[0], cfg)
-        results = E.run_shards_on_ray(plan, out, cfg.num_cpus_per_shard)
+        results = E.write_shards(plan, out, cfg.resources)
         ray_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        stage = E.main(cfg)  # every shard is there: checks them, writes index, report and card
+        stage = E.main(cfg, captions, out)  # every shard is there: checks them, writes index, report and card
         rest_s = time.perf_counter() - t0
         assert stage.parts_skipped == len(plan), stage
         ray.shutdown()
         shard_bytes = sum(r.bytes for r in results)
-        n_shards = len(json.loads((out / E.SIZES_FILE).read_text()))
+        n_shards = len(json.loads((out / S.SIZES_FILE).read_text()))
         flac_bytes, loop_s = plain_loop(plan)
     ray_mbs, loop_mbs = shard_bytes / 1e6 / ray_s, flac_bytes / 1e6 / loop_s
     print(f"ray shards : {shard_bytes / 1e6:8.1f} MB in {n_shards} shard(s) in {ray_s:6.2f}s = {ray_mbs:7.1f} MB/s  ({cpus} CPU(s): plan + one task per shard)")
