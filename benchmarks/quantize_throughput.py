@@ -26,7 +26,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from pipeline import quantize as Q  # noqa: E402
-from pipeline import runner  # noqa: E402
+from pipeline import backend, fs  # noqa: E402
+from pipeline.stage import Resources  # noqa: E402
 from schemas import tables as T  # noqa: E402
 
 
@@ -56,8 +57,8 @@ def write_input(folder: Path, rows: int, parts: int, seed: int) -> list[Path]:
     paths = []
     for i in range(parts):
         n = min(per, rows - i * per)
-        path = folder / runner.part_name(i)
-        runner.write_table_atomic(synthetic_part(i * per, n, rng), path)
+        path = folder / fs.part_name(i)
+        fs.atomic_write_table(synthetic_part(i * per, n, rng), path)
         paths.append(path)
     return paths
 
@@ -72,7 +73,7 @@ def numpy_path(parts: list[Path], out: Path, cfg: Q.QuantizeConfig):
                   float(np.sum((x - x.mean()) ** 3)), float(x.min()), float(x.max()))
     stats = Q.make_stats(m, cfg)
     for p in parts:  # pass 2
-        runner.write_table_atomic(Q.quantize_table(pq.read_table(p), stats), out / p.name)
+        fs.atomic_write_table(Q.quantize_table(pq.read_table(p), stats), out / p.name)
     return stats
 
 
@@ -98,7 +99,7 @@ def main() -> int:
     import ray
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mosaiq-bench-"))
-    cfg = Q.QuantizeConfig(concurrency=args.concurrency)
+    cfg = Q.QuantizeConfig(resources=Resources(batch_size=65536, concurrency=args.concurrency))
     try:
         t = time.perf_counter()
         parts = write_input(work / "scores", args.rows, args.parts, args.seed)
@@ -114,7 +115,8 @@ def main() -> int:
         m = Q.fit_moments(parts)
         stats = Q.make_stats(m, cfg)
         t_fit = time.perf_counter() - t
-        runner.run_stage(Q.STAGE, work / "scores", work / "out_ray", Q.QuantizeStage, {"stats": stats.to_dict()}, cfg.resources)
+        backend.map_parts(Q.QuantizeStage, {"stats": stats.to_dict()}, work / "scores", work / "out_ray", cfg.resources,
+                          params=stats.id)
         t_ray = time.perf_counter() - t
         ray.shutdown()
 
