@@ -8,6 +8,9 @@ the declared rate and length (round(seconds_total * sample_rate) frames). Across
 counts match `sizes.json`, clips and positions match `index.parquet`, bytes match `SHA256SUMS`,
 and no temporary file of a killed run is left. Nothing is extracted to disk and nothing is
 written. Exits 1 with the list of problems, 0 when there are none.
+
+As a `curate` stage, `main(cfg, input_dir, output_dir)` verifies `input_dir` (the shards folder
+export wrote), returns a `StageReport` and raises `VerifyError` when there are problems.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import logging
 import sys
 import tarfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +30,7 @@ import pyarrow.parquet as pq
 
 from jobs import config as jobconfig
 from pipeline import fs
+from pipeline.stage import StageReport
 from schemas import shard as S
 from schemas import stats as Q
 from schemas import tables as T
@@ -39,7 +44,7 @@ SAMPLE_EXTS = (S.AUDIO_EXT, S.JSON_EXT, S.LATENT_EXT)
 class VerifyConfig:
     """What to verify; the only defaults."""
 
-    shards_dir: str
+    shards_dir: str = ""  # the folder to verify; "" as a curate stage, which passes its input folder
     max_problems_shown: int = 200  # the CLI prints at most this many (the count is always shown)
 
 
@@ -51,11 +56,17 @@ class ShardCheck:
     sha256: str = ""
 
 
+class VerifyError(RuntimeError):
+    """Verify found problems in a folder that a curate run just wrote."""
+
+
 @dataclass
-class VerifyResult:
-    shards: int
-    samples: int
-    problems: list[str]
+class VerifyResult(StageReport):
+    """What verify found; a StageReport (one part per shard, nothing written) for `curate`."""
+
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -194,11 +205,27 @@ def _read_checksums(path: Path, problems: list[str]) -> dict[str, str]:
     return sums
 
 
-def main(cfg: VerifyConfig) -> VerifyResult:
-    """Verify every shard in `cfg.shards_dir` against sizes.json, index.parquet and SHA256SUMS."""
-    folder = Path(cfg.shards_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"shards folder {cfg.shards_dir!r} does not exist")
+def main(cfg: VerifyConfig, input_dir: str | Path | None = None, output_dir: str | Path | None = None) -> VerifyResult:
+    """Verify every shard in `cfg.shards_dir` against sizes.json, index.parquet and SHA256SUMS.
+
+    As a curate stage (`input_dir` given: the shards folder; verify writes nothing, so
+    `output_dir` is not used) it verifies `input_dir` and raises VerifyError on any problem.
+    """
+    if input_dir is None:
+        result = verify_folder(cfg.shards_dir)
+    else:
+        result = verify_folder(input_dir)
+        if result.problems:
+            raise VerifyError(f"verify found {len(result.problems)} problem(s) in {str(input_dir)!r}: {result.problems[:5]}")
+    return result
+
+
+def verify_folder(shards_dir: str | Path) -> VerifyResult:
+    """Verify one shards folder (see the module docstring)."""
+    t0 = time.perf_counter()
+    folder = Path(shards_dir)
+    if not str(shards_dir) or not folder.is_dir():
+        raise FileNotFoundError(f"shards folder {str(shards_dir)!r} does not exist")
     problems: list[str] = []
     sizes = _read_json(folder / S.SIZES_FILE, problems)
     if sizes is not None and not (isinstance(sizes, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in sizes.values())):
@@ -247,7 +274,10 @@ def main(cfg: VerifyConfig) -> VerifyResult:
     if index is not None:
         problems += _check_index(index, found)
     log.info("verify: %d shard(s), %d sample(s), %d problem(s)", len(on_disk), samples, len(problems))
-    return VerifyResult(len(on_disk), samples, problems)
+    verdict = "ok" if not problems else f"{len(problems)} problem(s)"
+    return VerifyResult("verify", len(on_disk), 0, 0, time.perf_counter() - t0, {},
+                        detail=f"{samples} sample(s) in {len(on_disk)} shard(s): {verdict}",
+                        shards=len(on_disk), samples=samples, problems=problems)
 
 
 def _check_index(index, found: dict[str, tuple[str, int]]) -> list[str]:

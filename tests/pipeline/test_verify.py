@@ -194,3 +194,15 @@ def test_missing_shard_and_extra_shard(shards):
 def test_missing_folder_is_a_usage_error(tmp_path, capsys):
     assert V.cli([str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_as_a_curate_stage(clean, shards):
+    """`main(cfg, input_dir, output_dir)`: a StageReport for curate; problems stop the run."""
+    report = V.main(V.VerifyConfig(), str(clean), str(clean))
+    assert report.stage == "verify" and report.ok and report.parts_total == 3
+    assert report.detail == "8 sample(s) in 3 shard(s): ok" and report.line().endswith(": ok")
+    (shards / "shard-000001.tar").unlink()
+    with pytest.raises(V.VerifyError, match="problem"):
+        V.main(V.VerifyConfig(), str(shards), str(shards))
+    with pytest.raises(FileNotFoundError):
+        V.main(V.VerifyConfig())  # no folder named
