@@ -7,6 +7,16 @@ to mono, resampled to 16 kHz and cropped or padded to the clip length. Because t
 DataLoader takes batches from its workers round-robin, a loader can be rebuilt to start at
 any batch number (`start_batch`): each worker skips the samples it already delivered, before
 decoding them. That is what makes resume exact.
+
+The shards are not trusted. A tar is read as a stream and nothing is extracted to disk;
+members are checked as `mosaiq verify` checks them (names `<key>.flac`, `<key>.json` or
+`<key>.latent.npy` with a key matching `schemas.shard.KEY_RE`, no `/`, `\\` or `..`, regular
+files only, no extra members) before their bytes are read, and one larger than
+`max_member_bytes` is never read. Audio must be FLAC, and audio longer than
+`max_audio_seconds` is refused by its header, or while it is read when the header gives no
+length, so no member is decoded beyond that. A bad sample is skipped and logged once; when a
+loader worker has met more than `max_bad_samples` of them, training stops with
+`TooManyBadSamples`, naming each shard, sample and reason.
 """
 
 from __future__ import annotations
@@ -15,8 +25,11 @@ import io
 import json
 import logging
 import random
-from dataclasses import dataclass
+import re
+import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -35,6 +48,20 @@ AUDIO = "audio"  # batch keys
 PROMPTS = "prompts"
 QUALITY = "quality"
 
+SAMPLE_EXTS = (S.AUDIO_EXT, S.JSON_EXT, S.LATENT_EXT)  # the members a sample may have
+AUDIO_MARGIN_S = 2.0  # default max_audio_seconds: the longer of clip_seconds and CLIP_SECONDS, plus this
+FLAC_MAGIC = b"fLaC"
+_UNKNOWN_FRAMES = 1 << 62  # libsndfile reports about 2**63 frames for a FLAC of unknown length (as in pipeline.audio)
+_READ_BLOCK = 1 << 16  # frames decoded at a time
+
+
+class SampleError(ValueError):
+    """One sample cannot be used (the reason is the message); the loader skips and counts it."""
+
+
+class TooManyBadSamples(ValueError):
+    """More bad samples than `DataConfig.max_bad_samples`: training stops."""
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -49,6 +76,14 @@ class DataConfig:
     # relative sampling weight of quality levels 1..5 (None: every sample once per epoch);
     # a sample is kept with probability weight[level] / max(weight)
     quality_weights: tuple[float, ...] | None = None
+    # audio longer than this is refused unread (None: the longer of clip_seconds and the
+    # pipeline's CLIP_SECONDS, plus AUDIO_MARGIN_S); a tar member larger than max_member_bytes
+    # is refused unread
+    max_audio_seconds: float | None = None
+    max_member_bytes: int = 32 << 20  # 10 s of 24-bit stereo FLAC at 384 kHz is under 24 MB
+    # bad samples (unsafe or extra members, corrupt audio or JSON, too long) are skipped and
+    # logged; training stops when one loader worker has met more than this many different ones
+    max_bad_samples: int = 10
 
     def __post_init__(self):
         if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 1:
@@ -56,10 +91,21 @@ class DataConfig:
                 f"batch_size {self.batch_size} and shuffle_buffer {self.shuffle_buffer} must be >= 1, "
                 f"num_workers {self.num_workers} >= 0"
             )
+        if self.max_audio_seconds is not None and not self.max_audio_seconds > 0:
+            raise ValueError(f"max_audio_seconds must be > 0 (or null for the default), got {self.max_audio_seconds}")
+        if self.max_member_bytes < 1 or self.max_bad_samples < 0:
+            raise ValueError(f"max_member_bytes {self.max_member_bytes} must be >= 1 and max_bad_samples {self.max_bad_samples} >= 0")
         if self.quality_weights is not None:
             w = self.quality_weights
             if len(w) != NUM_QUALITY_LEVELS or min(w) < 0 or max(w) <= 0:
                 raise ValueError(f"quality_weights must be {NUM_QUALITY_LEVELS} non-negative numbers, not all 0; got {w}")
+
+    @property
+    def audio_limit_s(self) -> float:
+        """Audio longer than this many seconds is refused."""
+        if self.max_audio_seconds is not None:
+            return self.max_audio_seconds
+        return max(self.clip_seconds, CLIP_SECONDS) + AUDIO_MARGIN_S
 
 
 def list_shards(spec: str) -> list[str]:
@@ -82,13 +128,56 @@ def _rng(*parts) -> random.Random:
     return random.Random(derive_seed(repr(parts)))
 
 
-def decode_audio(data: bytes, num_samples: int, rng: random.Random | None) -> np.ndarray:
-    """FLAC (or any soundfile format) bytes -> mono float32 at 16 kHz, exactly `num_samples` long.
+# --- one sample ------------------------------------------------------------------------------
+
+
+def _decoder_message(e: Exception) -> str:
+    # libsndfile says "Error opening <_io.BytesIO object at 0x...>: " before its reason
+    return re.sub(r"^Error opening .*?: ", "", str(e)).strip() or type(e).__name__
+
+
+def audio_header(data: bytes, max_seconds: float | None = None) -> tuple[int, int]:
+    """(sample rate, frames; 0 when the header gives no length) of FLAC bytes, from the header
+    alone. SampleError when the bytes are not FLAC or the header says more than `max_seconds`."""
+    if data[:4] != FLAC_MAGIC:  # before libsndfile, which would try every other format's decoder
+        raise SampleError(f"audio is not a FLAC stream (it starts {data[:4]!r})")
+    try:
+        info = sf.info(io.BytesIO(data))
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise SampleError(f"FLAC header does not parse: {_decoder_message(e)}") from e
+    frames = info.frames if 0 < info.frames < _UNKNOWN_FRAMES else 0
+    if max_seconds is not None and frames > max_seconds * info.samplerate:
+        raise SampleError(f"audio is {frames / info.samplerate:.1f} s, longer than data.max_audio_seconds {max_seconds:g} s")
+    return info.samplerate, frames
+
+
+def _read_at_most(f: sf.SoundFile, limit: int | None) -> np.ndarray:
+    """All frames of `f`, read front to back block by block; SampleError past `limit` frames. (S, ch)"""
+    f.seekable = lambda: False  # soundfile seeks after every read when it thinks it can; a FLAC of unknown length cannot
+    blocks, n = [], 0
+    while len(block := f.read(_READ_BLOCK, dtype="float32", always_2d=True)):
+        n += len(block)
+        if limit is not None and n > limit:
+            raise SampleError(f"audio is longer than data.max_audio_seconds: more than {limit} frames at {f.samplerate} Hz "
+                              f"(its header gives no length, or a shorter one)")
+        blocks.append(block)
+    return np.concatenate(blocks) if blocks else np.zeros((0, f.channels), np.float32)
+
+
+def decode_audio(data: bytes, num_samples: int, rng: random.Random | None, max_seconds: float | None = None) -> np.ndarray:
+    """FLAC bytes -> mono float32 at 16 kHz, exactly `num_samples` long.
 
     A longer clip is cropped at an offset from `rng` (its start when rng is None); a shorter
-    one is zero-padded at the end.
+    one is zero-padded at the end. SampleError when the bytes are not FLAC, do not decode, or
+    hold more than `max_seconds` of audio: refused by the header, or (when the header gives no
+    length) as soon as the decoded frames pass it.
     """
-    wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (S, ch)
+    sr, _ = audio_header(data, max_seconds)
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            wave = _read_at_most(f, None if max_seconds is None else int(max_seconds * sr))  # (S, ch)
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise SampleError(f"audio does not decode: {_decoder_message(e)}") from e
     wave = wave.mean(axis=1)  # (S,)
     if sr != SAMPLE_RATE:
         wave = resample(wave, sr, SAMPLE_RATE)  # (S',)
@@ -98,15 +187,126 @@ def decode_audio(data: bytes, num_samples: int, rng: random.Random | None) -> np
     return np.pad(wave, (0, num_samples - len(wave))).astype(np.float32)  # (num_samples,)
 
 
-def parse_meta(raw: bytes, key: str) -> tuple[str, int]:
-    """The prompt and quality level from one sample's JSON, with errors that name the sample."""
-    meta = json.loads(raw)
+def parse_meta(raw: bytes) -> tuple[str, int]:
+    """The prompt and quality level from one sample's JSON; SampleError says what is wrong."""
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:  # also bytes that are not UTF-8
+        raise SampleError(f"JSON does not parse: {e}") from e
+    if not isinstance(meta, dict):
+        raise SampleError(f"JSON is {type(meta).__name__}, not an object")
     prompt, level = meta.get(S.PROMPT), meta.get(S.QUALITY_LEVEL)
     if not isinstance(prompt, str):
-        raise ValueError(f"sample {key!r}: field {S.PROMPT!r} is {prompt!r}, expected a string")
+        raise SampleError(f"field {S.PROMPT!r} is {prompt!r}, expected a string")
     if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= NUM_QUALITY_LEVELS:
-        raise ValueError(f"sample {key!r}: field {S.QUALITY_LEVEL!r} is {level!r}, expected 1..{NUM_QUALITY_LEVELS}")
+        raise SampleError(f"field {S.QUALITY_LEVEL!r} is {level!r}, expected 1..{NUM_QUALITY_LEVELS}")
     return prompt, level
+
+
+# --- one shard -------------------------------------------------------------------------------
+
+
+def _shown(name: str, limit: int = 120) -> str:
+    """A name from a shard as messages show it: quoted, escaped and cut short."""
+    return repr(name) if len(name) <= limit else f"{name[:limit]!r}... ({len(name)} characters)"
+
+
+def member_problem(m: tarfile.TarInfo, key: str, ext: str, max_bytes: int) -> str | None:
+    """Why a sample may not hold this tar member (None: it may), from the member's header alone:
+    the checks of `mosaiq verify`, and a size limit."""
+    name = _shown(m.name)
+    if "/" in m.name or "\\" in m.name or ".." in m.name:
+        return f"member {name}: refused name (contains '/', '\\' or '..')"
+    if not m.isfile():
+        return f"member {name} is not a regular file"
+    if not S.KEY_RE.fullmatch(key) or ext not in SAMPLE_EXTS:
+        return f"member {name} is not <key>.{{{','.join(SAMPLE_EXTS)}}} with a key matching {S.KEY_RE.pattern}"
+    if m.size > max_bytes:
+        return f"member {name} is {m.size} bytes, over data.max_member_bytes {max_bytes}"
+    return None
+
+
+def read_shard(url: str, max_member_bytes: int):
+    """(key, members by extension, problems) for each run of adjacent tar members with one key.
+
+    The tar is read as a stream and nothing is written to disk; a member that fails
+    `member_problem` is never read. A tar that is cut short or does not parse ends with an
+    item (its last, possibly partial, sample) that says so.
+    """
+    seen: set[str] = set()
+    key, members, problems = None, {}, []
+    try:
+        with wds.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for m in tar:
+                mkey, _, ext = m.name.partition(".")
+                if mkey != key:
+                    if key is not None:
+                        yield key, members, problems
+                    key, members, problems = mkey, {}, []
+                    if mkey in seen:
+                        problems.append("the sample appears twice or its members are not adjacent")
+                    seen.add(mkey)
+                problem = member_problem(m, mkey, ext, max_member_bytes)
+                if problem is None and ext in members:
+                    problem = f"two .{ext} members"
+                if problem is not None:
+                    problems.append(problem)
+                    continue
+                data = tar.extractfile(m).read()
+                if len(data) != m.size:
+                    raise tarfile.ReadError(f"member {_shown(m.name)} holds {len(data)} of {m.size} bytes")
+                members[ext] = data
+    except (tarfile.TarError, EOFError, OSError) as e:
+        key = "" if key is None else key
+        problems.append(f"the tar is cut short or corrupt here: {e}")
+    if key is not None:
+        yield key, members, problems
+
+
+def check_sample(members: dict[str, bytes], problems: list[str], max_seconds: float) -> tuple[str, int]:
+    """The prompt and level of a sample that has its members, no problem and an audio header
+    within limits (nothing is decoded); SampleError otherwise."""
+    missing = [f".{ext}" for ext in (S.AUDIO_EXT, S.JSON_EXT) if ext not in members]
+    if missing and not problems:
+        problems = [f"no {' or '.join(missing)} member"]
+    if problems:
+        raise SampleError("; ".join(problems))
+    prompt, level = parse_meta(members[S.JSON_EXT])
+    audio_header(members[S.AUDIO_EXT], max_seconds)
+    return prompt, level
+
+
+class _Sample(NamedTuple):
+    url: str
+    pos: int  # position of the sample in its shard (keys of bad samples need not be unique)
+    key: str
+    flac: bytes
+    prompt: str
+    level: int
+
+
+@dataclass
+class BadSamples:
+    """The different bad samples one loader worker met; more than `limit` stops training."""
+
+    limit: int
+    where: str  # which worker, for the message
+    seen: dict[tuple[str, int], str] = field(default_factory=dict)  # (shard, position) -> "sample 'key': reasons"
+
+    def add(self, url: str, pos: int, key: str, reason: str) -> None:
+        if (url, pos) in self.seen:  # met again in a later epoch
+            return
+        self.seen[url, pos] = f"sample {_shown(key)}: {reason}"
+        log.warning("skipped bad sample %d (at most %d): %s: %s", len(self.seen), self.limit, url, self.seen[url, pos])
+        if len(self.seen) > self.limit:
+            listed = "; ".join(f"{u}: {what}" for (u, _), what in self.seen.items())
+            raise TooManyBadSamples(
+                f"{len(self.seen)} bad samples, more than data.max_bad_samples {self.limit} ({self.where}); "
+                f"training stops. Check the shards with `mosaiq verify`. The samples: {listed}"
+            )
+
+
+# --- the stream ------------------------------------------------------------------------------
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -118,40 +318,43 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.urls = list_shards(cfg.shards)
         self.num_samples = seconds_to_samples(cfg.clip_seconds)
 
-    def _raw(self, slot: int, slots: int, epoch: int):
-        """One epoch of (key, flac bytes, prompt, level) for this slot, before the shuffle buffer."""
+    def _raw(self, slot: int, slots: int, epoch: int, bad: BadSamples):
+        """One epoch of this slot's samples that pass every check short of decoding, before the
+        shuffle buffer; the others go to `bad`."""
         urls = list(self.urls)
         _rng(self.seed, "shards", epoch).shuffle(urls)  # same order in every slot: a consistent partition
         by_shard = len(urls) >= slots
         mine = urls[slot::slots] if by_shard else urls
-        ds = wds.WebDataset(
-            mine, shardshuffle=False, nodesplitter=_all, workersplitter=_all, empty_check=False, seed=self.seed
-        )
-        for i, sample in enumerate(ds):
-            if not by_shard and i % slots != slot:
-                continue
-            key = sample["__key__"]
-            if S.AUDIO_EXT not in sample or S.JSON_EXT not in sample:
-                raise ValueError(f"sample {key!r} in {sample.get('__url__')!r} lacks .{S.AUDIO_EXT} or .{S.JSON_EXT}")
-            prompt, level = parse_meta(sample[S.JSON_EXT], key)
-            yield key, sample[S.AUDIO_EXT], prompt, level
+        i = -1
+        for url in mine:
+            for pos, (key, members, problems) in enumerate(read_shard(url, self.cfg.max_member_bytes)):
+                i += 1
+                if not by_shard and i % slots != slot:
+                    continue
+                try:
+                    prompt, level = check_sample(members, problems, self.cfg.audio_limit_s)
+                except SampleError as e:
+                    bad.add(url, pos, key, str(e))
+                    continue
+                yield _Sample(url, pos, key, members[S.AUDIO_EXT], prompt, level)
 
-    def _samples(self, slot: int, slots: int):
+    def _samples(self, slot: int, slots: int, bad: BadSamples):
         """Endless filtered, shuffled samples for this slot."""
         w = self.cfg.quality_weights
         for epoch in range(10**9):
             keep_rng = _rng(self.seed, "keep", slot, epoch)
             shuf_rng = _rng(self.seed, "shuffle", slot, epoch)
             buffer, seen = [], 0
-            for item in self._raw(slot, slots, epoch):
+            for item in self._raw(slot, slots, epoch, bad):
                 seen += 1
-                if w is not None and keep_rng.random() >= w[item[3] - 1] / max(w):
+                if w is not None and keep_rng.random() >= w[item.level - 1] / max(w):
                     continue
                 buffer.append(item)
                 if len(buffer) >= self.cfg.shuffle_buffer:
                     yield buffer.pop(shuf_rng.randrange(len(buffer)))
             if seen == 0:
-                raise RuntimeError(f"rank {self.rank} loader slot {slot} of {slots} got no samples from {len(self.urls)} shard(s)")
+                raise RuntimeError(f"rank {self.rank} loader slot {slot} of {slots} got no samples from {len(self.urls)} shard(s)"
+                                   f" ({len(bad.seen)} bad sample(s) skipped)")
             shuf_rng.shuffle(buffer)
             yield from buffer
 
@@ -164,24 +367,36 @@ class ShardStream(torch.utils.data.IterableDataset):
         slot, slots = self.rank * nw + logical, self.world_size * nw
         done = len(range(logical, self.start_batch, nw))  # batches this role delivered before start_batch
         skip = done * self.cfg.batch_size
-        batch, n = [], 0
-        for key, flac, prompt, level in self._samples(slot, slots):
+        bad = BadSamples(self.cfg.max_bad_samples, f"rank {self.rank}, loader slot {slot} of {slots}")
+        size = self.cfg.batch_size
+        batch, failed, n, warned = [], 0, 0, False
+        for s in self._samples(slot, slots, bad):
             n += 1
             if n <= skip:
                 continue
             crop_rng = _rng(self.seed, "crop", slot, n) if self.cfg.random_crop else None
-            batch.append((decode_audio(flac, self.num_samples, crop_rng), prompt, level))
-            if len(batch) == self.cfg.batch_size:
-                yield {
-                    AUDIO: torch.from_numpy(np.stack([b[0] for b in batch])),  # (B, S)
-                    PROMPTS: [b[1] for b in batch],
-                    QUALITY: torch.tensor([b[2] for b in batch], dtype=torch.long),  # (B,)
-                }
-                batch = []
-
-
-def _all(src):
-    return src
+            try:
+                batch.append((decode_audio(s.flac, self.num_samples, crop_rng, self.cfg.audio_limit_s), s.prompt, s.level))
+            except SampleError as e:
+                bad.add(s.url, s.pos, s.key, str(e))
+                failed += 1
+            if len(batch) + failed < size:
+                continue
+            if not batch:
+                if not warned:
+                    log.warning("%s: no sample of a batch of %d decodes, so the batch takes the next samples of the "
+                                "stream: a restart from a later batch will not continue this stream exactly", bad.where, size)
+                warned, failed = True, 0
+                continue
+            # a sample that failed gives its place to another of the batch: every batch covers
+            # the same batch_size stream positions, so a restart stays exact
+            batch += [batch[i % len(batch)] for i in range(failed)]
+            yield {
+                AUDIO: torch.from_numpy(np.stack([b[0] for b in batch])),  # (B, S)
+                PROMPTS: [b[1] for b in batch],
+                QUALITY: torch.tensor([b[2] for b in batch], dtype=torch.long),  # (B,)
+            }
+            batch, failed = [], 0
 
 
 def make_loader(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):
