@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -39,12 +40,19 @@ def reason_kind(reason: str) -> str:
     return kind or NO_REASON
 
 
+_MD_PUNCT = re.compile(r"([\\\[\]!])")  # what link, image and reference syntax needs
+
+
 def md_cell(text, limit: int = CELL_CHARS) -> str:
-    """Untrusted text as one Markdown table cell: one line, HTML-escaped, pipes escaped."""
+    """Untrusted text as one Markdown table cell: one line, HTML-escaped, pipes escaped, the
+    brackets of links and images backslash-escaped, and URLs broken (a zero-width space after
+    the scheme, and in `www.`) so that no renderer turns them into links or images."""
     s = " ".join(str("" if text is None else text).split())
     if len(s) > limit:
         s = s[: limit - 1] + "…"
-    return html.escape(s, quote=False).replace("|", "\\|").replace("`", "&#96;") or "&nbsp;"
+    s = html.escape(s, quote=False).replace("`", "&#96;")
+    s = _MD_PUNCT.sub(r"\\\1", s).replace("|", "\\|").replace("://", ":/\u200b/").replace("www.", "www\u200b.")
+    return s or "&nbsp;"
 
 
 def status_reason_counts(table: pa.Table) -> list[tuple[str, str, int]]:

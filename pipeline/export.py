@@ -34,6 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+if __package__ in (None, ""):  # run as a script (`python pipeline/export.py`, `ray job submit`)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -323,8 +326,14 @@ def main(cfg: ExportConfig, input_dir: str | Path, output_dir: str | Path) -> St
     from pipeline import card
 
     t0 = time.perf_counter()
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    fs.list_parts(input_dir)  # a missing input is an error before the folder is claimed
+    with fs.stage_output("export", input_dir, output_dir) as out:
+        return _export(cfg, Path(input_dir), out, t0)
+
+
+def _export(cfg: ExportConfig, input_dir: Path, out: Path, t0: float) -> StageReport:
+    from pipeline import card
+
     # 1. read and split the input; plan the shards
     table = read_captions(input_dir)
     ok, rest = split_rows(table)
@@ -386,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cli(argv: list[str]) -> int:
+def cli(argv: list[str] | None = None) -> int:
     from pipeline.raycluster import init_ray
 
     args = build_parser().parse_args(argv)
@@ -401,3 +410,11 @@ def cli(argv: list[str]) -> int:
     print(report.line())
     print(f"shards in {args.output}; check them with: mosaiq verify {args.output}")
     return 0
+
+
+if __name__ == "__main__":  # `python pipeline/export.py ...`, e.g. a `ray job submit` entrypoint
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.cli import run_command
+    from pipeline.export import cli as _cli  # the importable module, so Ray pickles by reference
+
+    sys.exit(run_command("export", _cli, None))

@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline import fs
 from schemas import shard as S
+from schemas import tables as T
 
 # Bump when the shard bytes change for the same plan (it is part of every shard's plan digest,
 # so a re-run rewrites shards of an older format). Version 1 was written with tarfile (USTAR);
@@ -38,6 +39,10 @@ TAR_MODE = 0o644
 TAR_END_BYTES = tarfile.RECORDSIZE  # end-of-archive blocks plus padding, at most
 SAMPLE_OVERHEAD_BYTES = 4 * tarfile.BLOCKSIZE + 8192  # two headers, two paddings, FLAC headers
 FLAC_BYTES_PER_SAMPLE = {"PCM_16": 2, "PCM_24": 3}
+
+
+class ChangedError(Exception):
+    """A clip's file is not the one ingest saw (its content digest differs): the row's reason."""
 
 
 class ExportError(ValueError):
@@ -93,6 +98,21 @@ def check_key(key) -> str:
     if not isinstance(key, str) or not S.KEY_RE.match(key):
         raise ExportError(f"refusing sample key {key!r}: keys must match {S.KEY_RE.pattern} (no dots, no '/', no '..')")
     return key
+
+
+def check_identity(s: SampleSpec, seen: dict[str, str]) -> None:
+    """Raise ChangedError unless the file still has the content digest ingest recorded (the
+    export reads whole files anyway; `seen` keeps one digest per file for a shard)."""
+    if not s.source_digest:
+        return
+    if s.audio_path not in seen:
+        try:
+            seen[s.audio_path] = fs.file_digest(s.audio_path)
+        except OSError:
+            return  # gone or unreadable: the decode reports it with the decoder's reason
+    if seen[s.audio_path] != s.source_digest:
+        raise ChangedError(f"{T.CHANGED_SINCE_INGEST}: content digest {seen[s.audio_path]} is not "
+                           f"{s.source_digest} (the file was edited or swapped)")
 
 
 def load_clip(s: SampleSpec, sample_rate: int | None, mono: bool) -> np.ndarray:
@@ -168,13 +188,18 @@ def write_shard(spec: ShardSpec, out_dir: str) -> ShardResult:
         return done
     final = out / spec.name
     failed: list[tuple[str, str]] = []
+    digests: dict[str, str] = {}
     with fs.atomic_open(final, "wb") as raw:
         hashing = _HashingWriter(raw)
         with tar_writer(hashing) as tar:
             for s in spec.samples:
                 rate = spec.sample_rate or s.source_rate
                 try:  # audio that changed or went away since ingest: this sample's error, not the run's
+                    check_identity(s, digests)
                     audio = load_clip(s, spec.sample_rate, spec.mono)
+                except ChangedError as e:  # never exported under the old labels
+                    failed.append((s.key, str(e)))
+                    continue
                 except ExportError as e:
                     failed.append((s.key, f"{FAILED_REASON}: {e}"))
                     continue

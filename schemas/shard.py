@@ -18,7 +18,7 @@ SHARD_SAMPLE_VERSION = 1
 # --- the shards folder ---------------------------------------------------------------------
 
 SHARD_EXT = ".tar"  # shard-NNNNNN.tar
-KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,90}$")  # sample keys: no dots, no `/`, fit a USTAR name with ext
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,90}\Z")  # sample keys: no dots, no `/`, fit a USTAR name with ext
 SIZES_FILE = "sizes.json"  # shard file name -> sample count
 INDEX_FILE = "index.parquet"  # clip -> shard, position (INDEX_SCHEMA)
 CHECKSUMS_FILE = "SHA256SUMS"  # `sha256sum -c` format

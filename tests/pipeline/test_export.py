@@ -26,77 +26,6 @@ from schemas import shard as S
 from schemas import stats as Q
 from schemas import tables as T
 
-CLIP_S = 0.5
-LEFT_OUT = [  # (status, reason) of the rows that must not be exported
-    (T.REJECTED, "text_audio_mismatch"),
-    (T.REJECTED, "silent: -71.0 dBFS after removing DC (threshold -60.0 dBFS)"),
-    (T.ERROR, "decode failed: unexpected end of file"),
-]
-
-
-# --- fixtures: seeded synthetic audio and a caption table that points at it ------------------
-
-
-def make_stats() -> Q.QualityStats:
-    return Q.make(count=10, fit=None, mu=3.8, sigma=0.2, fixed=True, band_multipliers=(-2, -1, 1, 2),
-                  prefix_low_below=-2, prefix_medium_within=1, prefix_high_above=2)
-
-
-def make_captions(root: Path, n_ok: int = 13, seed: int = 0, stats: Q.QualityStats | None = None) -> Path:
-    """Write source audio (mono 16 kHz WAV, stereo 22.05 kHz FLAC) and a 2-part caption table."""
-    rng = np.random.default_rng(seed)
-    stats = stats or make_stats()
-    audio_dir = root / "audio"
-    audio_dir.mkdir(parents=True)
-    sources = []
-    for i, (rate, channels, ext) in enumerate([(16000, 1, "wav"), (22050, 2, "flac")]):
-        n = int(rate * CLIP_S * (n_ok + len(LEFT_OUT)))
-        t = np.arange(n) / rate
-        tone = 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t)[:, None] + 0.05 * rng.standard_normal((n, channels))
-        path = audio_dir / f"src{i}.{ext}"
-        sf.write(path, tone.astype(np.float32), rate, subtype="PCM_16")
-        sources.append((str(path), rate, channels, n / rate))
-    rows = []
-    statuses = [(T.OK, "")] * n_ok + LEFT_OUT
-    for j, (status, reason) in enumerate(statuses):
-        path, rate, channels, total = sources[j % 2]
-        ok = status == T.OK
-        level = int(rng.integers(1, 6))
-        prefix = [Q.PREFIX_LOW, "", Q.PREFIX_MEDIUM, "", Q.PREFIX_HIGH][level - 1]
-        original = f"a synth tune number {j} | with <b>odd</b> text"
-        caption = original if j % 3 == 0 else f"bright synthesizer melody {j} over soft noise"
-        rows.append({
-            T.CLIP_ID: f"{j:04d}c{seed:02d}" + "ab" * 4, T.AUDIO_PATH: path, T.SOURCE_DIGEST: f"d{j % 2}",
-            T.START_S: (j // 2) * CLIP_S, T.DURATION_S: CLIP_S, T.SOURCE_DURATION_S: total,
-            T.SOURCE_SIZE_BYTES: None, T.SOURCE_MTIME_NS: None,
-            T.SOURCE_SAMPLE_RATE: rate, T.SOURCE_CHANNELS: channels, T.SOURCE_FORMAT: "WAV" if rate == 16000 else "FLAC",
-            T.CAPTION_ORIGINAL: original, T.TAGS: ["synth"], T.METADATA_JSON: "{}",
-            T.STATUS: status, T.REASON: reason,
-            T.PMOS: None if status == T.ERROR else float(3.0 + rng.random() * 1.5), T.SCORER: "test",
-            T.QUALITY_LEVEL: level if ok else None, T.QUALITY_PREFIX: prefix, T.STATS_ID: stats.id,
-            T.CANDIDATES: [caption], T.CANDIDATE_REJECTS: [], T.CLAP_ORIGINAL: float(rng.random() * 0.5),
-            T.CLAP_CANDIDATES: [0.4], T.CLAP_SCORE: float(0.2 + rng.random() * 0.5) if status != T.ERROR else None,
-            T.CAPTION: caption, T.CAPTION_SOURCE: "original" if caption == original else "candidate",
-            T.CAPTION_NOTE: "", T.PROMPT: f"{prefix}, {caption}" if prefix else caption,
-        })
-    table = T.conform(pa.Table.from_pylist(rows), T.CAPTIONS_SCHEMA)
-    captions = root / "captions"
-    fs.write_parts(table, captions, rows_per_part=7)
-    Q.dump(stats, captions / Q.STATS_FILE)
-    return captions
-
-
-def export(captions: Path, out: Path, **kw) -> E.ExportConfig:
-    cfg = E.ExportConfig(**{"shard_max_count": 3, **kw})
-    E.main(cfg, captions, out)
-    return cfg
-
-
-def run_in_process(fn, calls, **_):
-    """`pipeline.backend.run_tasks` without Ray: every call in this process, in order."""
-    return [fn(*args) for args in calls]
-
-
 def decode_flac(data: bytes):
     audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     return audio, rate
@@ -118,14 +47,14 @@ def ray_local(ray_session):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+def dataset(tmp_path_factory, make_captions):
     return make_captions(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
-def exported(dataset, tmp_path_factory, ray_local):
+def exported(dataset, tmp_path_factory, ray_local, export_to):
     out = tmp_path_factory.mktemp("shards")
-    export(dataset, out)
+    export_to(dataset, out)
     return out
 
 
@@ -133,7 +62,7 @@ def exported(dataset, tmp_path_factory, ray_local):
 
 
 @pytest.mark.slow
-def test_plain_webdataset_reads_every_ok_sample(dataset, exported):
+def test_plain_webdataset_reads_every_ok_sample(dataset, exported, make_captions):
     import webdataset as wds
 
     ds = wds.WebDataset(shard_urls(exported), shardshuffle=False, empty_check=False).decode(
@@ -150,7 +79,7 @@ def test_plain_webdataset_reads_every_ok_sample(dataset, exported):
         assert meta[S.PROMPT] == row[T.PROMPT] and meta[S.QUALITY_LEVEL] == row[T.QUALITY_LEVEL]
         audio, rate = s[S.AUDIO_EXT]
         assert rate == row[T.SOURCE_SAMPLE_RATE] == meta[S.SAMPLE_RATE]
-        assert audio.shape == (round(CLIP_S * rate), row[T.SOURCE_CHANNELS])
+        assert audio.shape == (round(make_captions.clip_s * rate), row[T.SOURCE_CHANNELS])
         start = round(row[T.START_S] * rate)
         src, _ = sf.read(row[T.AUDIO_PATH], start=start, frames=len(audio), dtype="float32", always_2d=True)
         np.testing.assert_allclose(audio, src, atol=1.5 / 32768)  # lossless at PCM_16
@@ -168,12 +97,12 @@ def test_samples_are_shuffled_and_shards_cut_by_count(exported):
 
 
 @pytest.mark.slow
-def test_non_ok_rows_are_reported_not_exported(dataset, exported):
+def test_non_ok_rows_are_reported_not_exported(dataset, exported, make_captions):
     report = json.loads((exported / S.REPORT_FILE).read_text())
     table = read_folder(dataset).to_pylist()
     left = sorted((r[T.CLIP_ID], r[T.STATUS], r[T.REASON]) for r in table if r[T.STATUS] != T.OK)
     assert sorted((r[T.CLIP_ID], r[T.STATUS], r[T.REASON]) for r in report["left_out"]["rows"]) == left
-    assert report["left_out"]["counts"][T.REJECTED] == {LEFT_OUT[0][1]: 1, LEFT_OUT[1][1]: 1}
+    assert report["left_out"]["counts"][T.REJECTED] == {make_captions.left_out[0][1]: 1, make_captions.left_out[1][1]: 1}
     assert report["exported"] == 13 and report["input_rows"] == 16
     exported_ids = set(pq.read_table(exported / S.INDEX_FILE).column(T.CLIP_ID).to_pylist())
     assert exported_ids.isdisjoint(r[0] for r in left)
@@ -199,9 +128,9 @@ def test_stats_and_config_travel_with_the_shards(dataset, exported):
 
 
 @pytest.mark.slow
-def test_export_twice_gives_byte_identical_shards(dataset, exported, tmp_path):
+def test_export_twice_gives_byte_identical_shards(dataset, exported, tmp_path, export_to):
     again = tmp_path / "again"
-    export(dataset, again)
+    export_to(dataset, again)
     assert folder_bytes(again) == folder_bytes(exported)
     before = {p.name: p.stat().st_mtime_ns for p in again.glob("*.tar")}
     stage = E.main(E.ExportConfig(shard_max_count=3), dataset, again)
@@ -211,9 +140,9 @@ def test_export_twice_gives_byte_identical_shards(dataset, exported, tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_to_the_same_shards(dataset, exported, tmp_path):
+def test_interrupted_run_resumes_to_the_same_shards(dataset, exported, tmp_path, export_to):
     out = tmp_path / "killed"
-    export(dataset, out)
+    export_to(dataset, out)
     # what a run killed half way leaves: shards missing, one cut short, a stale state record,
     # a half-written temporary shard, and none of the final index files
     (out / "shard-000001.tar").unlink()
@@ -231,7 +160,7 @@ def test_interrupted_run_resumes_to_the_same_shards(dataset, exported, tmp_path)
 
 
 @pytest.mark.slow
-def test_run_killed_mid_way_resumes_to_the_same_shards(dataset, exported, tmp_path):
+def test_run_killed_mid_way_resumes_to_the_same_shards(dataset, exported, tmp_path, export_to):
     """SIGKILL a real `mosaiq export` (driver, its Ray and its workers) once some shards exist."""
     out = tmp_path / "sigkill"
     cmd = [sys.executable, "-c", "import sys; from pipeline import export; sys.exit(export.cli(sys.argv[1:]))",
@@ -250,46 +179,46 @@ def test_run_killed_mid_way_resumes_to_the_same_shards(dataset, exported, tmp_pa
     assert not (out / S.SIZES_FILE).exists()
     E.main(E.ExportConfig(shard_max_count=1), dataset, out)
     reference = tmp_path / "reference"
-    export(dataset, reference, shard_max_count=1)
+    export_to(dataset, reference, shard_max_count=1)
     assert folder_bytes(out) == folder_bytes(reference)
 
 
 @pytest.mark.slow
-def test_changed_plan_rewrites_and_removes_stale_shards(dataset, exported, tmp_path):
+def test_changed_plan_rewrites_and_removes_stale_shards(dataset, exported, tmp_path, export_to):
     out = tmp_path / "replan"
-    export(dataset, out, shard_max_count=2)  # 7 shards
+    export_to(dataset, out, shard_max_count=2)  # 7 shards
     assert len(shard_urls(out)) == 7
-    export(dataset, out)  # 5 shards of 3: every name's content changes, two names go
+    export_to(dataset, out)  # 5 shards of 3: every name's content changes, two names go
     assert folder_bytes(out) == folder_bytes(exported)
 
 
 @pytest.mark.slow
-def test_seed_changes_the_order(dataset, exported, tmp_path):
+def test_seed_changes_the_order(dataset, exported, tmp_path, export_to):
     out = tmp_path / "seed1"
-    export(dataset, out, seed=1)
+    export_to(dataset, out, seed=1)
     a = pq.read_table(exported / S.INDEX_FILE).column(T.CLIP_ID).to_pylist()
     b = pq.read_table(out / S.INDEX_FILE).column(T.CLIP_ID).to_pylist()
     assert sorted(a) == sorted(b) and a != b
 
 
 @pytest.mark.slow
-def test_resample_and_mono(dataset, tmp_path, ray_local):
+def test_resample_and_mono(dataset, tmp_path, ray_local, export_to, make_captions):
     import webdataset as wds
 
     out = tmp_path / "mono8k"
-    export(dataset, out, sample_rate=8000, mono=True, shard_max_count=100)
+    export_to(dataset, out, sample_rate=8000, mono=True, shard_max_count=100)
     for s in wds.WebDataset(shard_urls(out), shardshuffle=False).decode(wds.handle_extension(S.AUDIO_EXT, decode_flac)):
         audio, rate = s[S.AUDIO_EXT]
         assert rate == s[S.JSON_EXT][S.SAMPLE_RATE] == 8000
-        assert audio.shape == (round(CLIP_S * 8000), 1)
+        assert audio.shape == (round(make_captions.clip_s * 8000), 1)
         assert 0.1 < float(np.abs(audio).max()) <= 1.0
 
 
 @pytest.mark.slow
-def test_shard_bytes_bound(dataset, tmp_path, ray_local):
+def test_shard_bytes_bound(dataset, tmp_path, ray_local, export_to):
     out = tmp_path / "bybytes"
     limit = 50_000  # a 0.5 s stereo 22.05 kHz clip is ~44 kB as PCM: one or two per shard
-    export(dataset, out, shard_max_count=100, shard_max_bytes=limit)
+    export_to(dataset, out, shard_max_count=100, shard_max_bytes=limit)
     sizes = json.loads((out / S.SIZES_FILE).read_text())
     assert len(sizes) > 5 and sum(sizes.values()) == 13
     assert all(p.stat().st_size <= limit for p in out.glob("*.tar"))
@@ -328,7 +257,7 @@ def test_refuses_duplicate_ids_and_mismatched_stats(dataset, tmp_path):
         E.load_stats(tmp_path / "other.json", E.split_rows(table)[0])
 
 
-def test_stats_found_in_a_sibling_folder_by_id(dataset, tmp_path):
+def test_stats_found_in_a_sibling_folder_by_id(dataset, tmp_path, make_stats):
     root = tmp_path / "run"
     (root / "quality").mkdir(parents=True)
     shutil.copytree(dataset, root / "captions", ignore=shutil.ignore_patterns(Q.STATS_FILE))

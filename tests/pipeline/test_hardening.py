@@ -233,3 +233,27 @@ def test_check_unchanged_names_what_changed(tmp_path):
     audio.check_unchanged(tmp_path / "a.wav", st.st_size, st.st_mtime_ns)
     with pytest.raises(audio.AudioError, match=f"{T.CHANGED_SINCE_INGEST}: size {st.st_size} -> "):
         audio.check_unchanged(tmp_path / "a.wav", st.st_size, st.st_mtime_ns + 1)
+
+
+def test_export_never_writes_audio_that_changed_since_ingest(tmp_path, make_captions, export_to, in_process_tasks,
+                                                             monkeypatch):
+    import json as _json
+
+    from pipeline import backend, verify
+
+    captions = make_captions(tmp_path)
+    src = tmp_path / "audio" / "src0.wav"
+    x, sr = sf.read(src, dtype="float32")
+    sf.write(src, np.roll(x, 1000), sr, subtype="PCM_16")  # same length, other audio: swapped content
+    monkeypatch.setattr(backend, "run_tasks", in_process_tasks)
+    out = tmp_path / "shards"
+    export_to(captions, out)
+    report = _json.loads((out / "export_report.json").read_text())
+    changed = [r for r in report["left_out"]["rows"] if r[T.REASON].startswith(T.CHANGED_SINCE_INGEST)]
+    table = read_folder(captions)
+    from_src0 = [r for r in table.to_pylist() if r[T.AUDIO_PATH] == str(src) and r[T.STATUS] == T.OK]
+    assert from_src0 and sorted(r[T.CLIP_ID] for r in changed) == sorted(r[T.CLIP_ID] for r in from_src0)
+    result = verify.main(verify.VerifyConfig(shards_dir=str(out)))
+    assert result.ok, result.problems
+    keys = {k for k in pq.read_table(out / "index.parquet").column(T.CLIP_ID).to_pylist()}
+    assert keys.isdisjoint(r[T.CLIP_ID] for r in from_src0)

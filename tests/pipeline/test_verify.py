@@ -20,19 +20,14 @@ from pipeline import verify as V
 from schemas import shard as S
 from schemas import tables as T
 
-try:  # the fixtures live beside this file
-    from test_export import export, make_captions, run_in_process
-except ImportError:  # pragma: no cover - when tests/ is a package
-    from tests.pipeline.test_export import export, make_captions, run_in_process
-
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory):
+def clean(tmp_path_factory, make_captions, export_to, in_process_tasks):
     root = tmp_path_factory.mktemp("verify")
     out = root / "shards"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(backend, "run_tasks", run_in_process)
-        export(make_captions(root, n_ok=8), out)
+        mp.setattr(backend, "run_tasks", in_process_tasks)
+        export_to(make_captions(root, n_ok=8), out)
     return out
 
 
