@@ -13,7 +13,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60 clusters use token a
 os.environ.setdefault("RAY_health_check_failure_threshold", "100")
 os.environ.setdefault("RAY_health_check_timeout_ms", "60000")
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
+
+TESTS = Path(__file__).resolve().parent
 
 
 # fixtures that start Ray, a Ray cluster or a server: a test that uses one must be marked slow,
@@ -46,3 +52,16 @@ def sample_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sample")
     write_sample(out, SampleConfig(tracks=6, seed=0))
     return out
+
+
+@pytest.fixture(scope="session")
+def caption_kit():
+    """Tones, noise, quality rows, byte-level tokenizers and tiny (trained) CLAPs for the caption
+    and CLAP tests: the helpers in tests/caption_kit.py, loaded from their file."""
+    name = "mosaiq_tests_caption_kit"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, TESTS / "caption_kit.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

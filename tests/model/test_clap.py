@@ -14,17 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _caption_fixtures as F  # noqa: E402
-from _upstream_formats import save_with_numpy1_names  # noqa: E402
 
 from model import clap as C  # noqa: E402
 
 LONG_TEXT = "an energetic rock song with electric guitar and calm jazz with piano and brushed drums " * 8
 
 
-def save_like_laion(module, path, numpy1_names=False):
+def save_like_laion(module, path, save_with_numpy1_names, numpy1_names=False):
     """As laion_clap/training/main.py writes a checkpoint: the DDP-wrapped model's state_dict
     (`module.` keys), the epoch, the run name, and the AdamW state whose param-group `lr` the
     cosine schedule (training/scheduler.py) has set to a numpy.float64."""
@@ -52,7 +48,8 @@ def _offline(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def laion_files(tmp_path_factory):
+def laion_files(tmp_path_factory, caption_kit):
+    F = caption_kit
     root = tmp_path_factory.mktemp("laion")
     text = F.roberta_text_folder(root / "roberta")
     torch.manual_seed(0)
@@ -67,11 +64,12 @@ def laion_files(tmp_path_factory):
     [("HTSAT-tiny", False, True), ("HTSAT-base", False, False), ("HTSAT-tiny", True, False)],
     ids=["tiny-630k-style", "base-music-style", "tiny-fused"],
 )
-def test_laion_format_checkpoint_embeds_like_laion_clap(laion_files, tmp_path, amodel, fusion, numpy1_names):
+def test_laion_format_checkpoint_embeds_like_laion_clap(laion_files, tmp_path, amodel, fusion, numpy1_names, caption_kit, save_with_numpy1_names):
+    F = caption_kit
     _, text, _ = laion_files
     torch.manual_seed(1)
     module = C.build_laion_module(text, amodel, enable_fusion=fusion)
-    ckpt = save_like_laion(module, tmp_path / "epoch_1.pt", numpy1_names)
+    ckpt = save_like_laion(module, tmp_path / "epoch_1.pt", save_with_numpy1_names, numpy1_names)
     clap = C.load_clap("laion", ckpt, text, seed=7)  # audio model: auto, from the tensors
     assert (clap.amodel, clap.fusion) == (amodel, fusion)
     waves = [F.tone(12.5), F.noise(3.0)]  # cropped to the 10 s window, repeat-padded to it
@@ -108,7 +106,8 @@ def test_audio_model_is_read_from_the_tensors_and_a_contradiction_is_refused(lai
         C.laion_architecture(half_fused)
 
 
-def test_both_backends_cut_text_at_77_tokens(laion_files, tmp_path):
+def test_both_backends_cut_text_at_77_tokens(laion_files, tmp_path, caption_kit):
+    F = caption_kit
     _, text, ckpt = laion_files
     laion = C.load_clap("laion", ckpt, text)
     model, features, tok = F.tiny_hf_clap()  # its tokenizer is trained like the laion text folder's
@@ -125,7 +124,8 @@ def test_both_backends_cut_text_at_77_tokens(laion_files, tmp_path):
     assert len(hf.tokenize([LONG_TEXT])["input_ids"][0]) == C.TEXT_MAX_TOKENS
 
 
-def test_laion_checkpoint_loads_offline_and_matches_the_saved_module(laion_files):
+def test_laion_checkpoint_loads_offline_and_matches_the_saved_module(laion_files, caption_kit):
+    F = caption_kit
     module, text, ckpt = laion_files
     clap = C.LaionClap(ckpt, text, seed=3)
     for name, tensor in module.model.state_dict().items():
@@ -182,7 +182,8 @@ def test_laion_refuses_a_checkpoint_that_needs_unpickling(laion_files, tmp_path)
         C.load_clap("laion", ckpt, None)
 
 
-def test_transformers_clap_folder_loads_offline(tmp_path):
+def test_transformers_clap_folder_loads_offline(tmp_path, caption_kit):
+    F = caption_kit
     model, features, tok = F.tiny_hf_clap()
     model.save_pretrained(tmp_path)
     features.save_pretrained(tmp_path)
@@ -213,7 +214,8 @@ def test_crop_window_is_seeded_and_keyed():
     assert C.crop_window(short, "k", 0) is not None and len(C.crop_window(short, "k", 0)) == 100
 
 
-def test_transformers_clap_truncates_long_text_to_its_positions(tmp_path):
+def test_transformers_clap_truncates_long_text_to_its_positions(tmp_path, caption_kit):
+    F = caption_kit
     model, features, tok = F.tiny_hf_clap()
     model.save_pretrained(tmp_path)
     features.save_pretrained(tmp_path)

@@ -23,7 +23,6 @@ from model.text import FrozenTextEncoder
 from model.train import TrainConfig, resolve_model_config
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "pipeline"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,8 +50,8 @@ def tiny_checkpoint(tmp_path_factory, text_encoder_dir):
 
 
 @pytest.fixture(scope="module")
-def clap_folder(tmp_path_factory):
-    import _caption_fixtures as F
+def clap_folder(tmp_path_factory, caption_kit):
+    F = caption_kit
 
     model, features, tok = F.tiny_hf_clap(seed=0)
     folder = tmp_path_factory.mktemp("clap")
@@ -121,8 +120,8 @@ def embedding_factory():
 
 
 @pytest.mark.slow
-def test_evaluate_reports_clap_score_and_fad(tiny_checkpoint, clap_folder, tmp_path):
-    import _caption_fixtures as F
+def test_evaluate_reports_clap_score_and_fad(tiny_checkpoint, clap_folder, tmp_path, caption_kit):
+    F = caption_kit
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("high quality, a tone\nmedium quality, a hum\nlow quality, noise\n")

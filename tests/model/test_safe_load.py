@@ -6,15 +6,12 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _upstream_formats import save_with_numpy1_names  # noqa: E402
 
 from model.checkpoint import UnsafeCheckpointError, safe_torch_load  # noqa: E402
 
@@ -32,7 +29,7 @@ def upstream_like():
 
 
 @pytest.mark.parametrize("numpy1", [False, True], ids=["numpy2-names", "numpy1-names"])
-def test_upstream_types_load(tmp_path, numpy1):
+def test_upstream_types_load(tmp_path, numpy1, save_with_numpy1_names):
     path = tmp_path / "ckpt.pt"
     (save_with_numpy1_names if numpy1 else torch.save)(upstream_like(), path)
     got = safe_torch_load(path)
