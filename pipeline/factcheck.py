@@ -1,0 +1,284 @@
+"""Captions against measured facts: what a caption claims, whether the audio contradicts it,
+and captions written from the facts themselves.
+
+- `extract_claims(text)`: stated BPM, tempo words (slow, fast, ...) as BPM ranges, key and
+  mode, drums present or absent.
+- `confident_facts(facts, cfg)`: the measured facts sure enough to check against and to give
+  an LLM as data (tempo, key, drums); the rest is left out, never guessed.
+- `check(text, facts, cfg)`: the reasons (`contradicts_tempo`, `contradicts_key`,
+  `contradicts_drums`) why `text` contradicts the confident facts; [] when it does not.
+  A stated tempo agrees with the measured one, its half or its double (tempo estimators and
+  listeners disagree by octaves); a stated key agrees with the measured key or, by default,
+  its relative major/minor (they share every note, and profiles confuse them).
+- `facts_sentence(facts, cfg)`: a short sentence of confident facts to append to a prompt, as
+  MusicBench does ("The bpm is 120. The key is A minor. It has drums.").
+- `fallback_caption(facts, cfg, tags)`: a caption from the confident facts for a clip with no
+  usable caption ("" when no fact is confident).
+
+`facts` is any mapping with the column names of `schemas.facts` (a row of the analyze table).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from schemas import facts as F
+
+
+@dataclass(frozen=True)
+class FactCheckConfig:
+    """Which facts count as confident, and how far a claim may be from a measurement."""
+
+    tempo_min_confidence: float = 0.3  # onset autocorrelation at the beat period, 0..1
+    key_min_confidence: float = 0.6  # correlation with the best key profile, 0..1
+    drums_present_ratio: float = 0.22  # percussive ratio at or above: drums, confidently
+    drums_absent_ratio: float = 0.12  # at or below: no drums, confidently (between: not sure)
+    tempo_tolerance: float = 0.08  # a stated BPM within 8 % of the measured one agrees
+    half_double: bool = True  # ... or within 8 % of its half or its double
+    relative_key: bool = True  # a stated key agrees with the measured key's relative major/minor
+    slow_bpm: tuple[float, float] = (40.0, 100.0)  # "slow", "downtempo", "adagio", ...
+    mid_bpm: tuple[float, float] = (80.0, 135.0)  # "mid-tempo", "moderate tempo", "andante", ...
+    fast_bpm: tuple[float, float] = (115.0, 240.0)  # "fast", "uptempo", "allegro", ...
+
+    def __post_init__(self):
+        if not 0 <= self.drums_absent_ratio < self.drums_present_ratio <= 1:
+            raise ValueError(
+                f"need 0 <= drums_absent_ratio < drums_present_ratio <= 1, got "
+                f"{self.drums_absent_ratio}, {self.drums_present_ratio}"
+            )
+        if not 0 < self.tempo_tolerance < 0.5:
+            raise ValueError(f"tempo_tolerance must be in (0, 0.5), got {self.tempo_tolerance}")
+        for name in ("slow_bpm", "mid_bpm", "fast_bpm"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo < hi:
+                raise ValueError(f"{name} must be (low, high) with 0 < low < high, got {(lo, hi)}")
+
+
+@dataclass(frozen=True)
+class Claims:
+    """What a caption says about tempo, key and drums (None: it says nothing)."""
+
+    bpm: float | None = None
+    tempo_word: str | None = None  # "slow", "mid" or "fast"
+    key: int | None = None  # tonic pitch class, 0 = C
+    mode: str | None = None  # "major" or "minor"
+    drums: bool | None = None
+
+
+@dataclass(frozen=True)
+class Confident:
+    """The measured facts that are sure enough to use (None: not measured or not sure)."""
+
+    tempo_bpm: float | None = None
+    key: int | None = None
+    mode: str | None = None
+    drums: bool | None = None
+
+    @property
+    def key_name(self) -> str | None:
+        return None if self.key is None else f"{F.KEY_NAMES[self.key]} {self.mode}"
+
+
+# --- claims -----------------------------------------------------------------------------------
+
+_BPM = re.compile(
+    r"(?<![\d.])(\d{2,3}(?:\.\d+)?)\s*(?:-\s*)?(?:bpm|b\.p\.m\.?|beats\s+per\s+minute|beats/min)\b"
+    r"|\btempo\s+(?:of|is|at|around|about|~|:)?\s*(?:about|around|roughly|approximately|~)?\s*(\d{2,3}(?:\.\d+)?)\b(?!\s*%)",
+    re.IGNORECASE,
+)
+_TEMPO_WORDS = {
+    "slow": r"slow|slowly|downtempo|down-tempo|adagio|largo|lento|grave",
+    "mid": r"mid-tempo|midtempo|mid tempo|moderate tempo|medium tempo|medium-tempo|andante|moderato",
+    "fast": r"fast|fast-paced|uptempo|up-tempo|quick|rapid|allegro|presto|vivace",
+}
+_TEMPO_WORD = {w: re.compile(rf"\b(?:{p})\b", re.IGNORECASE) for w, p in _TEMPO_WORDS.items()}
+_ACCIDENTAL = r"(#|♯|b|♭|\s*-?\s*sharp|\s*-?\s*flat)?"
+# "A minor", "F# major", "Bb maj", "in the key of D", "C#m"; the tonic letter must be upper case
+_KEY = re.compile(
+    rf"\b([A-G]){_ACCIDENTAL}\s*-?\s*(major|minor|maj|min)\b(?![-\s]key)"
+    rf"|\bkey\s+of\s+([A-G]){_ACCIDENTAL}(?:\s*-?\s*(major|minor|maj|min)\b)?"
+    rf"|\b([A-G])(#|♯|b|♭)?m\b"
+)
+_MODE_ONLY = re.compile(r"\b(major|minor)[-\s]key\b|\bin\s+a\s+(major|minor)\s+key\b", re.IGNORECASE)
+_NO_DRUMS = re.compile(
+    r"\b(?:no|without|lacks?|lacking|absence\s+of|free\s+of|sans|minus)\s+(?:any\s+|a\s+)?"
+    r"(?:drums?|percussion|drum\s+kit|beat|rhythm\s+section)\b|\bdrumless\b|\bdrum-free\b|\ba\s+cappella\b",
+    re.IGNORECASE,
+)
+_DRUMS = re.compile(
+    r"\b(?:drums?|drumming|drummer|drum\s+machine|drumbeat|percussion|kick(?:\s+drum)?|snares?|hi-?hats?|"
+    r"cymbals?|toms?|breakbeats?|tabla|congas?|bongos?|808s?)\b",
+    re.IGNORECASE,
+)
+
+
+def _pitch_class(letter: str, accidental: str | None) -> int:
+    pc = F.KEY_NAMES.index(letter)
+    acc = (accidental or "").strip().lower().lstrip("-").strip()
+    if acc in ("#", "♯", "sharp"):
+        pc += 1
+    elif acc in ("b", "♭", "flat"):
+        pc -= 1
+    return pc % 12
+
+
+def _mode(word: str | None) -> str | None:
+    if not word:
+        return None
+    return F.MAJOR if word.lower().startswith("maj") else F.MINOR
+
+
+def extract_claims(text: str) -> Claims:
+    """The tempo, key and drums claims of `text` (the first stated of each; None when absent
+    or when the text contradicts itself)."""
+    text = text or ""
+    bpm = None
+    m = _BPM.search(text)
+    if m:
+        bpm = float(m.group(1) or m.group(2))
+    words = [w for w, rx in _TEMPO_WORD.items() if rx.search(text)]
+    tempo_word = words[0] if len(words) == 1 else None  # "slow intro, fast chorus": no claim
+    key = mode = None
+    k = _KEY.search(text)
+    if k:
+        if k.group(1):
+            key, mode = _pitch_class(k.group(1), k.group(2)), _mode(k.group(3))
+        elif k.group(4):
+            key, mode = _pitch_class(k.group(4), k.group(5)), _mode(k.group(6))
+        else:
+            key, mode = _pitch_class(k.group(7), k.group(8)), F.MINOR
+    else:
+        mo = _MODE_ONLY.search(text)
+        if mo:
+            mode = _mode(mo.group(1) or mo.group(2))
+    no_drums, drums_words = bool(_NO_DRUMS.search(text)), bool(_DRUMS.search(_NO_DRUMS.sub(" ", text)))
+    drums = None if no_drums and drums_words else False if no_drums else True if drums_words else None
+    return Claims(bpm=bpm, tempo_word=tempo_word, key=key, mode=mode, drums=drums)
+
+
+# --- confident facts ----------------------------------------------------------------------------
+
+
+def _num(facts: Mapping, name: str) -> float | None:
+    v = facts.get(name)
+    return None if v is None or v != v else float(v)  # v != v: NaN
+
+
+def confident_facts(facts: Mapping, cfg: FactCheckConfig = FactCheckConfig()) -> Confident:
+    tempo, t_conf = _num(facts, F.TEMPO_BPM), _num(facts, F.TEMPO_CONFIDENCE)
+    key_name, mode, k_conf = facts.get(F.KEY) or "", facts.get(F.MODE) or "", _num(facts, F.KEY_CONFIDENCE)
+    ratio = _num(facts, F.PERCUSSIVE_RATIO)
+    drums = None
+    if ratio is not None:
+        drums = True if ratio >= cfg.drums_present_ratio else False if ratio <= cfg.drums_absent_ratio else None
+    key_ok = key_name in F.KEY_NAMES and mode in (F.MAJOR, F.MINOR) and k_conf is not None and k_conf >= cfg.key_min_confidence
+    return Confident(
+        tempo_bpm=tempo if tempo and t_conf is not None and t_conf >= cfg.tempo_min_confidence else None,
+        key=F.KEY_NAMES.index(key_name) if key_ok else None,
+        mode=mode if key_ok else None,
+        drums=drums,
+    )
+
+
+def grounding(facts: Mapping, cfg: FactCheckConfig = FactCheckConfig()) -> dict:
+    """The confident facts as plain data for an LLM prompt: {"tempo_bpm": 120, "key": "A minor",
+    "drums": "yes"}; a fact that is not confident is left out."""
+    c = confident_facts(facts, cfg)
+    out: dict = {}
+    if c.tempo_bpm is not None:
+        out["tempo_bpm"] = int(round(c.tempo_bpm))
+    if c.key_name:
+        out["key"] = c.key_name
+    if c.drums is not None:
+        out["drums"] = "yes" if c.drums else "no"
+    return out
+
+
+# --- the check ------------------------------------------------------------------------------------
+
+
+def _tempo_agrees(claims: Claims, measured: float, cfg: FactCheckConfig) -> bool:
+    octaves = (measured / 2, measured, measured * 2) if cfg.half_double else (measured,)
+    tol = cfg.tempo_tolerance
+    if claims.bpm is not None:
+        return any(abs(claims.bpm - t) <= tol * t for t in octaves)
+    lo, hi = {"slow": cfg.slow_bpm, "mid": cfg.mid_bpm, "fast": cfg.fast_bpm}[claims.tempo_word]
+    return any(lo * (1 - tol) <= t <= hi * (1 + tol) for t in octaves)
+
+
+def _relative(key: int, mode: str) -> tuple[int, str]:
+    return ((key + 9) % 12, F.MINOR) if mode == F.MAJOR else ((key + 3) % 12, F.MAJOR)
+
+
+def _key_agrees(claims: Claims, c: Confident, cfg: FactCheckConfig) -> bool:
+    rel_key, rel_mode = _relative(c.key, c.mode)
+    if claims.key is None:  # a mode alone: only checkable when relative keys count as different
+        return cfg.relative_key or claims.mode == c.mode
+    if claims.mode is None:
+        return claims.key == c.key or (cfg.relative_key and claims.key == rel_key)
+    if (claims.key, claims.mode) == (c.key, c.mode):
+        return True
+    return cfg.relative_key and (claims.key, claims.mode) == (rel_key, rel_mode)
+
+
+def check(text: str | Claims, facts: Mapping | Confident, cfg: FactCheckConfig = FactCheckConfig()) -> list[str]:
+    """Why `text` contradicts the confident facts (reasons in `schemas.facts.CHECK_REASONS`
+    order); [] when it does not, or when it claims nothing that was measured confidently."""
+    claims = text if isinstance(text, Claims) else extract_claims(text)
+    c = facts if isinstance(facts, Confident) else confident_facts(facts, cfg)
+    reasons = []
+    if c.tempo_bpm is not None and (claims.bpm is not None or claims.tempo_word is not None):
+        if not _tempo_agrees(claims, c.tempo_bpm, cfg):
+            reasons.append(F.CONTRADICTS_TEMPO)
+    if c.key is not None and (claims.key is not None or claims.mode is not None):
+        if not _key_agrees(claims, c, cfg):
+            reasons.append(F.CONTRADICTS_KEY)
+    if c.drums is not None and claims.drums is not None and claims.drums != c.drums:
+        reasons.append(F.CONTRADICTS_DRUMS)
+    return reasons
+
+
+# --- captions from facts ------------------------------------------------------------------------------
+
+
+def _tempo_word(bpm: float, cfg: FactCheckConfig) -> str:
+    if bpm < cfg.mid_bpm[0]:
+        return "slow"
+    return "fast" if bpm > cfg.mid_bpm[1] else "mid-tempo"
+
+
+def facts_sentence(facts: Mapping, cfg: FactCheckConfig = FactCheckConfig()) -> str:
+    """A short sentence of the confident facts, MusicBench-style; "" when none is confident."""
+    c = confident_facts(facts, cfg)
+    parts = []
+    if c.tempo_bpm is not None:
+        parts.append(f"The bpm is {int(round(c.tempo_bpm))}.")
+    if c.key_name:
+        parts.append(f"The key is {c.key_name}.")
+    if c.drums is not None:
+        parts.append("It has drums." if c.drums else "It has no drums.")
+    return " ".join(parts)
+
+
+def fallback_caption(facts: Mapping, cfg: FactCheckConfig = FactCheckConfig(), tags: Sequence[str] = ()) -> str:
+    """A caption made of the confident facts (and the tags, if any), for a clip whose caption
+    is missing and whose LLM candidates all failed; "" when there is nothing to say."""
+    c = confident_facts(facts, cfg)
+    tags = [t.strip() for t in tags if t and t.strip() and not check(t, c, cfg)]  # no tag that contradicts
+    if c.tempo_bpm is None and c.key is None and c.drums is None and not tags:
+        return ""
+    text = "A"
+    if c.tempo_bpm is not None:
+        text += f" {_tempo_word(c.tempo_bpm, cfg)}"
+    text += " piece of music"
+    if c.tempo_bpm is not None:
+        text += f" at about {int(round(c.tempo_bpm))} bpm"
+    if c.key_name:
+        text += f" in {c.key_name}"
+    if c.drums is not None:
+        text += ", with drums" if c.drums else ", without drums"
+    if tags:
+        text += f"; tagged {', '.join(tags[:8])}"
+    return text + "."
