@@ -3,8 +3,13 @@
 Each track is a melody over a chord progression (several timbres, keys, modes and tempos,
 with or without drums), captioned with what was generated. Every clean track gets degraded
 copies (added noise, hard clipping, low-pass, low-bitrate MP3), written in a mix of formats
-(wav, flac, ogg, mp3), and a `manifest.csv` with `path`, `caption`, `tags` and free metadata
-(`pair_id`, `degradation`). Optionally a few broken files show how bad input is reported.
+(wav, flac, ogg, mp3), and a `manifest.csv` with `path`, `caption`, `tags` and free metadata:
+`pair_id`, `degradation`, `strength` and the truth of the music (`bpm`, `key`, `mode`, `drums`,
+`lead`, `pad`, `solo`, and `caption_lie`: what a deliberately wrong caption gets wrong).
+Optionally a few broken files show how bad input is reported.
+
+The benchmark's options (`wide`, `strengths`, `wrong_captions`) widen it: tempos 60-180, all 24
+keys, each degradation at two strengths, soft solo tracks over a noise floor, lying captions.
 
     mosaiq sample --out data/sample [--tracks 6] [--seed 0]
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +37,12 @@ _MINOR = (0, 2, 3, 5, 7, 8, 10)
 _KEYS = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 _LEADS = ("flute", "saw lead", "square synth", "plucked guitar", "electric piano")
 _PADS = ("warm pad", "organ", "string")
+_SOLO_LEADS = ("flute", "electric piano")
+STRENGTHS = ("strong", "mild")  # "strong" is the default sample's one
+LIES = ("tempo", "key", "drums")  # what a deliberately wrong caption gets wrong
+# manifest columns: the path, caption and tags, then the truth as free metadata
+MANIFEST_COLUMNS = ["path", "caption", "tags", "pair_id", "degradation", "strength", "bpm", "key", "mode", "drums",
+                    "lead", "pad", "solo", "caption_lie"]
 
 
 @dataclass(frozen=True)
@@ -40,10 +52,21 @@ class SampleConfig:
     sample_rate: int = 22050
     seed: int = 0
     bad_files: bool = True  # add a zero-byte, a text and a truncated file
+    # the benchmark's options (benchmarks/facts_accuracy.py); the defaults give the demo's sample
+    wide: bool = False  # tempos 60-180, all 24 keys in turn, half with drums, soft solos
+    solo_share: float = 0.15  # wide only: share of soft solo tracks (little treble, a noise floor)
+    strengths: tuple[str, ...] = ("strong",)  # each degradation at these strengths ("strong", "mild")
+    wrong_captions: int = 0  # the first N tracks get a caption that lies about tempo, key or drums
 
     def __post_init__(self):
         if self.tracks < 1:
             raise ValueError(f"tracks must be >= 1, got {self.tracks}")
+        if not self.strengths or any(s not in STRENGTHS for s in self.strengths):
+            raise ValueError(f"strengths must be a non-empty subset of {STRENGTHS}, got {self.strengths}")
+        if not 0 <= self.solo_share <= 1:
+            raise ValueError(f"solo_share must be in [0, 1], got {self.solo_share}")
+        if not 0 <= self.wrong_captions <= self.tracks:
+            raise ValueError(f"wrong_captions must be in [0, tracks], got {self.wrong_captions}")
         if self.seconds <= 1:
             raise ValueError(f"seconds must be > 1, got {self.seconds}")
 
@@ -109,57 +132,136 @@ def _drums(n: int, sr: int, beat: int, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def synth_track(rng: np.random.Generator, seconds: float, sr: int) -> tuple[np.ndarray, str, list[str]]:
-    """One synthetic track (mono float32 in [-1, 1]), its caption and its tags."""
+@dataclass(frozen=True)
+class Track:
+    """What a generated track is (the ground truth the manifest keeps)."""
+
+    key: int  # tonic pitch class, 0 = C
+    minor: bool
+    bpm: int
+    lead: str
+    pad: str  # "" for a solo track
+    drums: bool
+    solo: bool = False  # a soft solo instrument with little treble over a recording's noise floor
+    noise_dbfs: float = -200.0  # RMS of the recording's noise floor (solo tracks)
+
+    @property
+    def key_name(self) -> str:
+        return f"{_KEYS[self.key]} {'minor' if self.minor else 'major'}"
+
+
+def caption_for(track: Track) -> str:
+    speed = "slow" if track.bpm < 95 else "mid-tempo" if track.bpm < 125 else "fast"
+    if track.solo:
+        return f"A soft, {speed} solo {track.lead} melody in {track.key_name} at {track.bpm} bpm, no drums."
+    return (
+        f"A {speed} {track.lead} melody in {track.key_name} at {track.bpm} bpm "
+        f"over {track.pad} chords{', with a simple kick and hi-hat beat' if track.drums else ', no drums'}."
+    )
+
+
+def tags_for(track: Track) -> list[str]:
+    tags = ["synthetic", track.lead] + ([track.pad] if track.pad else []) + (["solo"] if track.solo else [])
+    return tags + ["minor" if track.minor else "major"] + (["drums"] if track.drums else [])
+
+
+def render_track(rng: np.random.Generator, track: Track, seconds: float, sr: int) -> np.ndarray:
+    """The audio of `track` (mono float32 in [-1, 1])."""
     n = int(seconds * sr)
-    key = int(rng.integers(0, 12))
-    minor = bool(rng.integers(0, 2))
-    bpm = int(rng.choice([72, 90, 100, 120, 128, 140]))
-    lead, pad = str(rng.choice(_LEADS)), str(rng.choice(_PADS))
-    drums = bool(rng.integers(0, 2))
-    scale = _MINOR if minor else _MAJOR
-    beat = int(sr * 60 / bpm)
-    progression = (0, 5, 3, 4) if minor else (0, 4, 5, 3)  # i-VI-iv-v / I-V-vi-IV
+    scale = _MINOR if track.minor else _MAJOR
+    beat = int(sr * 60 / track.bpm)
+    progression = (0, 5, 3, 4) if track.minor else (0, 4, 5, 3)  # i-VI-iv-v / I-V-vi-IV
     mix = np.zeros(n, np.float32)
     bar = beat * 4
-    for b, start in enumerate(range(0, n, bar)):
-        degree = progression[b % 4]
-        length = min(bar, n - start)
-        for k in (0, 2, 4):  # triad
-            note = 48 + key + scale[(degree + k) % 7] + 12 * ((degree + k) // 7)
-            mix[start:start + length] += 0.12 * _tone(pad, _midi_hz(note), length, sr, rng)
+    if track.pad:
+        for b, start in enumerate(range(0, n, bar)):
+            degree = progression[b % 4]
+            length = min(bar, n - start)
+            for k in (0, 2, 4):  # triad
+                note = 48 + track.key + scale[(degree + k) % 7] + 12 * ((degree + k) // 7)
+                mix[start:start + length] += 0.12 * _tone(track.pad, _midi_hz(note), length, sr, rng)
     step = beat // 2
     for start in range(0, n, step):
         if rng.random() < 0.15:
             continue  # a rest
         length = min(step * int(rng.choice([1, 1, 2])), n - start)
-        note = 72 + key + scale[int(rng.integers(0, 7))] - 12 * int(rng.integers(0, 2))
-        mix[start:start + length] += 0.3 * _tone(lead, _midi_hz(note), length, sr, rng)
-    if drums:
+        note = 72 + track.key + scale[int(rng.integers(0, 7))] - 12 * int(rng.integers(0, 2))
+        mix[start:start + length] += 0.3 * _tone(track.lead, _midi_hz(note), length, sr, rng)
+    if track.drums:
         mix += 0.35 * _drums(n, sr, beat, rng)
-    mix = (0.8 * mix / max(1e-6, float(np.abs(mix).max()))).astype(np.float32)
-    speed = "slow" if bpm < 95 else "mid-tempo" if bpm < 125 else "fast"
-    caption = (
-        f"A {speed} {lead} melody in {_KEYS[key]} {'minor' if minor else 'major'} at {bpm} bpm "
-        f"over {pad} chords{', with a simple kick and hi-hat beat' if drums else ', no drums'}."
-    )
-    tags = ["synthetic", lead, pad, "minor" if minor else "major"] + (["drums"] if drums else [])
-    return mix, caption, tags
+    if track.solo:  # played softly, little treble, over the noise floor of a quiet room and preamp
+        mix = signal.sosfilt(signal.butter(1, 1500, fs=sr, output="sos"), mix).astype(np.float32)
+        mix = (0.12 * mix / max(1e-6, float(np.abs(mix).max()))).astype(np.float32)
+        mix += (10 ** (track.noise_dbfs / 20) * rng.standard_normal(n)).astype(np.float32)
+        return mix
+    return (0.8 * mix / max(1e-6, float(np.abs(mix).max()))).astype(np.float32)
 
 
-def degrade(audio: np.ndarray, kind: str, sr: int, rng: np.random.Generator) -> np.ndarray:
+def synth_track(rng: np.random.Generator, seconds: float, sr: int) -> tuple[np.ndarray, str, list[str], Track]:
+    """One synthetic track drawn at random (mono float32 in [-1, 1]), its caption, tags and truth."""
+    key = int(rng.integers(0, 12))
+    minor = bool(rng.integers(0, 2))
+    bpm = int(rng.choice([72, 90, 100, 120, 128, 140]))
+    lead, pad = str(rng.choice(_LEADS)), str(rng.choice(_PADS))
+    drums = bool(rng.integers(0, 2))
+    track = Track(key, minor, bpm, lead, pad, drums)
+    return render_track(rng, track, seconds, sr), caption_for(track), tags_for(track), track
+
+
+def wide_tracks(rng: np.random.Generator, count: int, solo_share: float) -> list[Track]:
+    """`count` tracks spread over the musical space: tempos 60-180, all 24 keys in turn, half
+    with drums, every lead and pad; a `solo_share` of them soft solos over a noise floor."""
+    keys = np.concatenate([rng.permutation(24) for _ in range(count // 24 + 1)])[:count]
+    n_solo = int(round(solo_share * count))
+    solo = np.zeros(count, bool)
+    solo[rng.choice(count, n_solo, replace=False)] = True
+    drums = np.concatenate([rng.permutation([True, False]) for _ in range(count // 2 + 1)])[:count]
+    out = []
+    for i in range(count):
+        key, minor = int(keys[i]) % 12, bool(keys[i] >= 12)
+        bpm = int(rng.integers(60, 181))
+        if solo[i]:
+            lead = str(rng.choice(_SOLO_LEADS))
+            out.append(Track(key, minor, bpm, lead, "", False, True, float(rng.uniform(-78, -62))))
+        else:
+            out.append(Track(key, minor, bpm, str(rng.choice(_LEADS)), str(rng.choice(_PADS)), bool(drums[i])))
+    return out
+
+
+def lie_about(track: Track, what: str) -> Track:
+    """`track` with one claim made wrong, beyond any tolerance of the fact check: the tempo
+    x1.35 or /1.35 (never near half or double), the tonic a tritone away (neither the relative
+    nor a fifth), or the drums flipped."""
+    if what == "tempo":
+        bpm = track.bpm * 1.35 if track.bpm * 1.35 <= 180 else track.bpm / 1.35
+        return dataclasses.replace(track, bpm=int(round(bpm)))
+    if what == "key":
+        return dataclasses.replace(track, key=(track.key + 6) % 12)
+    if what == "drums":
+        return dataclasses.replace(track, drums=not track.drums)
+    raise ValueError(f"unknown claim {what!r}; expected one of {LIES}")
+
+
+def degrade(audio: np.ndarray, kind: str, sr: int, rng: np.random.Generator, strength: str = "strong") -> np.ndarray:
     """A degraded copy of `audio` (low-bitrate is done by the MP3 encoder in `write_sample`)."""
+    if strength not in STRENGTHS:
+        raise ValueError(f"unknown strength {strength!r}; expected one of {STRENGTHS}")
+    mild = strength == "mild"
     if kind == "noise":
         noise = rng.standard_normal(len(audio)).astype(np.float32)
-        snr_db = 5.0
+        snr_db = 12.0 if mild else 5.0
         gain = np.sqrt(np.mean(audio**2) / (10 ** (snr_db / 10)))
         return np.clip(audio + gain * noise, -1, 1).astype(np.float32)
     if kind == "clipping":
+        if mild:  # 6 dB too much gain into a converter: flat tops at full scale
+            return np.clip(audio * (2.0 / max(1e-6, float(np.abs(audio).max()))), -1, 1).astype(np.float32)
         return np.clip(audio * 10.0, -0.25, 0.25).astype(np.float32) * 3
     if kind == "lowpass":
-        sos = signal.butter(8, 800, btype="low", fs=sr, output="sos")
+        sos = signal.butter(8, 4000 if mild else 800, btype="low", fs=sr, output="sos")
         return signal.sosfilt(sos, audio).astype(np.float32)
     if kind == "lowbitrate":  # band-limit like a cheap encoder; the MP3 encoder does the rest
+        if mild:
+            return audio
         sos = signal.butter(6, 3000, btype="low", fs=sr, output="sos")
         return signal.sosfilt(sos, audio).astype(np.float32)
     raise ValueError(f"unknown degradation {kind!r}; expected one of {DEGRADATIONS}")
@@ -172,28 +274,45 @@ def write_sample(out_dir: str | Path, cfg: SampleConfig = SampleConfig()) -> Pat
     rng = np.random.default_rng(cfg.seed)
     rows = []
     sr = cfg.sample_rate
+    plan = wide_tracks(rng, cfg.tracks, cfg.solo_share) if cfg.wide else None
+    lies = [LIES[j % len(LIES)] for j in range(cfg.wrong_captions)]
     for i in range(cfg.tracks):
-        audio, caption, tags = synth_track(rng, cfg.seconds, sr)
+        if plan is None:
+            audio, caption, tags, track = synth_track(rng, cfg.seconds, sr)
+        else:
+            track = plan[i]
+            audio, caption, tags = render_track(rng, track, cfg.seconds, sr), caption_for(track), tags_for(track)
+        lie = lies[i] if i < len(lies) else ""
+        if lie:
+            caption = caption_for(lie_about(track, lie))
         pair = f"track{i:02d}"
+        truth = {
+            "pair_id": pair, "bpm": track.bpm, "key": _KEYS[track.key], "mode": "minor" if track.minor else "major",
+            "drums": int(track.drums), "lead": track.lead, "pad": track.pad, "solo": int(track.solo), "caption_lie": lie,
+        }
         clean_ext = "flac" if i % 2 == 0 else "wav"
         name = f"audio/{pair}_clean.{clean_ext}"
         sf.write(out / name, audio, sr, subtype="PCM_16")
-        rows.append({"path": name, "caption": caption, "tags": ";".join(tags), "pair_id": pair, "degradation": "none"})
+        rows.append({"path": name, "caption": caption, "tags": ";".join(tags), **truth, "degradation": "none", "strength": ""})
         for kind in DEGRADATIONS:
-            d = degrade(audio, kind, sr, rng)
-            if kind == "lowbitrate":
-                name = f"audio/{pair}_{kind}.mp3"
-                sf.write(out / name, d, sr, format="MP3", bitrate_mode="CONSTANT", compression_level=0.99)
-            else:
-                ext = {"noise": "ogg", "clipping": "wav", "lowpass": "flac"}[kind]
-                name = f"audio/{pair}_{kind}.{ext}"
-                sf.write(out / name, d, sr, **({"subtype": "PCM_16"} if ext != "ogg" else {}))
-            rows.append({"path": name, "caption": caption, "tags": ";".join(tags), "pair_id": pair, "degradation": kind})
+            for strength in cfg.strengths:
+                d = degrade(audio, kind, sr, rng, strength)
+                suffix = "" if strength == "strong" else f"_{strength}"
+                if kind == "lowbitrate":
+                    name = f"audio/{pair}_{kind}{suffix}.mp3"
+                    level = 0.99 if strength == "strong" else 0.9  # about 8 and 24 kbps at 22.05 kHz
+                    sf.write(out / name, d, sr, format="MP3", bitrate_mode="CONSTANT", compression_level=level)
+                else:
+                    ext = {"noise": "ogg", "clipping": "wav", "lowpass": "flac"}[kind]
+                    name = f"audio/{pair}_{kind}{suffix}.{ext}"
+                    sf.write(out / name, d, sr, **({"subtype": "PCM_16"} if ext != "ogg" else {}))
+                rows.append({"path": name, "caption": caption, "tags": ";".join(tags), **truth,
+                             "degradation": kind, "strength": strength})
     if cfg.bad_files:
         rows += _write_bad_files(out)
     manifest = out / MANIFEST
     with open(manifest, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "caption", "tags", "pair_id", "degradation"])
+        w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, restval="")
         w.writeheader()
         w.writerows(rows)
     log.info("wrote %d files and %s", len(rows), manifest)
