@@ -2,9 +2,12 @@
 module imports `ray`.
 
 - `map_parts`: run a row-wise stage class (`pipeline.stage.Stage`) over a folder of Parquet
-  parts with Ray Data, resumably (score, quantize's pass 2, caption's CLAP step, ...).
+  parts with Ray Data, resumably (score, quantize's pass 2, caption's CLAP step, ...). A stage
+  with a `prepare(table, **kwargs)` static method (decoding: CPU, no model) gets it run as CPU
+  tasks of the same pipeline ahead of its actors, so the actors only run the model.
 - `run_tasks`: run independent tasks (one function, many argument tuples) with a progress
-  display, results in order (export's shards, caption's per-part steps).
+  display, results in order (ingest, export's shards, caption's per-part steps); `local=True`
+  runs the same calls in this process (pure tests, no Ray).
 - `aggregate_parts`: one partial per part computed where the part is, merged on the driver in a
   canonical order (quantize's moments and report).
 - `map_llm`: stream the rows of some parts through a `ray.data.llm` processor into a work folder
@@ -16,9 +19,11 @@ How `map_parts` goes:
    `params`); a part whose output exists with the same digest is skipped, any other is
    computed again (resume by content, not by name). Output parts with no input part any more
    are removed.
-2. The rows of the pending parts stream through `map_batches` with the stage class (loaded once
-   per actor), and Ray Data writes the results to `<output>/_work/`, one folder per part and
-   input digest. Rows already there from a killed run are not computed again.
+2. The rows of the pending parts stream through `map_batches`: the stage's `prepare` in CPU
+   tasks (when it has one), then the stage class on a pool of actors (loaded once per actor),
+   which writes each batch's rows to `<output>/_work/`, one folder per part and input digest,
+   and hands back only a count (the driver's progress display). Rows already there from a
+   killed run are not computed again.
 3. One Ray task per pending part gathers that part's rows from `_work/`, puts them in input
    order, checks the count, and writes the output part atomically.
 4. `_work/` is removed once every part is final.
@@ -31,9 +36,11 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -49,6 +56,7 @@ WORK_DIR = "_work"
 INPUT_DIGEST_KEY = b"mosaiq.input_digest"  # output part metadata: what it was made from
 _PART_COL = "__mosaiq_part"  # which input part (and digest) a row came from (work files only)
 _RAY_PATH_COL = "path"  # what read_parquet(include_paths=True) adds
+_COUNT_COL = "__mosaiq_rows"  # what the writing steps hand back to the driver: a row count
 _MAX_BLOCKS = 20_000
 
 
@@ -59,6 +67,24 @@ def _ray():
     import ray
 
     return ray
+
+
+def ray_running() -> bool:
+    """Whether this process is connected to Ray (started or joined by `init_ray` or a test)."""
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    return ray.is_initialized()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's own progress (a bar per operator, or a status dump every 10 s in a log) is
+    off: each step shows one `_Progress` of its own instead."""
+    ray = _ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # "Starting execution", plans
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
 
 
 def read_folder(folder: str | Path, columns: list[str] | None = None) -> pa.Table:
@@ -76,16 +102,17 @@ def status_counts(folder: str | Path) -> dict[str, int]:
 
 
 class _Progress:
-    """A progress bar on a terminal, a log line at most every `every_s` seconds otherwise."""
+    """One display per step: a progress bar with the rate on a terminal; otherwise (a log, a
+    `ray job submit`) a line at most every `every_s` seconds and one at the end."""
 
-    def __init__(self, desc: str, total: int, unit: str, every_s: float = 60.0):
-        self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
+    def __init__(self, desc: str, total: int | None, unit: str, every_s: float = 60.0, show: bool = True):
+        self.desc, self.total, self.unit, self.every_s, self.show = desc, total, unit, every_s, show
         self.n, self.t0, self.last = 0, time.perf_counter(), time.perf_counter()
         self.bar = None
-        if sys.stderr.isatty():
+        if show and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit=unit)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=False, smoothing=0.1)
 
     def update(self, k: int = 1) -> None:
         self.n += k
@@ -93,13 +120,47 @@ class _Progress:
             self.bar.update(k)
             return
         now = time.perf_counter()
-        if self.n == self.total or now - self.last >= self.every_s:
+        if self.show and now - self.last >= self.every_s:
             self.last = now
-            log.info("%s: %d/%d %s(s) done (%.1fs)", self.desc, self.n, self.total, self.unit, now - self.t0)
+            self._log(now)
+
+    def _log(self, now: float) -> None:
+        seconds = now - self.t0
+        of = f"/{self.total}" if self.total is not None else ""
+        log.info("%s: %d%s %s(s) in %.0fs (%.1f %s/s)", self.desc, self.n, of, self.unit, seconds,
+                 self.n / max(seconds, 1e-9), self.unit)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        elif self.show and self.n:
+            self._log(time.perf_counter())
+
+
+# --- arrays between steps ----------------------------------------------------------------------
+
+WAVE_TYPE = pa.large_list(pa.float32())  # one clip's samples per row; null: no audio (a bad row)
+
+
+def wave_column(waves: Sequence[Any]) -> pa.Array:
+    """float32 arrays (or None) -> a `large_list<float32>` column, one clip per row."""
+    lengths = [0 if w is None else len(w) for w in waves]
+    offsets = np.zeros(len(waves) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    chunks = [np.asarray(w, np.float32).ravel() for w in waves if w is not None]
+    values = pa.array(np.concatenate(chunks) if chunks else np.zeros(0, np.float32), pa.float32())
+    mask = pa.array([w is None for w in waves], pa.bool_())
+    return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values, mask=mask)
+
+
+def column_waves(column: pa.Array | pa.ChunkedArray) -> list[np.ndarray | None]:
+    """The inverse of `wave_column`: one float32 array (a view, no copy) or None per row."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False)
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    return [values[offsets[i]: offsets[i + 1]] if valid[i] else None for i in range(len(column))]
 
 
 # --- shape 2: independent tasks --------------------------------------------------------------
@@ -112,26 +173,38 @@ def run_tasks(
     num_cpus: float = 1.0,
     max_retries: int = 0,
     unit: str = "task",
+    sizes: Sequence[int] | None = None,
+    local: bool = False,
+    show: bool = True,
 ) -> list[Any]:
     """Run `fn(*args)` for every `args` in `calls` as Ray tasks; results in the order of `calls`.
 
-    `fn` must be importable (a module-level function), so Ray pickles it by reference.
+    `fn` must be importable (a module-level function), so Ray pickles it by reference. The
+    progress display counts `sizes[i]` units for call i (default 1: tasks). `local=True` runs
+    the calls one after another in this process instead (the same results; no Ray needed).
     """
     if not calls:
         return []
-    ray = _ray()
-    task = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(fn)
-    refs = [task.remote(*args) for args in calls]
-    index = {ref: i for i, ref in enumerate(refs)}
-    results: list[Any] = [None] * len(refs)
-    progress = _Progress(desc, len(refs), unit)
-    pending = list(refs)
+    sizes = list(sizes) if sizes is not None else [1] * len(calls)
+    progress = _Progress(desc, sum(sizes), unit, show=show)
+    results: list[Any] = [None] * len(calls)
     try:
+        if local:
+            for i, args in enumerate(calls):
+                results[i] = fn(*args)
+                progress.update(sizes[i])
+            return results
+        ray = _ray()
+        task = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(fn)
+        refs = [task.remote(*args) for args in calls]
+        index = {ref: i for i, ref in enumerate(refs)}
+        pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             for ref in ready:
-                results[index[ref]] = ray.get(ref)
-                progress.update()
+                i = index[ref]
+                results[i] = ray.get(ref)
+                progress.update(sizes[i])
     finally:
         progress.close()
     return results
@@ -156,7 +229,7 @@ def aggregate_parts(
     reads only `columns` of its part; partials reach `combine` in part order, so the result does
     not depend on which task finishes first."""
     calls = [(partial, str(p), columns) for p in parts]
-    return combine(run_tasks(_partial_of_part, calls, desc, num_cpus=num_cpus, unit="part"))
+    return combine(run_tasks(_partial_of_part, calls, desc, num_cpus=num_cpus, unit="part", show=False))
 
 
 # --- shape 1: a row-wise stage over parts ------------------------------------------------------
@@ -209,27 +282,65 @@ def pending_parts(parts: list[Path], digests: dict[str, str], output_dir: Path) 
     return [p for p in parts if recorded_digest(output_dir / p.name) != digests[p.name]]
 
 
-class _StageActor:
-    """Wraps a stage callable: keeps the part tag beside its output, checks one row per row."""
+def _drop_done(batch: pa.Table, done_ids: pa.Array | None) -> pa.Table:
+    """`batch` less the rows an earlier (killed) run already computed."""
+    if done_ids is None or not len(done_ids) or batch.num_rows == 0:
+        return batch
+    return batch.filter(pc.invert(pc.is_in(batch.column(T.CLIP_ID), value_set=done_ids)))
 
-    def __init__(self, stage_cls, stage_kwargs: dict, done_ids: pa.Array | None, tags: dict[str, str]):
+
+def _prepare_batch(batch: pa.Table, stage_cls, stage_kwargs: dict, done_ids: pa.Array | None) -> pa.Table:
+    """The CPU step ahead of the actors: `stage_cls.prepare` (decoding) on the rows still to do."""
+    batch = _drop_done(batch, done_ids)
+    paths = batch.column(_RAY_PATH_COL)
+    out = stage_cls.prepare(batch.drop_columns([_RAY_PATH_COL]), **stage_kwargs)
+    if out.num_rows != batch.num_rows:
+        raise RuntimeError(f"{stage_cls.__name__}.prepare returned {out.num_rows} rows for {batch.num_rows}")
+    return out.append_column(_RAY_PATH_COL, paths)
+
+
+def _count(n: int) -> pa.Table:
+    return pa.table({_COUNT_COL: pa.array([n], pa.int64())})
+
+
+class _StageActor:
+    """Runs a stage callable on a batch, checks one row per row, and writes the rows to the work
+    folder of the part each came from; hands back only the row count."""
+
+    def __init__(self, stage_cls, stage_kwargs: dict, done_ids: pa.Array | None, tags: dict[str, str], work_dir: str):
         self.stage = stage_cls(**stage_kwargs)
         self.done_ids = done_ids
         self.tags = tags  # input part file name -> work tag (name and digest)
+        self.work_dir = Path(work_dir)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        names = [self.tags[os.path.basename(p)] for p in batch.column(_RAY_PATH_COL).to_pylist()]
+        batch = _drop_done(batch, self.done_ids)
+        names = pa.array([self.tags[os.path.basename(p)] for p in batch.column(_RAY_PATH_COL).to_pylist()], pa.string())
         batch = batch.drop_columns([_RAY_PATH_COL])
-        if self.done_ids is not None and len(self.done_ids):
-            keep = pc.invert(pc.is_in(batch.column(T.CLIP_ID), value_set=self.done_ids))
-            batch = batch.filter(keep)
-            names = [n for n, k in zip(names, keep.to_pylist()) if k]
         if batch.num_rows == 0:
-            return self.stage.output_schema.append(pa.field(_PART_COL, pa.string())).empty_table()
+            return _count(0)
         out = self.stage(batch)
         if out.num_rows != batch.num_rows:
             raise RuntimeError(f"stage {type(self.stage).__name__} returned {out.num_rows} rows for {batch.num_rows}")
-        return out.append_column(_PART_COL, pa.array(names, pa.string()))
+        for tag in pc.unique(names).to_pylist():
+            rows = out.filter(pc.equal(names, tag))
+            name = fs.text_digest("|".join(rows.column(T.CLIP_ID).to_pylist()))  # same rows, same name
+            fs.atomic_write_table(rows, _part_work_dir(self.work_dir, tag) / f"{name}.parquet")
+        return _count(out.num_rows)
+
+
+def _drain(ds, progress: _Progress) -> int:
+    """Execute a dataset whose rows are counts (the steps above write their own output), updating
+    the progress display; only the counts reach the driver."""
+    total = 0
+    try:
+        for counts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            n = int(pc.sum(counts.column(_COUNT_COL)).as_py() or 0)
+            total += n
+            progress.update(n)
+    finally:
+        progress.close()
+    return total
 
 
 def _work_tag(name: str, digest: str) -> str:
@@ -293,7 +404,7 @@ def _warn_if_no_cpu_left(stage: str, resources: Resources, cluster_cpus: float) 
     if cluster_cpus and held > cluster_cpus - 1:
         log.warning(
             "%s: %d actor(s) x %.2g CPU = %.2g of the cluster's %.2g CPUs leaves less than 1 CPU for "
-            "reading and writing parts, which then wait forever unless nodes are added: lower "
+            "reading and decoding parts, which then wait forever unless nodes are added: lower "
             "num_cpus or concurrency", stage, resources.concurrency, resources.num_cpus, held, cluster_cpus,
         )
         return True
@@ -353,6 +464,7 @@ def run_parts(
     log.info("%s: %d part(s) to do", name, len(pending))
 
     ray = _ray()
+    quiet_ray_data()
     _warn_if_no_cpu_left(name, resources, ray.cluster_resources().get("CPU", 0.0))
     work_dir = output_dir / WORK_DIR
     tags = {p.name: _work_tag(p.name, digests[p.name]) for p in pending}
@@ -375,26 +487,43 @@ def run_parts(
         rows_pending = sum(pq.read_metadata(p).num_rows for p in with_rows)
         blocks = max(len(with_rows), min(_MAX_BLOCKS, -(-rows_pending // resources.batch_size)))
         ds = ray.data.read_parquet([str(p) for p in with_rows], include_paths=True, override_num_blocks=blocks)
+        prepare = getattr(stage_cls, "prepare", None)
+        if prepare is not None:  # decoding in CPU tasks, so the actors only run the model
+            ds = ds.map_batches(
+                _prepare_batch,
+                fn_kwargs={"stage_cls": stage_cls, "stage_kwargs": stage_kwargs, "done_ids": done_ids},
+                batch_size=resources.batch_size,
+                batch_format="pyarrow",
+                num_cpus=resources.prepare_num_cpus,
+            )
         ds = ds.map_batches(
             _StageActor,
-            fn_constructor_kwargs={"stage_cls": stage_cls, "stage_kwargs": stage_kwargs, "done_ids": done_ids, "tags": tags},
+            fn_constructor_kwargs={"stage_cls": stage_cls, "stage_kwargs": stage_kwargs, "done_ids": done_ids,
+                                   "tags": tags, "work_dir": str(work_dir)},
             batch_size=resources.batch_size,
             batch_format="pyarrow",
             concurrency=resources.concurrency,
             num_cpus=resources.num_cpus,
             num_gpus=resources.num_gpus,
         )
-        # one folder per input part, so finalizing a part reads only its own rows
-        ds.write_parquet(str(work_dir), partition_cols=[_PART_COL])
+        todo = rows_pending - (len(done_ids) if done_ids is not None else 0)
+        _drain(ds, _Progress(name, max(todo, 0), "row"))
 
     calls = [(str(p), str(work_dir), tags[p.name], str(output_dir / p.name), stage_cls.output_schema, digests[p.name])
              for p in pending]
-    rows = sum(run_tasks(_finalize_part, calls, f"{name} (write)", num_cpus=0.5, unit="part"))
+    rows = sum(run_tasks(_finalize_part, calls, f"{name} (write)", num_cpus=0.5, unit="part", show=False))
     shutil.rmtree(work_dir, ignore_errors=True)
     return rows
 
 
 # --- shape 4: rows through a ray.data.llm processor --------------------------------------------
+
+
+def _write_batch(batch: pa.Table, folder: str) -> pa.Table:
+    """Write one batch of rows as a Parquet file in `folder`; hand back its row count."""
+    if batch.num_rows:
+        fs.atomic_write_table(batch, Path(folder) / f"{uuid.uuid4().hex}.parquet")
+    return _count(batch.num_rows)
 
 
 def map_llm(
@@ -405,17 +534,23 @@ def map_llm(
     processor: Callable,
     work_dir: str | Path,
     num_cpus: float,
+    desc: str = "llm",
+    total: int | None = None,
 ) -> None:
     """`read(*args)` for each call (light Ray tasks) -> `expand` each row into prompt rows ->
     `processor` (a `ray.data.llm` processor: pipeline.llm.build_processor) -> Parquet files in
     `work_dir`. Each part is read by a plain task with `num_cpus`: Ray Data's own Parquet
     listing task asks for a whole CPU, which a 2-CPU node with an engine holding one cannot give.
+    `total` (prompt rows, when known) sizes the progress display.
     """
     if not calls:
         return
     ray = _ray()
+    quiet_ray_data()
     light = {"num_cpus": num_cpus}
     task = ray.remote(**light)(read)
     ds = ray.data.from_arrow_refs([task.remote(*args) for args in calls])
     ds = ds.flat_map(expand, fn_kwargs=expand_kwargs, **light)
-    processor(ds).write_parquet(str(work_dir), ray_remote_args=light)
+    ds = processor(ds).map_batches(_write_batch, fn_kwargs={"folder": str(work_dir)}, batch_size=None,
+                                   batch_format="pyarrow", **light)
+    _drain(ds, _Progress(desc, total, "answer"))

@@ -26,8 +26,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # (pass --address auto to join one started with `ray start`)
         log.info("starting an embedded Ray (num_cpus=%s)", num_cpus)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    from pipeline.backend import quiet_ray_data
+
+    quiet_ray_data()  # one progress display per stage (pipeline.backend), not Ray Data's per operator
 
 
 def add_ray_args(parser) -> None:

@@ -45,8 +45,15 @@ class ScoreConfig:
     resources: Resources = field(default_factory=lambda: Resources(batch_size=8, concurrency=1, num_cpus=1.0))
 
 
+WAVE = "_pmos_wave"  # the decoded clip (mono, PMOS_SAMPLE_RATE) between `prepare` and the scorer
+
+
 class ScoreStage(Stage):
-    """Callable over an Arrow batch of clip rows -> the same rows with `pmos` (one out per in)."""
+    """Callable over an Arrow batch of clip rows -> the same rows with `pmos` (one out per in).
+
+    `prepare` (CPU tasks on Ray, ahead of the scorer actors) decodes, downmixes, resamples and
+    checks each `ok` clip into the `WAVE` column; `__call__` only runs the scorer, and prepares
+    the batch itself when it arrives without that column."""
 
     name = "score"
     input_schema = T.CLIPS_SCHEMA
@@ -64,39 +71,54 @@ class ScoreStage(Stage):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() and cfg.resources.num_gpus > 0 else "cpu"
         self.scorer = build_scorer(cfg.scorer, cfg.model, device)
-        self.checks = audio.SignalChecks(silence_dbfs=cfg.silence_dbfs)
+        if self.scorer.sample_rate != T.PMOS_SAMPLE_RATE:
+            raise ValueError(f"scorer {cfg.scorer!r} takes {self.scorer.sample_rate} Hz; score decodes at {T.PMOS_SAMPLE_RATE} Hz")
+
+    @staticmethod
+    def prepare(table: pa.Table, cfg: ScoreConfig) -> pa.Table:
+        """Decode each `ok` clip (mono, 16 kHz) into `WAVE`; a clip that fails to decode or is
+        unusable (NaN/Inf, silent) becomes an `error`/`rejected` row with the reason."""
+        ScoreStage.check_input(table.schema)
+        checks = audio.SignalChecks(silence_dbfs=cfg.silence_dbfs)
+        cols = [table.column(c).to_pylist() for c in (T.STATUS, T.REASON, T.AUDIO_PATH, T.START_S, T.DURATION_S,
+                                                      T.SOURCE_SIZE_BYTES, T.SOURCE_MTIME_NS)]
+        status, reason, waves = cols[0], cols[1], []
+        for i, (_, _, path, start, dur, size, mtime) in enumerate(zip(*cols)):
+            wav = None
+            if status[i] == T.OK:
+                try:
+                    audio.check_unchanged(path, size, mtime)
+                    wav = audio.load_clip(path, start, dur, T.PMOS_SAMPLE_RATE)
+                    bad = checks.reason(wav)
+                    if bad:
+                        status[i], reason[i], wav = T.REJECTED, bad, None
+                except audio.AudioError as e:
+                    status[i], reason[i] = e.status, e.reason
+            waves.append(wav)
+        table = table.set_column(table.schema.get_field_index(T.STATUS), T.STATUS, pa.array(status, pa.string()))
+        table = table.set_column(table.schema.get_field_index(T.REASON), T.REASON, pa.array(reason, pa.string()))
+        return table.append_column(WAVE, backend.wave_column(waves))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if WAVE not in batch.column_names:
+            batch = self.prepare(batch, self.cfg)
         self.check_input(batch.schema)
-        rows = batch.select(T.CLIPS_SCHEMA.names).to_pylist()
-        pmos: list[float | None] = [None] * len(rows)
-        wavs, idx = [], []
-        for i, r in enumerate(rows):
-            if r[T.STATUS] != T.OK:
-                continue
-            try:
-                audio.check_unchanged(r[T.AUDIO_PATH], r[T.SOURCE_SIZE_BYTES], r[T.SOURCE_MTIME_NS])
-                wav = audio.load_clip(r[T.AUDIO_PATH], r[T.START_S], r[T.DURATION_S], self.scorer.sample_rate)
-            except audio.AudioError as e:
-                r[T.STATUS], r[T.REASON] = e.status, e.reason
-                continue
-            bad = self.checks.reason(wav)
-            if bad:
-                r[T.STATUS], r[T.REASON] = T.REJECTED, bad
-                continue
-            wavs.append(wav)
-            idx.append(i)
-        if wavs:
-            scores = self.scorer(wavs)
-            for i, s in zip(idx, scores):
+        waves = backend.column_waves(batch.column(WAVE))
+        status, reason = batch.column(T.STATUS).to_pylist(), batch.column(T.REASON).to_pylist()
+        idx = [i for i, (s, w) in enumerate(zip(status, waves)) if s == T.OK and w is not None]
+        pmos: list[float | None] = [None] * batch.num_rows
+        if idx:
+            for i, s in zip(idx, self.scorer([waves[i] for i in idx])):
                 if np.isfinite(s):
                     pmos[i] = float(s)
                 else:
-                    rows[i][T.STATUS], rows[i][T.REASON] = T.ERROR, f"scorer returned {s}"
-        for r, s in zip(rows, pmos):
-            r[T.PMOS] = s
-            r[T.SCORER] = self.scorer.name
-        return pa.Table.from_pylist(rows, schema=T.SCORES_SCHEMA)
+                    status[i], reason[i] = T.ERROR, f"scorer returned {s}"
+        out = batch.select(T.CLIPS_SCHEMA.names)
+        out = out.set_column(out.schema.get_field_index(T.STATUS), T.STATUS, pa.array(status, pa.string()))
+        out = out.set_column(out.schema.get_field_index(T.REASON), T.REASON, pa.array(reason, pa.string()))
+        out = out.append_column(T.PMOS, pa.array(pmos, pa.float64()))
+        out = out.append_column(T.SCORER, pa.array([self.scorer.name] * batch.num_rows, pa.string()))
+        return T.conform(out, self.output_schema)
 
 
 def main(cfg: ScoreConfig, input_dir: str | Path, output_dir: str | Path) -> StageReport:

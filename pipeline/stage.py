@@ -10,6 +10,14 @@ A row-wise stage is a callable class:
         def __init__(self, cfg: ScoreConfig): ...          # loads its model once per worker
         def __call__(self, table: pa.Table) -> pa.Table: ...
 
+        @staticmethod
+        def prepare(table: pa.Table, cfg: ScoreConfig) -> pa.Table: ...  # optional: decoding
+
+A stage may define `prepare(table, **same kwargs as __init__)`: CPU work with no model (decoding,
+resampling) that adds columns (audio as a `large_list<float32>` column) and may turn rows into
+`error`/`rejected` rows. The backend runs it in CPU tasks ahead of the model actors; `__call__`
+runs it itself when the prepared columns are absent, so the class works on a bare Arrow table.
+
 Its config dataclass holds a `resources: Resources` field. Each stage module exposes
 `main(cfg, input_dir, output_dir) -> StageReport`; `pipeline.backend` runs the class over a
 folder of parts on Ray, and the CLI and `curate` start Ray (nothing else does).
@@ -34,6 +42,7 @@ class Resources:
     concurrency: int = 1  # workers (actors) in the pool
     num_cpus: float = 1.0  # per worker
     num_gpus: float = 0.0  # per worker
+    prepare_num_cpus: float = 1.0  # per CPU task of the stage's `prepare` step (decoding), if it has one
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -42,6 +51,8 @@ class Resources:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError(f"num_cpus/num_gpus must be >= 0, got {self.num_cpus}/{self.num_gpus}")
+        if not self.prepare_num_cpus > 0:
+            raise ValueError(f"prepare_num_cpus must be > 0, got {self.prepare_num_cpus}")
 
 
 @dataclass
