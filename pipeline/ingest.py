@@ -5,6 +5,16 @@ Each file is probed (header plus its last second; never decoded in full), split 
 deterministic `clip_id`. Files that cannot be used become one `error` or `rejected` row with
 the reason, so every input file ends in at least one row and nothing is dropped silently.
 
+It runs as Ray tasks (`pipeline.backend.run_tasks`), the driver holding only file names of its
+own work files and counts, never the list of audio files:
+1. list: one task lists the top of the folder, one task per subfolder walks it (or one task
+   reads the manifest), writing the sources in batches of `files_per_task` to `_work/`;
+2. probe: one task per batch probes and hashes its files (streamed) into clip rows;
+3. duplicates: one task finds clips whose id an earlier row already has;
+4. write: one task per output part gathers its rows, marks duplicates, and writes the part
+   when its bytes changed.
+Without Ray (not initialised: the pure tests) the same tasks run one after another in this process.
+
     mosaiq ingest --input MUSIC_DIR_OR_MANIFEST --output CLIPS [--config jobs/curate.yaml]
 """
 
@@ -17,9 +27,9 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,10 +39,11 @@ if __package__ in (None, ""):  # run as a script (`python pipeline/ingest.py`, `
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from jobs import config as jobcfg
-from pipeline import audio, fs
+from pipeline import audio, backend, fs
 from pipeline.stage import StageReport
 from schemas import tables as T
 
@@ -60,7 +71,7 @@ class IngestConfig:
     allow_any_path: bool = False  # True: no confinement at all (a manifest may name any file)
     clip_id_from: Literal["content", "path"] = "content"  # content digest survives renames
     rows_per_part: int = 1000
-    workers: int = 4  # files probed at once
+    files_per_task: int = 256  # files listed, probed and hashed per Ray task
 
     def __post_init__(self):
         if not self.clip_seconds > 0:
@@ -73,6 +84,8 @@ class IngestConfig:
             raise ValueError(f"need 1 <= min_sample_rate <= max_sample_rate, got {self.min_sample_rate}, {self.max_sample_rate}")
         if self.max_clips_per_file < 1:
             raise ValueError(f"max_clips_per_file must be >= 1, got {self.max_clips_per_file}")
+        if self.rows_per_part < 1 or self.files_per_task < 1:
+            raise ValueError(f"rows_per_part and files_per_task must be >= 1, got {self.rows_per_part}, {self.files_per_task}")
 
 
 @dataclass(frozen=True)
@@ -152,15 +165,47 @@ def _jsonable(v):
     return str(v)
 
 
-def scan_folder(folder: str | Path) -> list[SourceRow]:
-    """Every file under `folder` with an audio extension, sorted by path, stored absolute.
+def _listed(entry: os.DirEntry) -> bool:
+    """An entry ingest lists: an audio extension, and a file or a symlink (even one that cannot
+    be followed: a loop or a dangling link ends as an `error` row instead of vanishing)."""
+    if os.path.splitext(entry.name)[1].lower() not in audio.AUDIO_EXTENSIONS:
+        return False
+    try:
+        return entry.is_symlink() or entry.is_file()
+    except OSError:
+        return False
 
-    A symlink is listed even when it cannot be followed (a loop, a dangling link), so it ends
-    as an `error` row instead of vanishing."""
-    folder = Path(os.path.abspath(folder))
-    files = sorted(p for p in folder.rglob("*")
-                   if p.suffix.lower() in audio.AUDIO_EXTENSIONS and (p.is_symlink() or p.is_file()))
-    return [SourceRow(path=str(p)) for p in files]
+
+def _entries(folder: str) -> list[os.DirEntry]:
+    """A folder's entries sorted by name; an unreadable folder lists nothing (as `Path.rglob`)."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        log.warning("ingest: cannot list %s: %s", folder, e)
+        return []
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)  # symlinked folders are not followed
+    except OSError:
+        return False
+
+
+def walk_files(folder: str | Path):
+    """Every listed file under `folder`, in the order of `sorted(Path.rglob(...))` (by path
+    components): each folder's entries by name, a subfolder's files where its name sorts."""
+    for entry in _entries(str(folder)):
+        if _is_folder(entry):
+            yield from walk_files(entry.path)
+        elif _listed(entry):
+            yield entry.path
+
+
+def scan_folder(folder: str | Path) -> list[SourceRow]:
+    """Every file under `folder` with an audio extension, sorted by path, stored absolute."""
+    return [SourceRow(path=p) for p in walk_files(os.path.abspath(folder))]
 
 
 def read_input(path: str | Path) -> tuple[list[SourceRow], Path]:
@@ -171,6 +216,78 @@ def read_input(path: str | Path) -> tuple[list[SourceRow], Path]:
     if path.is_file():
         return read_manifest(path), path.parent
     raise FileNotFoundError(f"input {str(path)!r} is neither a folder nor a manifest file")
+
+
+# --- listing in tasks: sources in batch files, so the driver never holds the list ----------
+
+_LIST_SCHEMA = pa.schema([
+    pa.field(PATH_COLUMN, pa.string()),
+    pa.field(CAPTION_COLUMN, pa.string()),
+    pa.field(TAGS_COLUMN, pa.list_(pa.string())),
+    pa.field("metadata_json", pa.string()),
+])
+
+
+def _write_batches(sources, work: str, prefix: str, per_batch: int) -> list[tuple[str, int]]:
+    """Write `sources` (SourceRows or paths, in order) as listing files of `per_batch` rows;
+    returns [(file, rows)]."""
+    out, batch = [], []
+
+    def flush():
+        if batch:
+            path = os.path.join(work, f"{prefix}-{len(out):06d}.parquet")
+            rows = [SourceRow(path=b) if isinstance(b, str) else b for b in batch]
+            table = pa.table([[r.path for r in rows], [r.caption for r in rows], [list(r.tags) for r in rows],
+                              [r.metadata_json for r in rows]], schema=_LIST_SCHEMA)
+            fs.atomic_write_table(table, path)
+            out.append((path, len(batch)))
+            batch.clear()
+
+    for src in sources:
+        batch.append(src)
+        if len(batch) >= per_batch:
+            flush()
+    flush()
+    return out
+
+
+def _list_top(folder: str, work: str, per_batch: int) -> list[tuple]:
+    """The top of a scanned folder, in order: ("dir", path) for each subfolder (walked by its own
+    task), ("files", listing file, count) for each batch of the files between them."""
+    items: list[tuple] = []
+    run: list[str] = []
+    seq = 0
+
+    def flush():
+        nonlocal seq
+        for path, n in _write_batches(run, work, f"list-top{seq:05d}", per_batch):
+            items.append(("files", path, n))
+        seq += 1
+        run.clear()
+
+    for entry in _entries(folder):
+        if _is_folder(entry):
+            flush()
+            items.append(("dir", entry.path))
+        elif _listed(entry):
+            run.append(entry.path)
+    flush()
+    return items
+
+
+def _list_tree(folder: str, work: str, prefix: str, per_batch: int) -> list[tuple[str, int]]:
+    """Every listed file under a subfolder, in order, as listing files."""
+    return _write_batches(walk_files(folder), work, prefix, per_batch)
+
+
+def _list_manifest(path: str, work: str, per_batch: int) -> list[tuple[str, int]]:
+    return _write_batches(read_manifest(path), work, "list-manifest", per_batch)
+
+
+def _read_listing(path: str) -> list[SourceRow]:
+    t = pq.read_table(path)
+    return [SourceRow(path=r[PATH_COLUMN], caption=r[CAPTION_COLUMN], tags=tuple(r[TAGS_COLUMN]),
+                      metadata_json=r["metadata_json"]) for r in t.to_pylist()]
 
 
 # --- clips -------------------------------------------------------------------------------
@@ -290,22 +407,93 @@ def _mark_duplicates(rows: list[dict]) -> None:
     for r in rows:
         cid = r[T.CLIP_ID]
         if cid in first:
-            r[T.STATUS] = T.REJECTED
-            r[T.REASON] = f"duplicate: same audio as {first[cid]}"
-            r[T.CLIP_ID] = clip_id(f"dup:{r[T.AUDIO_PATH]}:{len(first)}", r[T.START_S], r[T.DURATION_S])
+            _as_duplicate(r, first[cid], len(first))
         first.setdefault(r[T.CLIP_ID], r[T.AUDIO_PATH])
 
 
-def ingest_rows(sources: list[SourceRow], cfg: IngestConfig, roots: list[Path], progress: bool = True) -> pa.Table:
-    """The clip table for these sources, in input order."""
-    with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-        results = list(tqdm(pool.map(lambda s: ingest_file(s, cfg, roots), sources), total=len(sources),
-                            desc="ingest", unit="file", disable=not progress))
-    rows = [r for file_rows in results for r in file_rows]
+def _as_duplicate(row: dict, first_path: str, index: int) -> None:
+    """Row number `index` (0-based, over the whole input) repeats the clip of `first_path`."""
+    row[T.STATUS] = T.REJECTED
+    row[T.REASON] = f"duplicate: same audio as {first_path}"
+    row[T.CLIP_ID] = clip_id(f"dup:{row[T.AUDIO_PATH]}:{index}", row[T.START_S], row[T.DURATION_S])
+
+
+def ingest_rows(sources: list[SourceRow], cfg: IngestConfig, roots: list[Path]) -> pa.Table:
+    """The clip table for these sources, in input order, in this process (small inputs)."""
+    rows = [r for s in sources for r in ingest_file(s, cfg, roots)]
     _mark_duplicates(rows)
     if not rows:
         return T.CLIPS_SCHEMA.empty_table()
     return pa.Table.from_pylist(rows, schema=T.CLIPS_SCHEMA)
+
+
+# --- the tasks after listing ------------------------------------------------------------------
+
+_INDEX = "index"  # a row's number over the whole input (the duplicates file)
+_FIRST_PATH = "first_path"
+
+
+def _probe_batch(listing: str, cfg: IngestConfig, roots: list[Path], out: str) -> int:
+    """Probe and hash the files of one listing file into clip rows (one task); returns the rows."""
+    rows = [r for src in _read_listing(listing) for r in ingest_file(src, cfg, roots)]
+    fs.atomic_write_table(pa.Table.from_pylist(rows, schema=T.CLIPS_SCHEMA), out)
+    return len(rows)
+
+
+def _find_duplicates(row_files: list[str], out: str) -> int:
+    """Rows whose clip_id an earlier row has (one task over the ids and paths of every row):
+    writes (index, first_path) and returns how many there are. A row's duplicate id is derived
+    from its index, which is the count of ids seen before it in `_mark_duplicates`."""
+    cols = [T.CLIP_ID, T.AUDIO_PATH]
+    tables = [pq.read_table(f, columns=cols) for f in row_files]
+    ids = pa.concat_tables(tables).combine_chunks() if tables else pa.table({c: pa.array([], pa.string()) for c in cols})
+    n = ids.num_rows
+    indexed = ids.append_column(_INDEX, pa.array(np.arange(n, dtype=np.int64)))
+    first = indexed.group_by(T.CLIP_ID, use_threads=False).aggregate([(_INDEX, "min")])
+    joined = indexed.join(first, T.CLIP_ID, use_threads=False)
+    dup = joined.filter(pc.not_equal(joined.column(_INDEX), joined.column(f"{_INDEX}_min")))
+    dup = dup.sort_by(_INDEX)
+    first_path = indexed.column(T.AUDIO_PATH).take(dup.column(f"{_INDEX}_min"))
+    fs.atomic_write_table(pa.table({_INDEX: dup.column(_INDEX), _FIRST_PATH: first_path}), out)
+    return dup.num_rows
+
+
+def _write_part(slices: list[tuple[str, int, int]], start: int, dups_file: str, out: str) -> dict[str, int]:
+    """One output part (one task): rows `start`.. of the input from `slices` (file, offset,
+    length), duplicates marked; written only when its bytes change. Returns its status counts."""
+    pieces = [pq.read_table(f).slice(off, n) for f, off, n in slices]
+    table = pa.concat_tables(pieces).combine_chunks() if pieces else T.CLIPS_SCHEMA.empty_table()
+    dups = pq.read_table(dups_file)
+    index = dups.column(_INDEX)
+    dups = dups.filter(pc.and_(pc.greater_equal(index, start), pc.less(index, start + table.num_rows)))
+    if dups.num_rows:
+        rows = table.to_pylist()
+        for i, first_path in zip(dups.column(_INDEX).to_pylist(), dups.column(_FIRST_PATH).to_pylist()):
+            _as_duplicate(rows[i - start], first_path, i)
+        table = pa.Table.from_pylist(rows, schema=T.CLIPS_SCHEMA)
+    table = T.conform(table, T.CLIPS_SCHEMA)  # Parquet reads list fields back as "element"; the schema says "item"
+    fs.write_if_changed(out, fs.table_bytes(table))
+    return status_counts(table)
+
+
+def _part_slices(counts: list[tuple[str, int]], rows_per_part: int) -> list[tuple[int, list[tuple[str, int, int]]]]:
+    """(first row, [(file, offset, length)]) of each output part, from the rows per file."""
+    total = sum(n for _, n in counts)
+    parts = []
+    files = iter(counts)
+    current, used = None, 0
+    for start in range(0, max(total, 1), rows_per_part):
+        need, slices = min(rows_per_part, total - start), []
+        while need > 0:
+            if current is None or used == current[1]:
+                current, used = next(files), 0
+                continue
+            take = min(need, current[1] - used)
+            slices.append((current[0], used, take))
+            used += take
+            need -= take
+        parts.append((start, slices))
+    return parts
 
 
 def resolve_roots(cfg: IngestConfig, default_root: Path) -> list[Path]:
@@ -317,43 +505,87 @@ def resolve_roots(cfg: IngestConfig, default_root: Path) -> list[Path]:
 
 
 def main(cfg: IngestConfig, input_path: str | Path, output_dir: str | Path, progress: bool = True) -> StageReport:
-    """Ingest a folder or manifest into `output_dir/part-NNNNN.parquet`.
+    """Ingest a folder or manifest into `output_dir/part-NNNNN.parquet` (see the module docstring).
 
     Every file is probed again on each run (cheap: headers and last seconds); a part that comes
     out with the same bytes as before is left untouched, so the stages downstream skip it.
+    Runs on Ray when it is initialised, else in this process.
     """
     t0 = time.perf_counter()
-    sources, default_root = read_input(input_path)
-    roots = resolve_roots(cfg, default_root)
-    log.info("ingest: %d file(s) from %s", len(sources), input_path)
-    table = ingest_rows(sources, cfg, roots, progress=progress)
-    if table.num_rows == 0:
-        log.warning("ingest: %s lists no audio file: writing an empty clip table", input_path)
-    with fs.stage_output("ingest", input_path, output_dir) as out:
-        written = fs.write_parts(table, out, cfg.rows_per_part)
+    source = _check_input(input_path)
+    roots = resolve_roots(cfg, source if source.is_dir() else source.parent)
+    local = not backend.ray_running()
+    if local:
+        log.info("ingest: Ray is not running: the tasks run in this process")
+    with fs.stage_output("ingest", source, output_dir) as out:
+        work = out / backend.WORK_DIR
+        shutil.rmtree(work, ignore_errors=True)  # a killed run's: ingest recomputes everything
+        work.mkdir(parents=True)
+        run = dict(local=local, show=False)
+        # 1. list: (listing file, files) in input order
+        per = cfg.files_per_task
+        if source.is_dir():
+            top = backend.run_tasks(_list_top, [(str(source), str(work), per)], "ingest (list)", **run)[0]
+            dirs = [item[1] for item in top if item[0] == "dir"]
+            trees = iter(backend.run_tasks(_list_tree, [(d, str(work), f"list-d{i:06d}", per) for i, d in enumerate(dirs)],
+                                           "ingest (list)", unit="folder", **run))
+            listings = [entry for item in top for entry in ([item[1:]] if item[0] == "files" else next(trees))]
+        else:
+            listings = backend.run_tasks(_list_manifest, [(str(source), str(work), per)], "ingest (list)", **run)[0]
+        n_files = sum(n for _, n in listings)
+        log.info("ingest: %d file(s) from %s in %d task(s)", n_files, input_path, len(listings))
+        # 2. probe and hash: rows per listing file
+        row_files = [str(work / f"rows-{i:06d}.parquet") for i in range(len(listings))]
+        calls = [(listing, cfg, roots, rows) for (listing, _), rows in zip(listings, row_files)]
+        row_counts = backend.run_tasks(_probe_batch, calls, "ingest", unit="file", sizes=[n for _, n in listings],
+                                       local=local, show=progress)
+        # 3. duplicates over the whole input, 4. the parts
+        dups_file = str(work / "duplicates.parquet")
+        n_dups = backend.run_tasks(_find_duplicates, [(row_files, dups_file)], "ingest (duplicates)", **run)[0]
+        plan = _part_slices(list(zip(row_files, row_counts)), cfg.rows_per_part)
+        written = [out / fs.part_name(i) for i in range(len(plan))]
+        calls = [(slices, start, dups_file, str(path)) for (start, slices), path in zip(plan, written)]
+        counts: dict[str, int] = {}
+        for part_counts in backend.run_tasks(_write_part, calls, "ingest (write)", unit="part", **run):
+            for k, v in part_counts.items():
+                counts[k] = counts.get(k, 0) + v
         for old in sorted(set(out.glob(fs.PART_GLOB)) - set(written)):
             log.info("ingest: removing %s, an earlier run's part the input no longer fills", old)
             old.unlink()  # ingest wrote it: this folder carries ingest's marker
+        shutil.rmtree(work, ignore_errors=True)
         jobcfg.save_resolved(cfg, out / CONFIG_FILE)
-    return StageReport("ingest", len(written), 0, table.num_rows, time.perf_counter() - t0, status_counts(table),
-                       detail=summarize(table).splitlines()[0])
+    rows = sum(row_counts)
+    if rows == 0:
+        log.warning("ingest: %s lists no audio file: wrote an empty clip table", input_path)
+    detail = f"{rows} clip row(s) from {n_files} file(s): " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    if n_dups:
+        detail += f" ({n_dups} duplicate(s))"
+    return StageReport("ingest", len(written), 0, rows, time.perf_counter() - t0, counts, detail=detail)
 
 
 def status_counts(table: pa.Table) -> dict[str, int]:
-    import pyarrow.compute as pc
-
     return {d["values"]: d["counts"] for d in pc.value_counts(table.column(T.STATUS)).to_pylist()}
 
 
-def summarize(table: pa.Table) -> str:
-    import pyarrow.compute as pc
-
-    counts = status_counts(table)
-    lines = [f"{table.num_rows} clip row(s): " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))]
-    bad = table.filter(pc.not_equal(table.column(T.STATUS), T.OK))
-    for r in bad.select([T.AUDIO_PATH, T.STATUS, T.REASON]).to_pylist():
-        lines.append(f"  {r[T.STATUS]:8s} {r[T.AUDIO_PATH]}: {r[T.REASON]}")
+def bad_rows(folder: str | Path, limit: int = 50) -> str:
+    """The first `limit` rows that are not `ok` (status, file, reason), read part by part."""
+    lines, total = [], 0
+    for part in fs.list_parts(folder):
+        t = pq.read_table(part, columns=[T.AUDIO_PATH, T.STATUS, T.REASON])
+        bad = t.filter(pc.not_equal(t.column(T.STATUS), T.OK))
+        total += bad.num_rows
+        for r in bad.slice(0, max(limit - len(lines), 0)).to_pylist():
+            lines.append(f"  {r[T.STATUS]:8s} {r[T.AUDIO_PATH]}: {r[T.REASON]}")
+    if total > len(lines):
+        lines.append(f"  ... and {total - len(lines)} more")
     return "\n".join(lines)
+
+
+def _check_input(path: str | Path) -> Path:
+    source = Path(os.path.abspath(path))
+    if not source.exists():
+        raise FileNotFoundError(f"input {str(source)!r} is neither a folder nor a manifest file")
+    return source
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -369,14 +601,19 @@ def cli(argv: list[str] | None = None) -> int:
                    help="folder the audio must be in (repeatable; default: the scanned folder or the manifest's folder)")
     p.add_argument("--allow-any-path", action="store_true", default=None,
                    help="no confinement: a manifest may name files anywhere")
+    from pipeline.raycluster import add_ray_args, init_ray
+
+    add_ray_args(p)
     a = p.parse_args(argv)
     cfg = jobcfg.load(IngestConfig, a.config, section="ingest" if a.config else None, clip_seconds=a.clip_seconds,
                       policy=a.policy, clips_per_file=a.clips_per_file, seed=a.seed,
                       roots=tuple(a.roots) if a.roots else None, allow_any_path=a.allow_any_path)
-    from pipeline.backend import read_folder
-
-    main(cfg, a.input, a.output)
-    print(summarize(read_folder(a.output)))
+    _check_input(a.input)  # before Ray starts: a typo should not cost a cluster start
+    init_ray(a.address, a.num_cpus)
+    report = main(cfg, a.input, a.output)
+    print(report.line())
+    if report.status_counts.keys() - {T.OK}:
+        print(bad_rows(a.output))
     return 0
 
 

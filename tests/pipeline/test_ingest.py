@@ -1,4 +1,5 @@
 import json
+import unittest.mock as mock
 
 import numpy as np
 import pandas as pd
@@ -167,3 +168,61 @@ def test_sample_ingests_with_its_broken_files(sample_dir, tmp_path, ingest_to):
     assert counts == {T.OK: 30, T.REJECTED: 0, T.ERROR: 3}
     meta = json.loads(table.to_pylist()[1][T.METADATA_JSON])
     assert meta["degradation"] in ("noise", "clipping", "lowpass", "lowbitrate")
+
+
+def _tree(d):
+    """Names whose order differs by path components and by string, a folder with an audio
+    extension, hidden files, a symlink loop, a symlinked folder, and duplicates across folders."""
+    (d / "a" / "deep").mkdir(parents=True)
+    (d / "x.wav").mkdir()
+    sf.write(d / "a" / "b.wav", tone(3, seed=1), 16000)
+    sf.write(d / "a-c.wav", tone(12, seed=2), 16000)
+    sf.write(d / "a" / "deep" / "q.flac", tone(25, seed=3), 16000)
+    sf.write(d / "x.wav" / "inner.wav", tone(3, seed=4), 16000)
+    sf.write(d / ".hidden.wav", tone(3, seed=5), 16000)
+    (d / "dup.wav").write_bytes((d / "a" / "b.wav").read_bytes())
+    (d / "x.wav" / "dup2.wav").write_bytes((d / "a" / "b.wav").read_bytes())
+    (d / "loop.wav").symlink_to(d / "loop.wav")
+    (d / "linked").symlink_to(d / "a")
+    return d
+
+
+def test_listing_follows_the_order_of_sorted_rglob(tmp_path):
+    d = _tree(tmp_path / "tree")
+    expected = [str(p) for p in sorted(p for p in d.rglob("*")
+                                       if p.suffix.lower() in (".wav", ".flac") and (p.is_symlink() or p.is_file()))]
+    assert list(ingest.walk_files(d)) == expected
+    work = tmp_path / "work"
+    work.mkdir()
+    top = ingest._list_top(str(d), str(work), 2)
+    # .hidden.wav | a/ (before a-c.wav: by components, not by string) | a-c.wav dup.wav | loop.wav | x.wav/
+    assert [i[0] for i in top] == ["files", "dir", "files", "files", "dir"]
+    assert [i[2] for i in top if i[0] == "files"] == [1, 2, 1]
+
+
+def test_files_split_into_small_tasks_give_the_same_parts(tmp_path, ingest_to):
+    d = _tree(tmp_path / "tree")
+    whole = ingest_to(d, tmp_path / "whole", IngestConfig(rows_per_part=2))
+    small = ingest_to(d, tmp_path / "small", IngestConfig(rows_per_part=2, files_per_task=1))
+    assert small.equals(whole)
+    for p in sorted((tmp_path / "whole").glob("part-*.parquet")):
+        assert (tmp_path / "small" / p.name).read_bytes() == p.read_bytes()
+    rows = by_path(whole)
+    assert rows["b.wav"][0][T.STATUS] == T.OK  # first in order: a/b.wav, then dup.wav, then x.wav/dup2.wav
+    for name in ("dup.wav", "dup2.wav"):
+        assert rows[name][0][T.STATUS] == T.REJECTED
+        assert rows[name][0][T.REASON] == f"duplicate: same audio as {d / 'a' / 'b.wav'}"
+    assert not (tmp_path / "whole" / "_work").exists()
+
+
+@pytest.mark.slow
+def test_ray_tasks_write_the_bytes_of_the_local_run(tmp_path, ray_session, sample_dir):
+    d = _tree(tmp_path / "tree")
+    for name, inp, cfg in (("tree", d, IngestConfig(rows_per_part=2, files_per_task=2)),
+                           ("sample", sample_dir / "manifest.csv", IngestConfig(rows_per_part=7, files_per_task=5))):
+        report = ingest.main(cfg, inp, tmp_path / f"{name}_ray", progress=False)
+        ray_bytes = {p.name: p.read_bytes() for p in (tmp_path / f"{name}_ray").glob("part-*.parquet")}
+        assert report.parts_total == len(ray_bytes) > 1
+        with mock.patch("pipeline.backend.ray_running", return_value=False):  # the same tasks in this process
+            ingest.main(cfg, inp, tmp_path / f"{name}_local", progress=False)
+        assert ray_bytes == {p.name: p.read_bytes() for p in (tmp_path / f"{name}_local").glob("part-*.parquet")}
