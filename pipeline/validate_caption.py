@@ -1,8 +1,10 @@
 """Validation of LLM caption candidates: pure functions, no model, no Ray.
 
-An LLM output becomes a candidate only if it reads like a caption: not empty, within length
-bounds, not an echo of the prompt or of the original caption, no chat markup, no instructions
-and no refusals. Every rejected output leaves its reason code in `candidate_rejects`.
+An LLM output becomes a candidate only if it reads like a caption: complete (not cut at
+`max_tokens`), not empty, within length bounds, not an echo of the prompt or of the original
+caption, no chat markup, no instructions and no refusals. Reasoning models' `<think>...</think>`
+blocks are removed first; a block that never closes means the answer is reasoning, not a
+caption. Every rejected output leaves its reason code in `candidate_rejects`.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from schemas.tables import REJECT_EMPTY as EMPTY
 from schemas.tables import REJECT_INSTRUCTIONS as INSTRUCTIONS
 from schemas.tables import REJECT_LLM_ERROR as LLM_ERROR  # noqa: F401
 from schemas.tables import REJECT_REFUSAL as REFUSAL
+from schemas.tables import REJECT_THINKING as THINKING
 from schemas.tables import REJECT_TOO_LONG as TOO_LONG
 from schemas.tables import REJECT_TOO_SHORT as TOO_SHORT
+from schemas.tables import REJECT_TRUNCATED as TRUNCATED
 
 _CHAT_MARKUP = re.compile(
     r"<\|[^|<>]{0,40}\|>"  # <|im_start|>, <|eot_id|>, <|assistant|>
@@ -45,6 +49,9 @@ _INSTRUCTIONS = re.compile(
     re.IGNORECASE,
 )
 _LABEL = re.compile(r"^\s*(new |rewritten |refined |improved )?(caption|description)\s*[:\-]\s*", re.IGNORECASE)
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.IGNORECASE | re.DOTALL)
+_THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
 _QUOTES = "\"'“”‘’`"
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -65,6 +72,18 @@ class ValidationConfig:
             raise ValueError(f"max_chars must be >= 1, got {self.max_chars}")
         if not 0.0 < self.echo_overlap <= 1.0:
             raise ValueError(f"echo_overlap must be in (0, 1], got {self.echo_overlap}")
+
+
+def strip_thinking(text: str | None) -> tuple[str, bool]:
+    """`text` without its reasoning, and whether a `<think>` block was left open (the answer
+    is then reasoning cut off, not a caption). Closed blocks are removed; a `</think>` with no
+    opening tag (templates that open the block inside the prompt, as DeepSeek-R1's does) ends
+    the reasoning too: what precedes it is dropped."""
+    text = _THINK_BLOCK.sub(" ", text or "")
+    closes = list(_THINK_CLOSE.finditer(text))
+    if closes:
+        text = text[closes[-1].end() :]
+    return text, bool(_THINK_OPEN.search(text))
 
 
 def clean(text: str | None) -> str:
@@ -140,18 +159,23 @@ def check(text: str, original: str, prompt: str, cfg: ValidationConfig) -> str:
     return ""
 
 
-def validate(outputs: list[str | None], original: str, prompt: str, cfg: ValidationConfig) -> tuple[list[str], list[str]]:
+def validate(outputs: list[str | None], original: str, prompt: str, cfg: ValidationConfig,
+             truncated: list[bool] | None = None) -> tuple[list[str], list[str]]:
     """Split raw LLM outputs into kept candidates and reject reasons (in output order).
 
     `prompt` is the full text the LLM saw minus the original caption's own words, so a
     candidate that copies the instructions or the few-shot examples counts as an echo.
+    `truncated[i]` says output i stopped at the token limit (finish reason `length`): it is
+    rejected `truncated`, or `thinking` when what was cut off is an open reasoning block.
     """
     kept: list[str] = []
     rejects: list[str] = []
     seen: set[tuple[str, ...]] = set()
-    for raw in outputs:
-        text = clean(raw)
-        reason = check(text, original, prompt, cfg)
+    truncated = truncated or [False] * len(outputs)
+    for raw, cut in zip(outputs, truncated, strict=True):
+        answer, open_thinking = strip_thinking(raw)
+        text = clean(answer)
+        reason = THINKING if open_thinking else TRUNCATED if cut else check(text, original, prompt, cfg)
         if not reason:
             key = tuple(_words(text))
             if key in seen:

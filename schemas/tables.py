@@ -77,9 +77,11 @@ REJECT_ECHO_PROMPT = "echo_prompt"
 REJECT_ECHO_ORIGINAL = "echo_original"
 REJECT_DUPLICATE = "duplicate"
 REJECT_LLM_ERROR = "llm_error"  # the engine or server refused the request (its message is logged)
+REJECT_TRUNCATED = "truncated"  # the LLM stopped at max_tokens (finish reason `length`): an unfinished caption
+REJECT_THINKING = "thinking"  # a `<think>` block never closed: the budget went to reasoning, no caption
 CANDIDATE_REJECT_REASONS = (
     REJECT_EMPTY, REJECT_TOO_SHORT, REJECT_TOO_LONG, REJECT_CHAT_MARKUP, REJECT_REFUSAL, REJECT_INSTRUCTIONS,
-    REJECT_ECHO_PROMPT, REJECT_ECHO_ORIGINAL, REJECT_DUPLICATE, REJECT_LLM_ERROR,
+    REJECT_ECHO_PROMPT, REJECT_ECHO_ORIGINAL, REJECT_DUPLICATE, REJECT_LLM_ERROR, REJECT_TRUNCATED, REJECT_THINKING,
 )
 
 NUM_QUALITY_LEVELS = 5
