@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 STAGE = "caption"
 LLM_DIR = "_llm"
 CANDIDATES_DIR = "_candidates"
-RESOLVED_CONFIG = "caption_config.json"
+RESOLVED_CONFIG = "_caption_config.json"  # "_": Parquet readers of the folder skip it
 
 QUALITY_INPUT = T.QUALITY_SCHEMA.names
 _LIST = pa.list_(pa.string())
@@ -231,8 +231,15 @@ def select(table: pa.Table, clap_original: list, clap_candidates: list, sel: Sel
     return T.conform(out, T.CAPTIONS_SCHEMA)
 
 
+CLAP_WAVE = "_clap_wave"  # the decoded clip (mono, CLAP_SAMPLE_RATE) between `prepare` and CLAP
+
+
 class ClapSelectStage(Stage):
-    """Row-wise model stage: candidates table -> captions table (CLAP loaded once per actor)."""
+    """Row-wise model stage: candidates table -> captions table (CLAP loaded once per actor).
+
+    `prepare` (CPU tasks on Ray, ahead of the CLAP actors) decodes each `ok` clip at 48 kHz into
+    `CLAP_WAVE`; `__call__` only runs CLAP and the choice, and prepares the table itself when it
+    arrives without that column."""
 
     name = STAGE
     input_schema = CANDIDATES_SCHEMA
@@ -246,49 +253,55 @@ class ClapSelectStage(Stage):
         if clap.backend != "none":
             self.model = C.load_clap(clap.backend, clap.path, clap.text_model, clap.audio_model, clap.seed, clap.device)
 
-    def _load(self, table: pa.Table) -> tuple[list, list[str]]:
+    @staticmethod
+    def prepare(table: pa.Table, clap: ClapConfig, selection: SelectionConfig,
+                validation: ValidationConfig = ValidationConfig()) -> pa.Table:
+        """Decode each `ok` clip (mono, 48 kHz) into `CLAP_WAVE` (none with CLAP off); a clip
+        that fails to decode (or changed since ingest) becomes an `error` row, reason `clap: ...`."""
         from pipeline.audio import AudioError, check_unchanged, load_clip
 
-        waves, errors = [], []
-        cols = (T.AUDIO_PATH, T.START_S, T.DURATION_S, T.SOURCE_SIZE_BYTES, T.SOURCE_MTIME_NS)
-        for path, start, dur, size, mtime in zip(*(table.column(c).to_pylist() for c in cols)):
+        T.require_columns(table, CANDIDATES_SCHEMA.names, STAGE)
+        cols = (T.STATUS, T.REASON, T.AUDIO_PATH, T.START_S, T.DURATION_S, T.SOURCE_SIZE_BYTES, T.SOURCE_MTIME_NS)
+        status, reason, *rest = (table.column(c).to_pylist() for c in cols)
+        waves = [None] * table.num_rows
+        for i, (path, start, dur, size, mtime) in enumerate(zip(*rest)):
+            if clap.backend == "none" or status[i] != T.OK:
+                continue
             try:
                 check_unchanged(path, size, mtime)
-                waves.append(load_clip(path, start, dur, T.CLAP_SAMPLE_RATE, mono=True))
-                errors.append("")
+                waves[i] = load_clip(path, start, dur, T.CLAP_SAMPLE_RATE, mono=True)
             except AudioError as e:
-                waves.append(None)
-                errors.append(f"clap: {e.reason}")
-        return waves, errors
+                status[i], reason[i] = T.ERROR, f"clap: {e.reason}"
+        table = table.set_column(table.schema.get_field_index(T.STATUS), T.STATUS, pa.array(status, pa.string()))
+        table = table.set_column(table.schema.get_field_index(T.REASON), T.REASON, pa.array(reason, pa.string()))
+        return table.append_column(CLAP_WAVE, backend.wave_column(waves))
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if CLAP_WAVE not in table.column_names:
+            table = self.prepare(table, self.cfg, self.sel, self.validation)
+        waves = backend.column_waves(table.column(CLAP_WAVE))
+        table = table.drop_columns([CLAP_WAVE])
         n = table.num_rows
         clap_original: list = [None] * n
         clap_candidates: list = [[] for _ in range(n)]
-        errors = [""] * n
-        ok = [i for i, s in enumerate(table.column(T.STATUS).to_pylist()) if s == T.OK]
+        ok = [i for i, s in enumerate(table.column(T.STATUS).to_pylist()) if s == T.OK and waves[i] is not None]
         if self.model is not None and ok:
             sub = table.take(ok)
-            waves, errs = self._load(sub)
             ids = sub.column(T.CLIP_ID).to_pylist()
             originals = [V.clean_original(t, self.validation)[0] for t in sub.column(T.CAPTION_ORIGINAL).to_pylist()]
             cands = sub.column(T.CANDIDATES).to_pylist()
-            good = [j for j, e in enumerate(errs) if not e]
-            for j, e in enumerate(errs):
-                errors[ok[j]] = e
-            if good:
-                audio = self.model.embed_audio([waves[j] for j in good], [ids[j] for j in good])  # (G, D)
-                texts, spans = [], []
-                for j in good:
-                    spans.append((len(texts), 1 + len(cands[j])))
-                    texts += [originals[j]] + cands[j]
-                text = self.model.embed_text(texts)  # (M, D)
-                for g, j in enumerate(good):
-                    a, m = spans[g]
-                    sims = (text[a : a + m] @ audio[g]).astype(np.float64).tolist()  # (m,)
-                    clap_original[ok[j]] = sims[0] if originals[j] else None  # no original: nothing scored
-                    clap_candidates[ok[j]] = sims[1:]
-        return select(table, clap_original, clap_candidates, self.sel, errors, self.validation,
+            audio = self.model.embed_audio([waves[i] for i in ok], ids)  # (G, D)
+            texts, spans = [], []
+            for j in range(len(ok)):
+                spans.append((len(texts), 1 + len(cands[j])))
+                texts += [originals[j]] + cands[j]
+            text = self.model.embed_text(texts)  # (M, D)
+            for j, i in enumerate(ok):
+                a, m = spans[j]
+                sims = (text[a : a + m] @ audio[j]).astype(np.float64).tolist()  # (m,)
+                clap_original[i] = sims[0] if originals[j] else None  # no original: nothing scored
+                clap_candidates[i] = sims[1:]
+        return select(table, clap_original, clap_candidates, self.sel, None, self.validation,
                       clap_on=self.model is not None)
 
 
