@@ -236,8 +236,9 @@ def left_out_report(rest: pa.Table) -> dict:
 
 
 def find_stats(cfg: ExportConfig, input_dir: str | Path, ok: pa.Table) -> Path | None:
-    """The quality-stats JSON: `cfg.stats`; else the first `quality_stats.json` inside the input
-    folder, beside it, or in a sibling folder (where quantize writes it) whose id the rows carry."""
+    """The quality-stats JSON: `cfg.stats`; else the first `_quality_stats.json` (what quantize
+    writes in its folder) or `quality_stats.json` (a shards folder's copy, older quantize folders)
+    inside the input folder, beside it, or in a sibling folder, whose id the rows carry."""
     if cfg.stats is not None:
         path = Path(cfg.stats)
         if not path.is_file():
@@ -245,7 +246,8 @@ def find_stats(cfg: ExportConfig, input_dir: str | Path, ok: pa.Table) -> Path |
         return path
     inp = Path(input_dir)
     wanted = set(ok.column(T.STATS_ID).to_pylist())
-    candidates = [inp / Q.STATS_FILE, inp.parent / Q.STATS_FILE] + sorted(inp.parent.glob(f"*/{Q.STATS_FILE}"))
+    candidates = [p for name in (Q.STAGE_STATS_FILE, Q.STATS_FILE)
+                  for p in [inp / name, inp.parent / name] + sorted(inp.parent.glob(f"*/{name}"))]
     seen = []
     for path in dict.fromkeys(p for p in candidates if p.is_file()):
         try:

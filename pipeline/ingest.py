@@ -49,7 +49,7 @@ from schemas import tables as T
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "ingest_config.json"
+CONFIG_FILE = "_ingest_config.json"  # "_": Parquet readers of the folder skip it
 
 PATH_COLUMN = "path"  # manifest column with the audio file
 CAPTION_COLUMN = "caption"

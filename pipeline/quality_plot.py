@@ -1,5 +1,5 @@
 """What `mosaiq quantize` reports about a quality folder: counts per level and prefix, the
-p-MOS histogram (`quality_report.json`), the plot (`quality.png`: histogram with the fitted
+p-MOS histogram (`_quality_report.json`), the plot (`_quality.png`: histogram with the fitted
 normal and skew-normal, band edges, counts per level) and the printed summary. Pure; the Ray
 aggregate that sums `report_partial` over blocks lives in pipeline/quantize.py."""
 
@@ -16,8 +16,8 @@ from pipeline import fs
 from schemas import stats as S
 from schemas import tables as T
 
-REPORT_FILE = "quality_report.json"
-PLOT_FILE = "quality.png"
+REPORT_FILE = "_quality_report.json"  # stage-folder side files start with "_": Parquet readers skip them
+PLOT_FILE = "_quality.png"
 PREFIXES = (S.PREFIX_LOW, S.PREFIX_MEDIUM, S.PREFIX_HIGH, S.PREFIX_NONE)
 _LEVEL_COLORS = ("#d7301f", "#fc8d59", "#fdcc8a", "#91cf60", "#1a9850")  # level 1 .. 5
 

@@ -11,8 +11,9 @@ Pass 2 is row-wise through `pipeline.backend.map_parts`: `quality_level` by the 
 bands (what the official QA-MDT code does) and `quality_prefix` by the paper's rule; rows that
 are not `ok` keep their status, with a null level and an empty prefix. See docs/quality.md.
 
-Outputs beside the parts: `quality_stats.json` (schemas/stats.py), `quality_report.json`
-(counts per level, per prefix, histogram), `quality.png`, `quantize_config.json`.
+Outputs beside the parts, each named with a leading `_` so that every Parquet reader opens the
+folder as one table: `_quality_stats.json` (schemas/stats.py STAGE_STATS_FILE), `_quality_report.json`
+(counts per level, per prefix, histogram), `_quality.png`, `_quantize_config.json`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from schemas import tables as T
 log = logging.getLogger(__name__)
 
 STAGE = "quantize"
-CONFIG_FILE = "quantize_config.json"
+CONFIG_FILE = "_quantize_config.json"  # "_": Parquet readers of the folder skip it
 # the largest |skewness| a skew-normal can have is 0.9952...; sample values beyond are clipped
 _SKEWNORM_MAX_SKEW = 0.99
 
@@ -304,18 +305,18 @@ def _run(cfg: QuantizeConfig, input_dir: Path, output_dir: Path) -> QuantizeResu
     if moments.n == 0 and moments.bad == 0 and cfg.mu is None:
         # an empty corpus (an empty manifest, every clip rejected) flows through: no bands to fit
         log.warning("%s: no ok row with a p-MOS in %s: no statistics; rows pass through with no level", STAGE, input_dir)
-        (output_dir / S.STATS_FILE).unlink(missing_ok=True)  # an earlier run's stats would not apply
+        (output_dir / S.STAGE_STATS_FILE).unlink(missing_ok=True)  # an earlier run's stats would not apply
         stage = backend.map_parts(QuantizeStage, {"stats": None}, input_dir, output_dir, cfg.resources, params="no-stats")
         report = level_report(output_dir, moments, cfg.plot_bins)
         report.write(output_dir / REPORT_FILE, "")
         stage.detail = "no ok rows: no statistics"
         return QuantizeResult(None, moments, report, stage, output_dir)
     stats = make_stats(moments, cfg)
-    old = output_dir / S.STATS_FILE
+    old = output_dir / S.STAGE_STATS_FILE
     if old.exists() and S.load(old).id != stats.id:
         log.info("%s: the stats changed since the last run (%s -> %s): every part is computed again",
                  STAGE, S.load(old).id, stats.id)
-    S.dump(stats, output_dir / S.STATS_FILE)
+    S.dump(stats, output_dir / S.STAGE_STATS_FILE)
     log.info("%s: stats %s (mu=%s sigma=%s, edges %s)", STAGE, stats.id, stats.mu, stats.sigma, list(stats.band_edges))
     # 2. levels and prefixes, row-wise; the stats id is part of what each part is made from
     stage = backend.map_parts(QuantizeStage, {"stats": stats.to_dict()}, input_dir, output_dir, cfg.resources,
@@ -364,7 +365,7 @@ def cli(argv: list[str] | None = None) -> int:
     if result.stats is None:
         print(result.stage.line())
     else:
-        print(summary(result.stats, result.report, result.output_dir / S.STATS_FILE))
+        print(summary(result.stats, result.report, result.output_dir / S.STAGE_STATS_FILE))
     return 0
 
 

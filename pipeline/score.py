@@ -33,7 +33,7 @@ from schemas import tables as T
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "score_config.json"
+CONFIG_FILE = "_score_config.json"  # "_": Parquet readers of the folder skip it
 
 
 @dataclass(frozen=True)

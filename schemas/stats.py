@@ -22,7 +22,8 @@ from schemas.tables import NUM_QUALITY_LEVELS
 
 STATS_VERSION = 1
 STATS_KIND = "mosaiq.quality_stats"
-STATS_FILE = "quality_stats.json"  # inside the quantize output folder
+STATS_FILE = "quality_stats.json"  # in the shards folder, where the trainer reads it beside the shards
+STAGE_STATS_FILE = "_quality_stats.json"  # in the quantize output folder ("_": Parquet readers skip it)
 EDGE_DECIMALS = 12
 ID_HEX_DIGITS = 16
 STD_DDOF = 0  # the population standard deviation (np.std's default) defines sigma

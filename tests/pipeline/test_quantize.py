@@ -235,14 +235,14 @@ def test_end_to_end_pass_through_determinism_and_resume(ray_session, scores_dir,
     assert levels[ok].tolist() == Q.quality_levels(np.array(inp.column(T.PMOS).to_pylist(), dtype=float)[ok],
                                                    res.stats.band_edges).tolist()
     assert set(out.column(T.STATS_ID).to_pylist()) == {res.stats.id}
-    assert S.load(tmp_path / "a" / S.STATS_FILE) == res.stats and not res.stats.fixed
+    assert S.load(tmp_path / "a" / S.STAGE_STATS_FILE) == res.stats and not res.stats.fixed
     assert sum(res.report.level_counts) == res.stats.count == int(ok.sum()) == sum(res.report.hist_counts)
     assert (tmp_path / "a" / Q.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     first = _files(tmp_path / "a")
 
     # a re-run (resuming after a kill: only part 0 kept) rewrites the rest with the same bytes
     for name in first:
-        if name not in ("part-00000.parquet", S.STATS_FILE):
+        if name not in ("part-00000.parquet", S.STAGE_STATS_FILE, fs.MARKER_FILE):  # what a kill leaves
             (tmp_path / "a" / name).unlink()
     Q.run(cfg, scores_dir, tmp_path / "a")
     assert _files(tmp_path / "a") == first
@@ -251,7 +251,7 @@ def test_end_to_end_pass_through_determinism_and_resume(ray_session, scores_dir,
     official = Q.run(OFFICIAL, scores_dir, tmp_path / "a")
     assert official.stage.parts_skipped == 0 and official.stats.id != res.stats.id
     assert set(read_folder(tmp_path / "a").column(T.STATS_ID).to_pylist()) == {official.stats.id}
-    assert S.load(tmp_path / "a" / S.STATS_FILE) == official.stats
+    assert S.load(tmp_path / "a" / S.STAGE_STATS_FILE) == official.stats
 
 
 @pytest.mark.slow
@@ -259,7 +259,7 @@ def test_cli_fixed_official_numbers(ray_session, scores_dir, tmp_path, capsys):
     rc = Q.cli(["--input", str(scores_dir), "--output", str(tmp_path / "q"), "--mu", "3.80", "--sigma", "0.20"])
     printed = capsys.readouterr().out
     assert rc == 0
-    stats = S.load(tmp_path / "q" / S.STATS_FILE)
+    stats = S.load(tmp_path / "q" / S.STAGE_STATS_FILE)
     assert stats.fixed and stats.band_edges == (3.40, 3.60, 4.00, 4.20) and stats.fit is not None
     assert "edges 3.4, 3.6, 4, 4.2" in printed and "level counts: 1:" in printed and "skew-normal" in printed
 

@@ -212,7 +212,7 @@ def test_ray_job_submit_scores_the_sample(sample_clips, tmp_path, ray_head):
     assert errors == {"bad_empty.wav", "bad_notes.mp3", "bad_truncated.wav"}
     ok = [r for r in rows if r[T.STATUS] == T.OK]
     assert len(ok) == 30 and all(1 <= r[T.PMOS] <= 5 for r in ok)
-    assert json.loads((out / "score_config.json").read_text())["scorer"] == "distillmos"
+    assert json.loads((out / score.CONFIG_FILE).read_text())["scorer"] == "distillmos"
 
     # the default scorer ranks each clean clip above its degraded copies for most pairs
     by_pair = {}
