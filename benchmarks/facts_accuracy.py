@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="processes measuring clips")
     p.add_argument("--out", default=None, help="keep the generated sample here (default: a temporary folder)")
     p.add_argument("--json", default=None, help="write the figures to this file")
+    p.add_argument("--table", default=None, help="write every clip's truth and facts to this Parquet file")
     a = p.parse_args(argv)
     cfg = SampleConfig(tracks=a.tracks, seed=a.seed, bad_files=False, wide=True, strengths=("strong", "mild"),
                        wrong_captions=a.wrong_captions if a.wrong_captions is not None else max(1, a.tracks // 4))
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         d = measure_sample(folder, a.workers)
         t2 = time.perf_counter()
     print(f"generated in {t1 - t0:.0f}s, measured in {t2 - t1:.0f}s ({(t2 - t1) / len(d):.2f}s a clip)")
+    if a.table:
+        d.to_parquet(a.table)
     out = report(d, FC.FactCheckConfig())
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2, default=float))

@@ -33,8 +33,10 @@ class FactCheckConfig:
 
     tempo_min_confidence: float = 0.3  # onset autocorrelation at the beat period, 0..1
     key_min_confidence: float = 0.6  # correlation with the best key profile, 0..1
-    drums_present_ratio: float = 0.22  # percussive ratio at or above: drums, confidently
-    drums_absent_ratio: float = 0.12  # at or below: no drums, confidently (between: not sure)
+    # percussive ratios of mixes with and without drums overlap widely (a loud pad buries a quiet
+    # kit, a solo piano's attacks are percussive): only the ends of the range count as sure
+    drums_present_ratio: float = 0.25  # percussive ratio at or above: drums, confidently
+    drums_absent_ratio: float = 0.05  # at or below: no drums, confidently (between: not sure)
     tempo_tolerance: float = 0.08  # a stated BPM within 8 % of the measured one agrees
     half_double: bool = True  # ... or within 8 % of its half or its double
     relative_key: bool = True  # a stated key agrees with the measured key's relative major/minor

@@ -135,17 +135,19 @@ def _samples_in_runs(mask: np.ndarray, min_run: int) -> int:
 def clipped_fraction(a: np.ndarray, min_run: int = 3) -> float:
     """Share of samples in runs of >= `min_run` at the channel's positive or negative peak.
 
-    The tolerance (2e-5 of the peak) is under one 16-bit step, so only flat tops count, not
-    the slow crest of a low note.
+    Only samples equal to the peak count (to float32 precision): clipped PCM holds the same
+    integer, so a flat top is exact, while the crest of a low note changes from sample to
+    sample. (A pure sine under ~40 Hz quantized to 16 bits can still hold one value for three
+    samples at its crest; music with such a bass reads a little clipped.)
     """
     clipped = 0
     for ch in a:
         hi, lo = float(ch.max()), float(ch.min())
         mask = np.zeros(ch.shape, bool)
         if hi > 0:
-            mask |= ch >= hi * (1 - 2e-5)
+            mask |= ch >= hi * (1 - 1e-7)
         if lo < 0:
-            mask |= ch <= lo * (1 - 2e-5)
+            mask |= ch <= lo * (1 - 1e-7)
         clipped += _samples_in_runs(mask, min_run)
     return clipped / a.size
 
@@ -170,7 +172,8 @@ def bandwidth(freqs: np.ndarray, mean_power: np.ndarray, sr: int, cfg: MeasureCo
     nyq = sr / 2.0
     n_bands = min(256, len(freqs) - 1)
     edges = np.linspace(0, len(freqs) - 1, n_bands + 1).astype(int)
-    level = np.array([_db(mean_power[edges[i]:max(edges[i + 1], edges[i] + 1)].mean()) for i in range(n_bands)])
+    power_b = np.array([mean_power[edges[i]:max(edges[i + 1], edges[i] + 1)].mean() for i in range(n_bands)])
+    level = _db(power_b)
     centre = np.array([freqs[edges[i]:max(edges[i + 1], edges[i] + 1)].mean() for i in range(n_bands)])
     level_s = ndimage.median_filter(level, size=3, mode="nearest")  # one-band spurs do not count
     above = np.maximum.accumulate(level_s[::-1])[::-1]  # loudest band at or above each band
@@ -185,10 +188,22 @@ def bandwidth(freqs: np.ndarray, mean_power: np.ndarray, sr: int, cfg: MeasureCo
             break
         top, rest = float(np.median(below)), float(above[j])
         if rest <= cfg.cliff_floor_db and top - rest >= cfg.cliff_drop_db:
-            # the edge: the last band before `f * half` still within 20 dB of the level below it
-            window = np.flatnonzero((centre > f / half) & (centre < f * half) & (level >= top - 20.0))
-            return float(centre[window[-1]]) if window.size else float(f)
+            return _edge(centre, power_b, j)
     return nyq
+
+
+def _edge(centre: np.ndarray, power_b: np.ndarray, top: int) -> float:
+    """The cliff's edge: going down from band `top`, the first band whose third-octave level is
+    within 30 dB of the loudest third-octave level of the two octaves below it."""
+    lo = np.searchsorted(centre, centre * 2 ** (-1 / 6))
+    hi = np.searchsorted(centre, centre * 2 ** (1 / 6), side="right")
+    csum = np.concatenate([[0.0], np.cumsum(power_b)])
+    smooth = _db((csum[hi] - csum[lo]) / np.maximum(hi - lo, 1))  # third-octave levels
+    for e in range(top, -1, -1):
+        below = smooth[(centre >= centre[e] / 4) & (centre <= centre[e])]
+        if smooth[e] >= below.max() - 30.0:
+            return float(centre[e])
+    return float(centre[top])
 
 
 def noise_floor(power: np.ndarray, percentile: float) -> float:
@@ -312,8 +327,10 @@ def musical_facts(mono: np.ndarray, sr: int, cfg: MeasureConfig) -> dict:
     perc_ratio = e_p / (e_h + e_p) if e_h + e_p > 0 else None
 
     y_harm = librosa.istft(harm, hop_length=hop, length=len(y))
-    chroma = librosa.feature.chroma_cqt(y=y_harm, sr=sr, hop_length=hop)  # (12, N)
-    tonic, mode, r = key_from_chroma(np.median(chroma, axis=1))  # the median ignores passing notes
+    with warnings.catch_warnings():  # a clip with no pitched content: no tuning, flat chroma
+        warnings.simplefilter("ignore")
+        chroma = librosa.feature.chroma_cqt(y=y_harm, sr=sr, hop_length=hop)  # (12, N)
+        tonic, mode, r = key_from_chroma(np.median(chroma, axis=1))  # the median ignores passing notes
 
     tempo_hop = 256
     onset_env = librosa.onset.onset_strength(y=y, sr=sr, hop_length=tempo_hop)

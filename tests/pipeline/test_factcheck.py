@@ -1,0 +1,91 @@
+"""Caption claims, the check against measured facts, and captions written from facts."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import factcheck as FC
+from schemas import facts as F
+
+# A minor at 120 bpm, no drums, every fact confident
+FACTS = {F.TEMPO_BPM: 120.0, F.TEMPO_CONFIDENCE: 0.8, F.KEY: "A", F.MODE: F.MINOR, F.KEY_CONFIDENCE: 0.8,
+         F.PERCUSSIVE_RATIO: 0.05}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("A mid-tempo saw lead melody in A# minor at 120 bpm over warm pad chords, no drums.",
+     FC.Claims(bpm=120.0, tempo_word="mid", key=10, mode=F.MINOR, drums=False)),
+    ("A fast guitar tune in Bb major at 140 BPM, with a simple kick and hi-hat beat.",
+     FC.Claims(bpm=140.0, tempo_word="fast", key=10, mode=F.MAJOR, drums=True)),
+    ("slow ballad in the key of F#", FC.Claims(tempo_word="slow", key=6)),
+    ("tempo of 96, chords Em and C", FC.Claims(bpm=96.0, key=4, mode=F.MINOR)),
+    ("A minor-key tune with drums", FC.Claims(mode=F.MINOR, drums=True)),  # "A" is an article here
+    ("no percussion, just a piano", FC.Claims(drums=False)),
+    ("A minimal techno track", FC.Claims()),
+    ("slow intro, then a fast chorus", FC.Claims()),  # two tempo words: no claim
+    ("no drums at first, then a snare", FC.Claims()),  # says both: no claim
+    ("", FC.Claims()),
+])
+def test_extract_claims(text, expected):
+    assert FC.extract_claims(text) == expected
+
+
+def test_a_truthful_caption_passes_and_one_with_nothing_checkable_too():
+    assert FC.check("A slow melody in A minor at 120 bpm, no drums.", FACTS) == []  # slow fits 60 = 120 / 2
+    assert FC.check("a dreamy ambient texture", FACTS) == []
+
+
+@pytest.mark.parametrize("text, reasons", [
+    ("at 90 bpm", [F.CONTRADICTS_TEMPO]),
+    ("at 60 bpm", []),  # half time
+    ("at 236 bpm", []),  # double time, within the tolerance
+    ("at 150 bpm in E minor with drums", [F.CONTRADICTS_TEMPO, F.CONTRADICTS_KEY, F.CONTRADICTS_DRUMS]),
+    ("in C major", []),  # the relative major
+    ("in A major", [F.CONTRADICTS_KEY]),  # the parallel major
+    ("in the key of C", []),
+    ("in the key of D", [F.CONTRADICTS_KEY]),
+    ("a major-key song", []),  # a mode alone: the relative major may be meant
+    ("a fast drum and bass track", [F.CONTRADICTS_DRUMS]),  # 120 or 240 both fit "fast"
+])
+def test_check_reasons(text, reasons):
+    assert FC.check(text, FACTS) == reasons
+
+
+def test_relative_keys_can_count_as_different():
+    strict = FC.FactCheckConfig(relative_key=False)
+    assert FC.check("in C major", FACTS, strict) == [F.CONTRADICTS_KEY]
+    assert FC.check("a major-key song", FACTS, strict) == [F.CONTRADICTS_KEY]
+    assert FC.check("at 60 bpm", FACTS, FC.FactCheckConfig(half_double=False)) == [F.CONTRADICTS_TEMPO]
+
+
+def test_facts_that_are_not_confident_are_not_checked():
+    unsure = {**FACTS, F.TEMPO_CONFIDENCE: 0.1, F.KEY_CONFIDENCE: 0.2, F.PERCUSSIVE_RATIO: 0.15}
+    assert FC.check("at 150 bpm in E minor with drums", unsure) == []
+    assert FC.check("at 150 bpm in E minor with drums", {}) == []  # a row with no facts at all
+    assert FC.confident_facts(unsure) == FC.Confident()
+    assert FC.grounding(unsure) == {}
+    assert FC.check("with drums", {F.PERCUSSIVE_RATIO: 0.4}) == []
+
+
+def test_sentence_grounding_and_fallback_caption_agree_with_the_facts():
+    assert FC.facts_sentence(FACTS) == "The bpm is 120. The key is A minor. It has no drums."
+    assert FC.grounding(FACTS) == {"tempo_bpm": 120, "key": "A minor", "drums": "no"}
+    caption = FC.fallback_caption(FACTS, tags=["lofi", "drums", "  "])
+    assert caption == "A mid-tempo piece of music at about 120 bpm in A minor, without drums; tagged lofi."
+    assert FC.check(caption, FACTS) == []  # a tag that contradicts the facts is left out
+    for bpm in (50.0, 90.0, 170.0):
+        facts = {**FACTS, F.TEMPO_BPM: bpm}
+        assert FC.check(FC.fallback_caption(facts), facts) == []
+
+
+def test_fallback_caption_is_empty_when_there_is_nothing_to_say():
+    assert FC.fallback_caption({}) == ""
+    assert FC.facts_sentence({}) == ""
+    assert FC.fallback_caption({}, tags=["jazz"]) == "A piece of music; tagged jazz."
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="drums"):
+        FC.FactCheckConfig(drums_absent_ratio=0.3, drums_present_ratio=0.2)
+    with pytest.raises(ValueError, match="slow_bpm"):
+        FC.FactCheckConfig(slow_bpm=(100.0, 50.0))

@@ -1,0 +1,154 @@
+"""Measured facts on synthetic signals whose answer is known, and on a few generated tracks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import signal
+
+from pipeline import factcheck as FC
+from pipeline import facts as FX
+from pipeline import synth
+from schemas import facts as F
+
+SR = 22050
+
+
+def tone(hz: float = 440.0, seconds: float = 4.0, sr: int = SR, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    return (amp * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def noise(seconds: float = 4.0, sr: int = SR, rms: float = 0.1, seed: int = 0) -> np.ndarray:
+    return (rms * np.random.default_rng(seed).standard_normal(int(seconds * sr))).astype(np.float32)
+
+
+def music(seed: int = 0, **kw) -> np.ndarray:
+    track = synth.Track(**{**dict(key=9, minor=True, bpm=120, lead="saw lead", pad="organ", drums=True), **kw})
+    return synth.render_track(np.random.default_rng(seed), track, 6.0, SR)
+
+
+# --- technical facts ---------------------------------------------------------------------------
+
+
+def test_loudness_of_a_full_scale_1khz_sine_is_minus_3_lufs():
+    # BS.1770: a 0 dBFS 1 kHz sine in one channel reads -3.01 LUFS
+    f = FX.measure(tone(1000, 5, 48000, amp=1.0), 48000)
+    assert f[F.LOUDNESS_LUFS] == pytest.approx(-3.01, abs=0.1)
+    assert f[F.TRUE_PEAK_DBTP] == pytest.approx(0.0, abs=0.1)
+
+
+def test_true_peak_sees_between_samples():
+    x = tone(SR / 4, 1, amp=0.5)  # samples at 0, +-0.5 ... phase-shift it so no sample hits the crest
+    x = (0.5 * np.sin(2 * np.pi * (SR / 4) * np.arange(SR) / SR + np.pi / 4)).astype(np.float32)
+    assert np.abs(x).max() == pytest.approx(0.5 * np.sqrt(0.5), abs=1e-3)
+    assert FX.true_peak_dbtp(x[None]) == pytest.approx(20 * np.log10(0.5), abs=0.3)
+
+
+def test_clipping_counts_flat_tops_at_the_clip_peak_not_smooth_crests():
+    x = music()
+    assert FX.clipped_fraction(x[None]) < 1e-4
+    clipped = np.clip(x * 4, -0.3, 0.3)  # clipped, then left below full scale
+    assert FX.clipped_fraction(clipped[None]) > 0.05
+    assert F.CLIPPING in FX.find_defects(FX.measure(clipped, SR))
+    assert F.CLIPPING not in FX.find_defects(FX.measure(x, SR))
+    low = tone(30, 4, 48000, amp=0.9)  # a slow crest spans several near-equal samples
+    assert FX.clipped_fraction(low[None]) < 1e-3
+
+
+def test_a_lowpass_cliff_is_band_limited_and_a_soft_instrument_over_its_noise_floor_is_not():
+    x = music()
+    cut = signal.sosfilt(signal.butter(8, 2000, fs=SR, output="sos"), x).astype(np.float32)
+    f_cut = FX.measure(cut, SR)
+    assert 1500 < f_cut[F.BANDWIDTH_HZ] < 3000
+    assert F.BAND_LIMITED in FX.find_defects(f_cut)
+    assert FX.measure(x, SR)[F.BANDWIDTH_RATIO] == pytest.approx(1.0)
+    # a soft sine melody (no treble at all) over a -70 dBFS room noise: not band-limited
+    solo = synth.render_track(np.random.default_rng(1), synth.Track(2, False, 90, "flute", "", False, True, -70.0), 6.0, SR)
+    f_solo = FX.measure(solo, SR)
+    assert f_solo[F.BANDWIDTH_RATIO] == pytest.approx(1.0)
+    assert FX.find_defects(f_solo) == []
+
+
+def test_noise_lowers_the_snr_estimate():
+    x = music()
+    clean = FX.measure(x, SR)
+    p = float(np.mean(x**2))
+    noisy = FX.measure(x + noise(6.0, rms=np.sqrt(p / 10 ** 0.5)), SR)  # 5 dB SNR
+    assert clean[F.SNR_DB] > 25
+    assert 0 < noisy[F.SNR_DB] < 10
+    assert F.NOISY in FX.find_defects(noisy) and F.NOISY not in FX.find_defects(clean)
+
+
+def test_quiet_dc_silence_and_stereo():
+    quiet = FX.measure(tone(amp=0.003), SR)
+    assert F.TOO_QUIET in FX.find_defects(quiet)
+    dc = FX.measure(tone() + 0.05, SR)
+    assert dc[F.DC_OFFSET] == pytest.approx(0.05, abs=1e-3) and F.DC in FX.find_defects(dc)
+    half = np.concatenate([tone(seconds=1), np.zeros(3 * SR, np.float32)])
+    f = FX.measure(half, SR)
+    assert f[F.SILENCE_FRACTION] == pytest.approx(0.75, abs=0.03) and F.SILENT_PARTS in FX.find_defects(f)
+    x = tone()
+    assert FX.measure(np.stack([x, x]), SR)[F.STEREO_CORRELATION] == pytest.approx(1.0)
+    assert FX.measure(np.stack([x, -x]), SR)[F.STEREO_CORRELATION] == pytest.approx(-1.0)
+    assert FX.measure(x, SR)[F.STEREO_CORRELATION] is None
+
+
+@pytest.mark.parametrize("sr", [16000, 44100, 48000])
+def test_measure_works_at_any_rate_and_names_every_fact_column(sr):
+    x = tone(440, 3, sr)
+    f = FX.measure(np.stack([x, 0.5 * x]), sr)
+    assert set(f) == set(F.FACT_NAMES) - {F.DEFECTS}
+    assert f[F.BANDWIDTH_RATIO] <= 1.0 and 300 < f[F.SPECTRAL_CENTROID_HZ] < 700
+
+
+def test_measure_refuses_non_finite_samples():
+    x = tone()
+    x[10] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        FX.measure(x, SR)
+
+
+def test_thresholds_decide_the_flags():
+    f = {F.CLIPPED_FRACTION: 0.002, F.BANDWIDTH_RATIO: 0.5, F.SNR_DB: 30.0, F.LOUDNESS_LUFS: -20.0,
+         F.DC_OFFSET: 0.0, F.SILENCE_FRACTION: 0.0}
+    assert FX.find_defects(f) == [F.CLIPPING, F.BAND_LIMITED]
+    assert FX.find_defects(f, FX.DefectThresholds(clipped_fraction=0.01, band_limited_ratio=0.4)) == []
+    assert FX.find_defects({}) == []  # nothing measured, nothing flagged
+
+
+# --- musical facts -----------------------------------------------------------------------------
+
+
+def test_tempo_of_a_click_track():
+    x = np.zeros(8 * SR, np.float32)
+    click = noise(0.02, rms=0.5)
+    for start in range(0, len(x) - len(click), int(SR * 60 / 100)):  # 100 bpm
+        x[start:start + len(click)] += click
+    f = FX.measure(x, SR)
+    assert f[F.TEMPO_BPM] == pytest.approx(100, rel=0.04)
+    assert f[F.TEMPO_CONFIDENCE] > 0.5
+
+
+def test_key_profiles_find_the_key_of_a_scale_weighted_profile():
+    for tonic in (0, 5, 9):
+        for mode, profile in ((F.MAJOR, FX._KK_MAJOR), (F.MINOR, FX._KK_MINOR)):
+            k, m, r = FX.key_from_chroma(np.roll(profile, tonic))
+            assert (k, m) == (tonic, mode) and r == pytest.approx(1.0)
+
+
+def test_generated_tracks_tempo_key_and_drums():
+    """A few generated tracks (loose: the benchmark measures the accuracy on hundreds)."""
+    cases = [dict(key=9, minor=True, bpm=120, drums=True), dict(key=0, minor=False, bpm=100, drums=False),
+             dict(key=7, minor=False, bpm=140, lead="plucked guitar", pad="string", drums=True)]
+    tempo_ok = key_ok = 0
+    for i, case in enumerate(cases):
+        f = FX.measure(music(seed=i, **case), SR)
+        ratio = f[F.TEMPO_BPM] / case["bpm"]
+        tempo_ok += min(abs(ratio - 1), abs(ratio - 2), abs(ratio - 0.5)) < 0.04
+        tonic = F.KEY_NAMES.index(f[F.KEY])
+        relative = (case["key"] + (9 if not case["minor"] else 3)) % 12
+        key_ok += tonic in (case["key"], relative)
+        drums = FC.confident_facts(f).drums
+        assert drums is None or drums == case["drums"]  # unsure is allowed, wrong is not
+    assert tempo_ok >= 2 and key_ok >= 2
