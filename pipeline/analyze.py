@@ -34,7 +34,7 @@ from schemas import tables as T
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "analyze_config.json"
+CONFIG_FILE = "_analyze_config.json"  # "_": Parquet readers of the folder skip it
 
 
 @dataclass(frozen=True)
