@@ -59,7 +59,7 @@ def make_input(root: Path, clips: int, seconds: float, seed: int) -> Path:
         for c in range(min(CLIPS_PER_FILE, clips - f * CLIPS_PER_FILE)):
             level = int(rng.integers(1, 6))
             caption = f"a chord in {freqs[0]:.0f} Hz, clip {c}"
-            rows.append({
+            rows.append({**T.blank_row(T.CAPTIONS_SCHEMA),
                 T.CLIP_ID: f"bench{f:04d}{c:02d}", T.AUDIO_PATH: str(path), T.SOURCE_DIGEST: fs.file_digest(path),
                 T.START_S: c * seconds, T.DURATION_S: seconds, T.SOURCE_DURATION_S: frames / RATE,
                 T.SOURCE_SIZE_BYTES: None, T.SOURCE_MTIME_NS: None,

@@ -135,5 +135,6 @@ def cli(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipeline.analyze import cli as _cli  # the importable module, so Ray pickles the stage by reference
+    from pipeline.cli import run_command
 
-    sys.exit(_cli())
+    sys.exit(run_command("analyze", _cli, None))

@@ -37,9 +37,11 @@ from jobs.config import load, save_resolved
 from model.clap import AUDIO_MODEL_CHOICES, DEFAULT_AUDIO_MODEL
 from pipeline import llm as L
 from pipeline import validate_caption as V
+from pipeline.factcheck import FactCheckConfig
 from pipeline.validate_caption import ValidationConfig, validate
 from pipeline import backend, fs
 from pipeline.stage import Resources, Stage, StageReport
+from schemas import facts as F
 from schemas import tables as T
 from schemas.tables import (CANDIDATES_SCHEMA, MISMATCH, NO_CAPTION, NOTE_NO_LLM_OUTPUT,  # noqa: F401
                             NOTE_ORIGINAL_BEST, NOTE_ORIGINAL_CLEANED, NOTE_UNSCORED, SOURCE_CANDIDATE, SOURCE_FACTS,
@@ -83,6 +85,9 @@ class CaptionConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     clap: ClapConfig = field(default_factory=ClapConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    facts: FactCheckConfig = field(default_factory=FactCheckConfig)  # which measured facts count, and how strictly
+    ground_llm: bool = True  # give the LLM the confident measured facts, as quoted data
+    append_facts: bool = False  # add a sentence of confident facts to the prompt (as MusicBench does)
 
     def check_runnable(self) -> None:
         """Raise with what to do when the config cannot run (no CLAP given)."""
@@ -99,9 +104,58 @@ class CaptionConfig:
 # --- pure functions ----------------------------------------------------------------------
 
 
-def final_prompt(prefix: str, caption: str) -> str:
-    """`"<quality_prefix>, <caption>"`, or just the caption when there is no prefix."""
-    return f"{prefix}, {caption}" if prefix else caption
+def final_prompt(prefix: str, caption: str, facts: str = "") -> str:
+    """`"<quality_prefix>, <caption>"`, or just the caption when there is no prefix; `facts`, a
+    sentence of measured facts, follows when given."""
+    text = f"{prefix}, {caption}" if prefix else caption
+    return f"{text} {facts}" if facts and caption else text
+
+
+def fact_rows(table: pa.Table) -> list[dict]:
+    """The measured facts of each row (null facts when analyze did not run)."""
+    names = [n for n in F.FACT_NAMES if n in table.column_names]
+    cols = [table.column(n).to_pylist() for n in names]
+    return [dict(zip(names, vals)) for vals in zip(*cols)] if names else [{} for _ in range(table.num_rows)]
+
+
+def drop_contradicting(table: pa.Table, cfg: FactCheckConfig) -> pa.Table:
+    """A candidates table whose candidates that contradict the clip's confident measured facts
+    (tempo, key, drums) are moved to `candidate_rejects` with the reason."""
+    from pipeline import factcheck
+
+    kept_col, rejects_col = [], []
+    for facts, cands, rejects in zip(fact_rows(table), table.column(T.CANDIDATES).to_pylist(),
+                                     table.column(T.CANDIDATE_REJECTS).to_pylist()):
+        confident = factcheck.confident_facts(facts, cfg)
+        kept, rejects = [], list(rejects)
+        for text in cands:
+            why = factcheck.check(text, confident, cfg)
+            if why:
+                rejects.append(why[0])
+            else:
+                kept.append(text)
+        kept_col.append(kept)
+        rejects_col.append(rejects)
+    table = table.set_column(table.schema.get_field_index(T.CANDIDATES), T.CANDIDATES, pa.array(kept_col, _LIST))
+    return table.set_column(table.schema.get_field_index(T.CANDIDATE_REJECTS), T.CANDIDATE_REJECTS, pa.array(rejects_col, _LIST))
+
+
+def with_grounding(table: pa.Table, cfg: FactCheckConfig) -> pa.Table:
+    """`table` with each clip's confident measured facts added to its metadata JSON (under
+    "measured"), which the LLM sees as quoted data beside the caption and tags."""
+    import json
+
+    from pipeline import factcheck
+
+    metas = []
+    for facts, meta in zip(fact_rows(table), table.column(T.METADATA_JSON).to_pylist()):
+        ground = factcheck.grounding(facts, cfg)
+        if ground:
+            obj = json.loads(meta or "{}")
+            obj = {**obj, "measured": ground} if isinstance(obj, dict) else {"metadata": obj, "measured": ground}
+            meta = json.dumps(obj, sort_keys=True, ensure_ascii=False)
+        metas.append(meta)
+    return table.set_column(table.schema.get_field_index(T.METADATA_JSON), T.METADATA_JSON, pa.array(metas, pa.string()))
 
 
 def attach_candidates(table: pa.Table, llm_rows: pa.Table, llm_cfg: L.LLMConfig, val_cfg: ValidationConfig) -> pa.Table:
@@ -166,7 +220,8 @@ def choose(has_original: bool, clap_on: bool, original: float | None, candidates
 
 def select(table: pa.Table, clap_original: list, clap_candidates: list, sel: SelectionConfig, errors: list | None = None,
            validation: ValidationConfig = ValidationConfig(), clap_on: bool | None = None,
-           fallback: list[str] | None = None) -> pa.Table:
+           fallback: list[str] | None = None, facts: FactCheckConfig | None = None,
+           append_facts: bool = False) -> pa.Table:
     """Candidates table + CLAP scores -> the captions table.
 
     `clap_on` says whether CLAP scored the rows (default: whether any original has a score).
@@ -174,7 +229,9 @@ def select(table: pa.Table, clap_original: list, clap_candidates: list, sel: Sel
     `fallback[i]` is a caption made from the clip's confident measured facts, used when there
     is no original and no usable candidate; with none either, the clip is rejected `no_caption`.
     Original captions are cleaned (markup, control characters, length) before they reach a
-    prompt, noted `original_cleaned`. No prompt is ever empty or a bare prefix.
+    prompt, noted `original_cleaned`. No prompt is ever empty or a bare prefix. With `facts`, an original that contradicts
+    the clip's confident measured facts is flagged in `caption_contradicts` (and does not compete
+    with a candidate that does not); `append_facts` adds a sentence of those facts to the prompt.
     """
     T.require_columns(table, CANDIDATES_SCHEMA.names, STAGE)
     n = table.num_rows
@@ -185,14 +242,22 @@ def select(table: pa.Table, clap_original: list, clap_candidates: list, sel: Sel
     cols = {c: table.column(c).to_pylist() for c in (T.STATUS, T.REASON, T.CAPTION_ORIGINAL, T.QUALITY_PREFIX, T.CANDIDATES)}
     status, reason = list(cols[T.STATUS]), list(cols[T.REASON])
     caption, source, note, score, prompt = [], [], [], [], []
+    from pipeline import factcheck
+
+    rows_facts = fact_rows(table)
+    contradicts = []
     for i in range(n):
         original, cleaned = V.clean_original(cols[T.CAPTION_ORIGINAL][i], validation)
         cands = cols[T.CANDIDATES][i]
+        wrong = factcheck.check(original, rows_facts[i], facts) if facts is not None and original else []
+        contradicts.append(wrong)
         chosen, why, rejected = -1, "", ""
         if status[i] == T.OK and errors[i]:
             status[i], reason[i] = T.ERROR, errors[i]
         elif status[i] == T.OK:
-            chosen, why, rejected = choose(bool(original), clap_on, clap_original[i], clap_candidates[i] or [], len(cands), sel)
+            # an original that contradicts the measurements does not compete with a candidate that does not
+            has_original = bool(original) and not (wrong and cands)
+            chosen, why, rejected = choose(has_original, clap_on, clap_original[i], clap_candidates[i] or [], len(cands), sel)
             if not cands and chosen != -2:  # the more useful note: there was nothing to choose from
                 why = NOTE_NO_LLM_OUTPUT
             if chosen == -1 and cleaned:
@@ -214,7 +279,8 @@ def select(table: pa.Table, clap_original: list, clap_candidates: list, sel: Sel
             score.append(clap_candidates[i][chosen])
         else:
             score.append(clap_original[i] if chosen == -1 else None)
-        prompt.append(final_prompt(cols[T.QUALITY_PREFIX][i], text) if text else "")
+        sentence = factcheck.facts_sentence(rows_facts[i], facts) if append_facts and facts is not None else ""
+        prompt.append(final_prompt(cols[T.QUALITY_PREFIX][i], text, sentence) if text else "")
     out = table.set_column(table.schema.get_field_index(T.STATUS), T.STATUS, pa.array(status, pa.string()))
     out = out.set_column(out.schema.get_field_index(T.REASON), T.REASON, pa.array(reason, pa.string()))
     new = {
@@ -225,6 +291,7 @@ def select(table: pa.Table, clap_original: list, clap_candidates: list, sel: Sel
         T.CAPTION_SOURCE: pa.array(source, pa.string()),
         T.CAPTION_NOTE: pa.array(note, pa.string()),
         T.PROMPT: pa.array(prompt, pa.string()),
+        T.CAPTION_CONTRADICTS: pa.array(contradicts, _LIST),
     }
     for name, arr in new.items():
         out = out.append_column(name, arr)
@@ -245,17 +312,20 @@ class ClapSelectStage(Stage):
     input_schema = CANDIDATES_SCHEMA
     output_schema = T.CAPTIONS_SCHEMA
 
-    def __init__(self, clap: ClapConfig, selection: SelectionConfig, validation: ValidationConfig = ValidationConfig()):
+    def __init__(self, clap: ClapConfig, selection: SelectionConfig, validation: ValidationConfig = ValidationConfig(),
+                 facts: FactCheckConfig | None = None, append_facts: bool = False):
         from model import clap as C
 
         self.cfg, self.sel, self.validation = clap, selection, validation
+        self.facts, self.append_facts = facts, append_facts
         self.model = None
         if clap.backend != "none":
             self.model = C.load_clap(clap.backend, clap.path, clap.text_model, clap.audio_model, clap.seed, clap.device)
 
     @staticmethod
     def prepare(table: pa.Table, clap: ClapConfig, selection: SelectionConfig,
-                validation: ValidationConfig = ValidationConfig()) -> pa.Table:
+                validation: ValidationConfig = ValidationConfig(), facts: FactCheckConfig | None = None,
+                append_facts: bool = False) -> pa.Table:
         """Decode each `ok` clip (mono, 48 kHz) into `CLAP_WAVE` (none with CLAP off); a clip
         that fails to decode (or changed since ingest) becomes an `error` row, reason `clap: ...`."""
         from pipeline.audio import AudioError, check_unchanged, load_clip
@@ -301,8 +371,14 @@ class ClapSelectStage(Stage):
                 sims = (text[a : a + m] @ audio[j]).astype(np.float64).tolist()  # (m,)
                 clap_original[i] = sims[0] if originals[j] else None  # no original: nothing scored
                 clap_candidates[i] = sims[1:]
+        fallback = None
+        if self.facts is not None:  # a caption from the confident facts, for a clip left with none
+            from pipeline.factcheck import fallback_caption
+
+            fallback = [fallback_caption(f, self.facts, tags or ()) for f, tags in
+                        zip(fact_rows(table), table.column(T.TAGS).to_pylist())]
         return select(table, clap_original, clap_candidates, self.sel, None, self.validation,
-                      clap_on=self.model is not None)
+                      clap_on=self.model is not None, fallback=fallback, facts=self.facts, append_facts=self.append_facts)
 
 
 # --- Ray adapter -------------------------------------------------------------------------
@@ -355,16 +431,21 @@ def llm_index(llm_dir: Path, k: int) -> dict[tuple[str, str], str]:
     return index
 
 
-def _ok_clips(part: str, fingerprint: str) -> pa.Table:
-    """The `ok` clips of one part with their request keys."""
-    t = pq.read_table(part, columns=[T.CLIP_ID, T.STATUS, T.CAPTION_ORIGINAL, T.TAGS, T.METADATA_JSON])
+def _ok_clips(part: str, fingerprint: str, ground: FactCheckConfig | None = None) -> pa.Table:
+    """The `ok` clips of one part (what the LLM sees of them: caption, tags, metadata, and with
+    `ground` the confident measured facts inside the metadata) with their request keys."""
+    have = pq.read_schema(part).names
+    facts = [n for n in F.FACT_NAMES if n in have] if ground is not None else []
+    t = pq.read_table(part, columns=[T.CLIP_ID, T.STATUS, T.CAPTION_ORIGINAL, T.TAGS, T.METADATA_JSON, *facts])
     t = t.filter(pc.equal(t.column(T.STATUS), T.OK))
+    if facts:
+        t = with_grounding(t, ground).drop_columns(facts)
     return t.append_column(_KEY_COL, pa.array(request_keys(t, fingerprint), pa.string()))
 
 
-def _llm_input(part: str, fingerprint: str, todo: set[tuple[str, str]]) -> pa.Table:
+def _llm_input(part: str, fingerprint: str, todo: set[tuple[str, str]], ground: FactCheckConfig | None) -> pa.Table:
     """The `ok` clips of one part that still need LLM answers (a Ray task)."""
-    t = _ok_clips(part, fingerprint)
+    t = _ok_clips(part, fingerprint, ground)
     keep = [(c, k) in todo for c, k in zip(t.column(T.CLIP_ID).to_pylist(), t.column(_KEY_COL).to_pylist())]
     return t.filter(pa.array(keep, pa.bool_())).drop_columns([_KEY_COL])
 
@@ -376,8 +457,9 @@ def _llm_step(cfg: CaptionConfig, pending: list[Path], llm_dir: Path) -> dict[tu
     fingerprint = llm_fingerprint(cfg.llm)
     index = llm_index(llm_dir, k)
     wanted: set[tuple[str, str]] = set()
+    ground = cfg.facts if cfg.ground_llm else None
     for p in pending:
-        t = _ok_clips(str(p), fingerprint)
+        t = _ok_clips(str(p), fingerprint, ground)
         wanted.update(zip(t.column(T.CLIP_ID).to_pylist(), t.column(_KEY_COL).to_pylist()))
     todo = wanted - set(index)
     if not todo:
@@ -389,15 +471,16 @@ def _llm_step(cfg: CaptionConfig, pending: list[Path], llm_dir: Path) -> dict[tu
     run = llm_dir / f"run-{fs.text_digest(repr(ordered))[:16]}"
     keys = pa.table({T.CLIP_ID: [c for c, _ in ordered], _KEY_COL: [key for _, key in ordered]})
     fs.atomic_write_table(keys, run / _KEYS_FILE)  # first: answers of a killed run are found again
-    backend.map_llm(_llm_input, [(str(p), fingerprint, todo) for p in pending], L.expand_prompts, {"cfg": cfg.llm},
+    backend.map_llm(_llm_input, [(str(p), fingerprint, todo, ground) for p in pending], L.expand_prompts, {"cfg": cfg.llm},
                     L.build_processor(cfg.llm), run, cfg.llm.aux_num_cpus)  # postprocess keeps LLM_ROW_COLUMNS
     return llm_index(llm_dir, k)
 
 
 def _candidates_part(part: str, llm_dir: str, runs: dict[str, str], out_path: str, llm_cfg: L.LLMConfig,
-                     val_cfg: ValidationConfig, digest: str) -> int:
+                     val_cfg: ValidationConfig, digest: str, facts: FactCheckConfig) -> int:
     """Step 2 for one part (a Ray task): join its clips' LLM answers (`runs`: clip_id -> the run
-    folder that answered it), validate, write atomically."""
+    folder that answered it), validate them and check them against the measured facts, write
+    atomically."""
     table = pq.read_table(part)
     pieces = []
     for run in sorted(set(runs.values())):
@@ -410,7 +493,8 @@ def _candidates_part(part: str, llm_dir: str, runs: dict[str, str], out_path: st
         rows = pa.concat_tables(pieces)
     else:
         rows = pa.table({c: pa.array([], pa.int64() if c == L.K_COL else pa.string()) for c in L.LLM_ROW_COLUMNS})
-    fs.atomic_write_table(backend.with_digest(attach_candidates(table, rows, llm_cfg, val_cfg), digest), out_path)
+    candidates = drop_contradicting(attach_candidates(table, rows, llm_cfg, val_cfg), facts)
+    fs.atomic_write_table(backend.with_digest(candidates, digest), out_path)
     return table.num_rows
 
 
@@ -446,13 +530,16 @@ def _run(cfg: CaptionConfig, input_dir: Path, output_dir: Path) -> StageReport:
         fingerprint = llm_fingerprint(cfg.llm)
         calls = []
         for p in todo:
-            t = _ok_clips(str(p), fingerprint)
+            t = _ok_clips(str(p), fingerprint, cfg.facts if cfg.ground_llm else None)
             runs = {c: index[(c, key)] for c, key in zip(t.column(T.CLIP_ID).to_pylist(), t.column(_KEY_COL).to_pylist())
                     if (c, key) in index}
-            calls.append((str(p), str(llm_dir), runs, str(cand_dir / p.name), cfg.llm, cfg.validation, digests[p.name]))
+            calls.append((str(p), str(llm_dir), runs, str(cand_dir / p.name), cfg.llm, cfg.validation, digests[p.name],
+                          cfg.facts))
         backend.run_tasks(_candidates_part, calls, f"{STAGE} (candidates)", num_cpus=cfg.llm.aux_num_cpus, unit="part")
         # 3. CLAP scores and the choice, recording the digest of the quality part
-        backend.run_parts(ClapSelectStage, {"clap": cfg.clap, "selection": cfg.selection, "validation": cfg.validation},
+        select_kwargs = {"clap": cfg.clap, "selection": cfg.selection, "validation": cfg.validation, "facts": cfg.facts,
+                         "append_facts": cfg.append_facts}
+        backend.run_parts(ClapSelectStage, select_kwargs,
                           [cand_dir / p.name for p in pending], digests, output_dir, cfg.clap.resources)
         if all(backend.recorded_digest(output_dir / p.name) == digests[p.name] for p in parts):
             shutil.rmtree(cand_dir, ignore_errors=True)  # the LLM answers stay: a cache for later runs

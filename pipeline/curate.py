@@ -1,4 +1,4 @@
-"""curate: ingest -> score -> quantize -> caption -> export -> verify, as one resumable job.
+"""curate: ingest -> analyze -> score -> quantize -> caption -> export -> verify, as one resumable job.
 
 Every stage writes its own folder under `output/` and skips what an earlier run finished, so a
 killed curation picks up where it stopped. A banner marks each stage, Ray Data's progress
@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script (`python pipeline/curate.py`, `
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs import config as jobcfg
+from pipeline.analyze import AnalyzeConfig
 from pipeline.caption import CaptionConfig
 from pipeline.export import ExportConfig
 from pipeline.ingest import IngestConfig
@@ -49,6 +50,7 @@ class StageEntry:
 # input). A new stage is one line here, one config field below, and its module.
 REGISTRY = (
     StageEntry("ingest", "clips", "pipeline.ingest", "folder or manifest -> clip table"),
+    StageEntry("analyze", "facts", "pipeline.analyze", "measured facts and defect flags (signal processing, CPU)"),
     StageEntry("score", "scores", "pipeline.score", "p-MOS per clip"),
     StageEntry("quantize", "quality", "pipeline.quantize", "corpus statistics, quality levels and prefixes"),
     StageEntry("caption", "captions", "pipeline.caption", "LLM candidates, CLAP choice"),
@@ -67,6 +69,7 @@ class CurateConfig:
     stages: tuple[str, ...] = STAGES
     sample: SampleConfig = field(default_factory=SampleConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)

@@ -113,7 +113,7 @@ class ScoreStage(Stage):
                     pmos[i] = float(s)
                 else:
                     status[i], reason[i] = T.ERROR, f"scorer returned {s}"
-        out = batch.select(T.CLIPS_SCHEMA.names)
+        out = T.with_facts(batch)  # the clip and its measured facts (null when analyze did not run)
         out = out.set_column(out.schema.get_field_index(T.STATUS), T.STATUS, pa.array(status, pa.string()))
         out = out.set_column(out.schema.get_field_index(T.REASON), T.REASON, pa.array(reason, pa.string()))
         out = out.append_column(T.PMOS, pa.array(pmos, pa.float64()))

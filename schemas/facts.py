@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas import tables as T
 
 # --- technical facts -----------------------------------------------------------------------
 LOUDNESS_LUFS = "loudness_lufs"  # integrated loudness, ITU-R BS.1770-4 (gated), LUFS
@@ -80,8 +79,12 @@ FACT_FIELDS = [
 ]
 FACT_NAMES = [f.name for f in FACT_FIELDS]
 
-# the analyze stage's output: the clip table plus the facts
-FACTS_SCHEMA = pa.schema(
-    T.CLIP_FIELDS + FACT_FIELDS,
-    metadata={b"mosaiq.table": b"facts", b"mosaiq.version": str(FACTS_VERSION).encode()},
-)
+
+
+def __getattr__(name: str):
+    """`FACTS_SCHEMA`, the analyze stage's table, is defined with the other tables (schemas.tables)."""
+    if name == "FACTS_SCHEMA":
+        from schemas.tables import FACTS_SCHEMA
+
+        return FACTS_SCHEMA
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from schemas import facts as F
+
 # --- status values ---------------------------------------------------------------------
 OK = "ok"
 REJECTED = "rejected"
@@ -53,6 +55,7 @@ CAPTION = "caption"  # the chosen caption
 CAPTION_SOURCE = "caption_source"  # "original" or "candidate"
 CAPTION_NOTE = "caption_note"  # why the original was kept, e.g. "llm_no_usable_output"
 PROMPT = "prompt"  # "<quality_prefix>, <caption>" or just the caption
+CAPTION_CONTRADICTS = "caption_contradicts"  # how the original caption contradicts the measured facts
 
 # caption_source values
 SOURCE_ORIGINAL = "original"
@@ -82,7 +85,7 @@ REJECT_THINKING = "thinking"  # a `<think>` block never closed: the budget went 
 CANDIDATE_REJECT_REASONS = (
     REJECT_EMPTY, REJECT_TOO_SHORT, REJECT_TOO_LONG, REJECT_CHAT_MARKUP, REJECT_REFUSAL, REJECT_INSTRUCTIONS,
     REJECT_ECHO_PROMPT, REJECT_ECHO_ORIGINAL, REJECT_DUPLICATE, REJECT_LLM_ERROR, REJECT_TRUNCATED, REJECT_THINKING,
-)
+) + F.CHECK_REASONS  # contradicts_tempo, contradicts_key, contradicts_drums: against the measured facts
 
 NUM_QUALITY_LEVELS = 5
 CLIP_SECONDS = 10.24  # QA-MDT's clip length
@@ -94,9 +97,9 @@ CHANGED_SINCE_INGEST = "changed since ingest"  # the file is not the one ingest 
 OUTSIDE_ROOTS = "path outside the allowed roots"  # the same words whether or not the file exists  # a clip whose RMS (DC removed) is below this is silent
 
 CLIPS_VERSION = 2  # 2: source_size_bytes, source_mtime_ns
-SCORES_VERSION = 2
-QUALITY_VERSION = 2
-CAPTIONS_VERSION = 2
+SCORES_VERSION = 3  # 3: the measured facts of analyze (null when it did not run)
+QUALITY_VERSION = 3
+CAPTIONS_VERSION = 3  # 3: + caption_contradicts
 
 CLIP_FIELDS = [
     pa.field(CLIP_ID, pa.string(), nullable=False),
@@ -138,6 +141,7 @@ CAPTION_FIELDS = [
     pa.field(CAPTION_SOURCE, pa.string(), nullable=False),
     pa.field(CAPTION_NOTE, pa.string(), nullable=False),
     pa.field(PROMPT, pa.string(), nullable=False),
+    pa.field(CAPTION_CONTRADICTS, pa.list_(pa.string()), nullable=False),
 ]
 
 
@@ -145,21 +149,24 @@ def _schema(fields: list[pa.Field], name: str, version: int) -> pa.Schema:
     return pa.schema(fields, metadata={b"mosaiq.table": name.encode(), b"mosaiq.version": str(version).encode()})
 
 
+# every table after analyze carries the measured facts (schemas/facts.py)
+FACT_FIELDS = F.FACT_FIELDS
 CLIPS_SCHEMA = _schema(CLIP_FIELDS, "clips", CLIPS_VERSION)
-SCORES_SCHEMA = _schema(CLIP_FIELDS + SCORE_FIELDS, "scores", SCORES_VERSION)
-QUALITY_SCHEMA = _schema(CLIP_FIELDS + SCORE_FIELDS + QUALITY_FIELDS, "quality", QUALITY_VERSION)
+FACTS_SCHEMA = _schema(CLIP_FIELDS + FACT_FIELDS, "facts", F.FACTS_VERSION)
+SCORES_SCHEMA = _schema(CLIP_FIELDS + FACT_FIELDS + SCORE_FIELDS, "scores", SCORES_VERSION)
+QUALITY_SCHEMA = _schema(CLIP_FIELDS + FACT_FIELDS + SCORE_FIELDS + QUALITY_FIELDS, "quality", QUALITY_VERSION)
 CAPTIONS_SCHEMA = _schema(
-    CLIP_FIELDS + SCORE_FIELDS + QUALITY_FIELDS + CAPTION_FIELDS, "captions", CAPTIONS_VERSION
+    CLIP_FIELDS + FACT_FIELDS + SCORE_FIELDS + QUALITY_FIELDS + CAPTION_FIELDS, "captions", CAPTIONS_VERSION
 )
 
 # caption's internal work table: the quality table plus the validated LLM candidates
 CANDIDATES_SCHEMA = _schema(
-    CLIP_FIELDS + SCORE_FIELDS + QUALITY_FIELDS
+    CLIP_FIELDS + FACT_FIELDS + SCORE_FIELDS + QUALITY_FIELDS
     + [f for f in CAPTION_FIELDS if f.name in (CANDIDATES, CANDIDATE_REJECTS)],
     "caption_candidates", 1,
 )
 
-SCHEMAS = {"clips": CLIPS_SCHEMA, "scores": SCORES_SCHEMA, "quality": QUALITY_SCHEMA, "captions": CAPTIONS_SCHEMA}
+SCHEMAS = {"clips": CLIPS_SCHEMA, "facts": FACTS_SCHEMA, "scores": SCORES_SCHEMA, "quality": QUALITY_SCHEMA, "captions": CAPTIONS_SCHEMA}
 
 
 class SchemaError(ValueError):
@@ -179,6 +186,30 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     require_columns(table, schema.names, f"table {schema.metadata.get(b'mosaiq.table', b'?').decode()}")
     arrays = [table.column(f.name).cast(f.type) for f in schema]
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _blank(f: pa.Field):
+    return None if f.nullable else ([] if pa.types.is_list(f.type) else "")
+
+
+def blank_row(schema: pa.Schema) -> dict:
+    """A row of `schema` with nothing in it: null, or "" and [] where a column cannot be null
+    (the starting point of a row built by hand, e.g. in tests and benchmarks)."""
+    return {f.name: _blank(f) for f in schema}
+
+
+def with_facts(table: pa.Table) -> pa.Table:
+    """The clip columns and the measured facts of `table` (FACTS_SCHEMA); facts a table does not
+    have (analyze did not run) are null, or "" and [] where a column cannot be null."""
+    n = table.num_rows
+    arrays = []
+    for f in FACTS_SCHEMA:
+        if f.name in table.column_names:
+            arrays.append(table.column(f.name).cast(f.type))
+        else:
+            arrays.append(pa.array([_blank(f)] * n, f.type))
+    require_columns(table, CLIPS_SCHEMA.names, "facts")
+    return pa.Table.from_arrays(arrays, schema=FACTS_SCHEMA)
 
 
 def empty(schema: pa.Schema) -> pa.Table:

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import soundfile as sf
 
+from schemas import facts as F
 from schemas import tables as T
 
 SR = 48_000
@@ -55,6 +56,8 @@ def quality_rows(specs: list[dict]) -> pa.Table:
             T.METADATA_JSON: json.dumps(s.get("metadata", {})), T.STATUS: s.get("status", T.OK),
             T.REASON: s.get("reason", ""), T.PMOS: 3.9, T.SCORER: "test", T.QUALITY_LEVEL: 3,
             T.QUALITY_PREFIX: s.get("prefix", "medium quality"), T.STATS_ID: "stats",
+            **{k: v for k, v in T.blank_row(T.FACTS_SCHEMA).items() if k in F.FACT_NAMES},
+            **s.get("facts", {}),  # measured facts (analyze), none by default
         }
         for k, v in row.items():
             cols[k].append(v)

@@ -45,7 +45,7 @@ def write_test_shards(dir, n: int, seed: int, seconds: float = 1.28, per_shard: 
         sf.write(path, wave.astype(np.float32), SR, subtype="PCM_16")
         caption = f"a tone at {int(f0)} hertz"
         prefix = LEVEL_PREFIX[level]
-        rows.append({
+        rows.append({**T.blank_row(T.CAPTIONS_SCHEMA),
             T.CLIP_ID: f"clip{seed}x{i:05d}", T.AUDIO_PATH: str(path), T.SOURCE_DIGEST: "", T.START_S: 0.0,
             T.DURATION_S: seconds, T.SOURCE_DURATION_S: seconds, T.SOURCE_SAMPLE_RATE: SR, T.SOURCE_CHANNELS: 1,
             T.SOURCE_FORMAT: "WAV", T.CAPTION_ORIGINAL: caption, T.TAGS: [], T.METADATA_JSON: "{}",

@@ -68,7 +68,7 @@ def make_captions(root: Path, n_ok: int = 13, seed: int = 0, stats: Q.QualitySta
         prefix = [Q.PREFIX_LOW, "", Q.PREFIX_MEDIUM, "", Q.PREFIX_HIGH][level - 1]
         original = f"a synth tune number {j} | with <b>odd</b> text"
         caption = original if j % 3 == 0 else f"bright synthesizer melody {j} over soft noise"
-        rows.append({
+        rows.append({**T.blank_row(T.CAPTIONS_SCHEMA),
             T.CLIP_ID: f"{j:04d}c{seed:02d}" + "ab" * 4, T.AUDIO_PATH: path, T.SOURCE_DIGEST: fs.file_digest(path),
             T.START_S: (j // 2) * CLIP_S, T.DURATION_S: CLIP_S, T.SOURCE_DURATION_S: total,
             T.SOURCE_SIZE_BYTES: None, T.SOURCE_MTIME_NS: None,

@@ -30,7 +30,7 @@ def test_demo_curation_end_to_end(tmp_path):
     out = tmp_path / "demo"
     proc = run_curate(out)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    for stage in ("ingest", "score", "quantize", "caption", "export", "verify"):
+    for stage in ("ingest", "analyze", "score", "quantize", "caption", "export", "verify"):
         assert f"\n{stage} " in proc.stdout, proc.stdout
 
     # every input row ends in exactly one row of the last table
@@ -105,7 +105,7 @@ def test_adding_or_changing_a_file_recomputes_only_the_parts_that_changed(tmp_pa
     yaml = tmp_path / "job.yaml"
     yaml.write_text(
         f"input: {music}\noutput: {tmp_path / 'out'}\n"
-        "stages: [ingest, score, quantize, caption, export, verify]\n"
+        "stages: [ingest, analyze, score, quantize, caption, export, verify]\n"
         "ingest: {rows_per_part: 2}\n"
         "quantize: {mu: 3.0, sigma: 0.5}\n"  # fixed bands: the stats do not move with the corpus
         "caption: {llm: {num_candidates: 1, max_tokens: 16}, clap: {backend: none}}\n"
@@ -113,7 +113,7 @@ def test_adding_or_changing_a_file_recomputes_only_the_parts_that_changed(tmp_pa
     )
     cfg = load_config(str(yaml))
     first = curate.main(cfg)
-    folders = {s: cfg.folder(s) for s in ("ingest", "score", "quantize", "caption")}
+    folders = {s: cfg.folder(s) for s in ("ingest", "analyze", "score", "quantize", "caption")}
     before = {s: _stamp(f) for s, f in folders.items()}
     assert all(len(b) == 3 for b in before.values())
     captions_before = {r[T.AUDIO_PATH]: r for r in read_folder(folders["caption"]).to_pylist()}
@@ -123,12 +123,13 @@ def test_adding_or_changing_a_file_recomputes_only_the_parts_that_changed(tmp_pa
     again = {r.stage: r for r in curate.main(cfg)}
     after = {s: _stamp(f) for s, f in folders.items()}
     four = ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
-    for stage in ("ingest", "score"):  # exactly the parts whose input changed
+    for stage in ("ingest", "analyze", "score"):  # exactly the parts whose input changed
         assert sorted(after[stage]) == four
         for name in ("part-00001.parquet", "part-00002.parquet"):  # untouched: same bytes, not even rewritten
             assert after[stage][name] == before[stage][name], (stage, name)
         assert after[stage]["part-00000.parquet"][1] != before[stage]["part-00000.parquet"][1], stage
-    assert (again["score"].parts_total, again["score"].parts_skipped) == (4, 2), again["score"]
+    for stage in ("analyze", "score"):
+        assert (again[stage].parts_total, again[stage].parts_skipped) == (4, 2), again[stage]
     # quantize: the corpus statistics (count, fit) changed, so its stats id, which every row
     # carries, changed: every part is made again, and caption follows; the LLM is asked only for
     # the two clips it has not answered (its answers are cached by clip and prompt)

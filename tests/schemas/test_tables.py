@@ -2,6 +2,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from schemas import facts as F
 from schemas import tables as T
 
 
@@ -15,6 +16,8 @@ def _row(**over):
         T.QUALITY_PREFIX: "medium quality", T.STATS_ID: "s1", T.CANDIDATES: ["c1"], T.CANDIDATE_REJECTS: [],
         T.CLAP_ORIGINAL: 0.1, T.CLAP_CANDIDATES: [0.2], T.CLAP_SCORE: 0.2, T.CAPTION: "c1",
         T.CAPTION_SOURCE: "candidate", T.CAPTION_NOTE: "", T.PROMPT: "medium quality, c1",
+        T.CAPTION_CONTRADICTS: ["contradicts_tempo"],
+        **{name: 0.5 for name in F.FACT_NAMES}, F.KEY: "A", F.MODE: "minor", F.DEFECTS: ["noisy"],
     }
     r.update(over)
     return r
