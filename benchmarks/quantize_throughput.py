@@ -48,6 +48,8 @@ def synthetic_part(start: int, n: int, rng: np.random.Generator) -> pa.Table:
         T.REASON: pa.array(np.where(status == T.OK, "", "synthetic").astype(object), pa.string()),
         T.PMOS: pa.array(pmos, mask=status == T.ERROR), T.SCORER: const("synthetic"),
     }
+    blank = T.blank_row(T.SCORES_SCHEMA)  # no measured facts
+    cols = {f.name: cols.get(f.name, pa.array([blank[f.name]] * n, f.type)) for f in T.SCORES_SCHEMA}
     return pa.table(cols, schema=T.SCORES_SCHEMA)
 
 

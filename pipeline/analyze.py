@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +108,8 @@ def main(cfg: AnalyzeConfig, input_dir: str | Path, output_dir: str | Path) -> S
     """Analyze every pending part of `input_dir` into `output_dir` on Ray (the caller starts it)."""
     report = backend.map_parts(AnalyzeStage, {"cfg": cfg}, input_dir, output_dir, cfg.resources)
     jobcfg.save_resolved(cfg, Path(output_dir) / CONFIG_FILE)
+    flagged = Counter(d for v in backend.read_folder(output_dir, [F.DEFECTS]).column(F.DEFECTS).to_pylist() for d in v or [])
+    report.detail = "defects flagged: " + (", ".join(f"{k}={v}" for k, v in sorted(flagged.items())) or "none")
     return report
 
 

@@ -21,6 +21,7 @@ import logging
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -544,7 +545,14 @@ def _run(cfg: CaptionConfig, input_dir: Path, output_dir: Path) -> StageReport:
         if all(backend.recorded_digest(output_dir / p.name) == digests[p.name] for p in parts):
             shutil.rmtree(cand_dir, ignore_errors=True)  # the LLM answers stay: a cache for later runs
     rows = sum(pq.read_metadata(output_dir / p.name).num_rows for p in pending)
-    return StageReport(STAGE, len(parts), len(parts) - len(pending), rows, 0.0, backend.status_counts(output_dir))
+    report = StageReport(STAGE, len(parts), len(parts) - len(pending), rows, 0.0, backend.status_counts(output_dir))
+    out = backend.read_folder(output_dir, [T.CANDIDATE_REJECTS, T.CAPTION_CONTRADICTS])
+    dropped = Counter(x for v in out.column(T.CANDIDATE_REJECTS).to_pylist() for x in v if x in F.CHECK_REASONS)
+    wrong = sum(1 for v in out.column(T.CAPTION_CONTRADICTS).to_pylist() if v)
+    report.detail = (f"candidates dropped for contradicting the facts: "
+                     f"{', '.join(f'{k}={v}' for k, v in sorted(dropped.items())) or 'none'}; "
+                     f"{wrong} original caption(s) contradict them")
+    return report
 
 
 # --- entry point -------------------------------------------------------------------------

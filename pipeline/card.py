@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import fs
+from schemas import facts as F
 from schemas import stats as Q
 from schemas import tables as T
 
@@ -29,6 +30,10 @@ PLOT_STATUS = "status_reasons.png"
 PLOT_PMOS = "pmos.png"
 PLOT_LEVELS = "levels.png"
 PLOT_CLAP = "clap.png"
+PLOT_FACTS = "facts.png"
+# the measured-facts columns the card shows when the table has them (analyze ran)
+FACT_COLUMNS = [F.TEMPO_BPM, F.TEMPO_CONFIDENCE, F.KEY, F.MODE, F.KEY_CONFIDENCE, F.LOUDNESS_LUFS, F.BANDWIDTH_HZ,
+                F.PERCUSSIVE_RATIO, F.DEFECTS, T.CAPTION_CONTRADICTS, T.CANDIDATE_REJECTS]
 CELL_CHARS = 160  # longest caption shown in a table cell
 NO_REASON = "(none)"
 STATUS_COLORS = {T.OK: "#3a7d44", T.REJECTED: "#d08c00", T.ERROR: "#b03030"}
@@ -165,6 +170,57 @@ def _floats(values) -> np.ndarray:
     return np.array([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
 
 
+def plot_facts(ok: list[dict], path: Path) -> None:
+    """Tempo, key, loudness and bandwidth of the exported clips, in one figure of four panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(9.0, 6.0), dpi=100)
+    tempo = _floats(r.get(F.TEMPO_BPM) for r in ok)
+    axes[0, 0].hist(tempo, bins=30, range=(40, 240), color="#4c72b0")
+    axes[0, 0].set_title(f"tempo, BPM ({tempo.size})", fontsize=9)
+    keys = Counter(f"{r.get(F.KEY)}{'m' if r.get(F.MODE) == F.MINOR else ''}" for r in ok if r.get(F.KEY))
+    labels = [k + m for k in F.KEY_NAMES for m in ("", "m")]
+    axes[0, 1].bar(range(len(labels)), [keys.get(k, 0) for k in labels], color="#55a868")
+    axes[0, 1].set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+    axes[0, 1].set_title("key (m: minor)", fontsize=9)
+    loud = _floats(r.get(F.LOUDNESS_LUFS) for r in ok)
+    axes[1, 0].hist(loud, bins=30, color="#c44e52")
+    axes[1, 0].set_title(f"integrated loudness, LUFS ({loud.size})", fontsize=9)
+    bw = _floats(r.get(F.BANDWIDTH_HZ) for r in ok) / 1000.0
+    axes[1, 1].hist(bw, bins=30, color="#8172b2")
+    axes[1, 1].set_title(f"effective bandwidth, kHz ({bw.size})", fontsize=9)
+    for ax in axes.flat:
+        ax.tick_params(labelsize=7)
+    _save(fig, path)
+
+
+def facts_section(rows: list[dict], ok: list[dict], examples: int) -> list[str]:
+    """The card's measured-facts section: plots, defect counts, candidates dropped for
+    contradicting the facts, and original captions that contradict them."""
+    if not any(F.DEFECTS in r for r in rows):
+        return []
+    defects = Counter(d for r in ok for d in (r.get(F.DEFECTS) or []))
+    dropped = Counter(x for r in rows for x in (r.get(T.CANDIDATE_REJECTS) or []) if x in F.CHECK_REASONS)
+    wrong = [r for r in rows if r.get(T.CAPTION_CONTRADICTS)]
+    lines = ["## Measured facts", "", f"![tempo, key, loudness and bandwidth]({CARD_DIR}/{PLOT_FACTS})", "",
+             "| defect (exported clips) | clips |", "| --- | ---: |"]
+    lines += [f"| {d} | {defects.get(d, 0)} |" for d in F.DEFECT_NAMES]
+    lines += ["", "LLM candidates dropped for contradicting the measured facts: "
+              + (", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none") + ".", ""]
+    lines.append(f"{len(wrong)} original caption(s) contradict the measurements; the first {min(examples, len(wrong))} by clip id:")
+    lines += ["", "| clip | original caption | contradicts | measured |", "| --- | --- | --- | --- |"]
+    for r in sorted(wrong, key=lambda r: r[T.CLIP_ID])[:examples]:
+        tempo = f"{r[F.TEMPO_BPM]:.0f} BPM" if r.get(F.TEMPO_BPM) else "?"
+        key = f"{r.get(F.KEY)} {r.get(F.MODE)}".strip() or "?"
+        drums = r.get(F.PERCUSSIVE_RATIO)
+        measured = f"{tempo}, {key}, percussive {drums:.2f}" if drums is not None else f"{tempo}, {key}"
+        lines.append(f"| `{r[T.CLIP_ID][:12]}` | {md_cell(r[T.CAPTION_ORIGINAL])} | {', '.join(r[T.CAPTION_CONTRADICTS])} | {measured} |")
+    return lines + [""]
+
+
 def render(table: pa.Table, report: dict, stats: Q.QualityStats | None, examples: int) -> str:
     """The card's Markdown (plots are referenced under `card/`)."""
     rows = table.to_pylist()
@@ -201,8 +257,9 @@ def render(table: pa.Table, report: dict, stats: Q.QualityStats | None, examples
     lines += ["", f"![clips per status and reason]({CARD_DIR}/{PLOT_STATUS})", "",
               "## p-MOS", "", f"![p-MOS histogram]({CARD_DIR}/{PLOT_PMOS})", "",
               "## Quality levels", "", f"![exported clips per quality level]({CARD_DIR}/{PLOT_LEVELS})", "",
-              "## CLAP scores", "", f"![CLAP scores]({CARD_DIR}/{PLOT_CLAP})", "",
-              "## Refined captions", ""]
+              "## CLAP scores", "", f"![CLAP scores]({CARD_DIR}/{PLOT_CLAP})", ""]
+    lines += facts_section(rows, ok, examples)
+    lines += ["## Refined captions", ""]
     refined = [r for r in ok if (r[T.CAPTION] or "") != (r[T.CAPTION_ORIGINAL] or "")]
     lines.append(f"{len(refined)} of {len(ok)} exported clips use an LLM-refined caption; the first {min(examples, len(refined))} by clip id:")
     lines += ["", "| clip | level | CLAP original → chosen | original caption | refined caption |", "| --- | ---: | --- | --- | --- |"]
@@ -242,6 +299,8 @@ def write_card(out_dir: str | Path, table: pa.Table, report: dict, stats: Q.Qual
     plot_clap(_floats(c for c, k in zip(clap, is_ok) if k),
               _floats(c for c, k in zip(table.column(T.CLAP_ORIGINAL).to_pylist(), is_ok) if k),
               _floats(c for c, k in zip(clap, is_ok) if not k), plots / PLOT_CLAP)
+    if F.DEFECTS in table.column_names:
+        plot_facts([r for r in table.to_pylist() if r[T.STATUS] == T.OK], plots / PLOT_FACTS)
     path = out / CARD_FILE
     fs.atomic_write_text(path, render(table, report, stats, examples))
     log.info("export: dataset card written to %s", path)

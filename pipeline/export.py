@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs import config as jobconfig
-from pipeline import backend, fs
+from pipeline import backend, card, fs
 from pipeline.shards import (
     FLAC_BYTES_PER_SAMPLE,
     SAMPLE_OVERHEAD_BYTES,
@@ -112,7 +112,8 @@ def read_captions(folder: str | Path) -> pa.Table:
     for p in parts:
         schema = pq.read_schema(p)
         T.require_columns(schema, INPUT_COLUMNS, f"export ({p.name})")
-        tables.append(pq.read_table(p, columns=INPUT_COLUMNS))
+        extra = [c for c in card.FACT_COLUMNS if c in schema.names]  # shown in the dataset card
+        tables.append(pq.read_table(p, columns=INPUT_COLUMNS + extra))
     return pa.concat_tables(tables)
 
 
@@ -325,8 +326,6 @@ def write_shards(plan: list[ShardSpec], out: Path, resources: Resources) -> list
 def main(cfg: ExportConfig, input_dir: str | Path, output_dir: str | Path) -> StageReport:
     """Export the caption table in `input_dir` to shards in `output_dir` (see the module
     docstring), on the Ray the caller started."""
-    from pipeline import card
-
     t0 = time.perf_counter()
     fs.list_parts(input_dir)  # a missing input is an error before the folder is claimed
     with fs.stage_output("export", input_dir, output_dir) as out:
@@ -334,8 +333,6 @@ def main(cfg: ExportConfig, input_dir: str | Path, output_dir: str | Path) -> St
 
 
 def _export(cfg: ExportConfig, input_dir: Path, out: Path, t0: float) -> StageReport:
-    from pipeline import card
-
     # 1. read and split the input; plan the shards
     table = read_captions(input_dir)
     ok, rest = split_rows(table)

@@ -189,7 +189,12 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def _blank(f: pa.Field):
-    return None if f.nullable else ([] if pa.types.is_list(f.type) else "")
+    """Null, or the empty value of a column that cannot be null ([], "", 0)."""
+    if f.nullable:
+        return None
+    if pa.types.is_list(f.type):
+        return []
+    return "" if pa.types.is_string(f.type) else 0
 
 
 def blank_row(schema: pa.Schema) -> dict:

@@ -38,6 +38,8 @@ def scores_table(pmos, status=None) -> pa.Table:
         T.METADATA_JSON: ["{}"] * n, T.STATUS: status,
         T.REASON: ["" if s == T.OK else "bad" for s in status], T.PMOS: list(pmos), T.SCORER: ["t"] * n,
     }
+    blank = T.blank_row(T.SCORES_SCHEMA)  # no measured facts: analyze did not run
+    cols = {f.name: cols.get(f.name, [blank[f.name]] * n) for f in T.SCORES_SCHEMA}
     return pa.table(cols, schema=T.SCORES_SCHEMA)
 
 
