@@ -40,6 +40,8 @@ class FactCheckConfig:
     tempo_tolerance: float = 0.08  # a stated BPM within 8 % of the measured one agrees
     half_double: bool = True  # ... or within 8 % of its half or its double
     relative_key: bool = True  # a stated key agrees with the measured key's relative major/minor
+    fifth_keys: bool = True  # ... and with the keys a fifth above and below (and their relatives): the
+    # key finder's most common confusions, so a truthful caption is not called wrong (docs/facts.md)
     slow_bpm: tuple[float, float] = (40.0, 100.0)  # "slow", "downtempo", "adagio", ...
     mid_bpm: tuple[float, float] = (80.0, 135.0)  # "mid-tempo", "moderate tempo", "andante", ...
     fast_bpm: tuple[float, float] = (115.0, 240.0)  # "fast", "uptempo", "allegro", ...
@@ -215,14 +217,17 @@ def _relative(key: int, mode: str) -> tuple[int, str]:
 
 
 def _key_agrees(claims: Claims, c: Confident, cfg: FactCheckConfig) -> bool:
-    rel_key, rel_mode = _relative(c.key, c.mode)
-    if claims.key is None:  # a mode alone: only checkable when relative keys count as different
-        return cfg.relative_key or claims.mode == c.mode
+    """Whether a stated key and/or mode agrees with the measured key, within the confusions the
+    config accepts (relative major/minor, keys a fifth apart)."""
+    tonics = [c.key] + ([(c.key + 7) % 12, (c.key + 5) % 12] if cfg.fifth_keys else [])
+    accepted = {(k, c.mode) for k in tonics}
+    if cfg.relative_key:
+        accepted |= {_relative(k, c.mode) for k in tonics}
+    if claims.key is None:  # a mode alone
+        return any(m == claims.mode for _, m in accepted)
     if claims.mode is None:
-        return claims.key == c.key or (cfg.relative_key and claims.key == rel_key)
-    if (claims.key, claims.mode) == (c.key, c.mode):
-        return True
-    return cfg.relative_key and (claims.key, claims.mode) == (rel_key, rel_mode)
+        return any(k == claims.key for k, _ in accepted)
+    return (claims.key, claims.mode) in accepted
 
 
 def check(text: str | Claims, facts: Mapping | Confident, cfg: FactCheckConfig = FactCheckConfig()) -> list[str]:

@@ -39,11 +39,14 @@ def test_a_truthful_caption_passes_and_one_with_nothing_checkable_too():
     ("at 90 bpm", [F.CONTRADICTS_TEMPO]),
     ("at 60 bpm", []),  # half time
     ("at 236 bpm", []),  # double time, within the tolerance
-    ("at 150 bpm in E minor with drums", [F.CONTRADICTS_TEMPO, F.CONTRADICTS_KEY, F.CONTRADICTS_DRUMS]),
+    ("at 150 bpm in F# minor with drums", [F.CONTRADICTS_TEMPO, F.CONTRADICTS_KEY, F.CONTRADICTS_DRUMS]),
+    ("in E minor", []),  # a fifth above: the key finder's common confusion, accepted by default
+    ("in F major", []),  # the relative major of the key a fifth below
     ("in C major", []),  # the relative major
     ("in A major", [F.CONTRADICTS_KEY]),  # the parallel major
     ("in the key of C", []),
-    ("in the key of D", [F.CONTRADICTS_KEY]),
+    ("in the key of D", []),  # a fifth below
+    ("in the key of B", [F.CONTRADICTS_KEY]),
     ("a major-key song", []),  # a mode alone: the relative major may be meant
     ("a fast drum and bass track", [F.CONTRADICTS_DRUMS]),  # 120 or 240 both fit "fast"
 ])
@@ -56,6 +59,9 @@ def test_relative_keys_can_count_as_different():
     assert FC.check("in C major", FACTS, strict) == [F.CONTRADICTS_KEY]
     assert FC.check("a major-key song", FACTS, strict) == [F.CONTRADICTS_KEY]
     assert FC.check("at 60 bpm", FACTS, FC.FactCheckConfig(half_double=False)) == [F.CONTRADICTS_TEMPO]
+    no_fifths = FC.FactCheckConfig(fifth_keys=False)
+    assert FC.check("in E minor", FACTS, no_fifths) == [F.CONTRADICTS_KEY]
+    assert FC.check("in C major", FACTS, no_fifths) == []  # still the relative major
 
 
 def test_facts_that_are_not_confident_are_not_checked():
