@@ -7,17 +7,17 @@ Prints, on generated audio files:
     peak RSS) for N files and for 10 x N files: it must stay flat, since the driver holds only
     the names of its work files and counts, never the list of audio files.
 
-    .venv/bin/python benchmarks/ingest_throughput.py --n 1000
+    .venv/bin/python benchmarks/ingest_throughput.py --n 2000
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -50,14 +50,32 @@ def run_ingest(audio: Path, out: Path, cfg: ingest.IngestConfig) -> tuple[float,
     return time.perf_counter() - t0, report.rows_written
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+class RssPeak:
+    """The driver's resident memory sampled every 10 ms while the block runs: (before, peak) MiB."""
+
+    def __enter__(self):
+        import psutil
+
+        self.proc, self.stop = psutil.Process(), threading.Event()
+        self.before = self.peak = self.proc.memory_info().rss / 2**20
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        while not self.stop.wait(0.01):
+            self.peak = max(self.peak, self.proc.memory_info().rss / 2**20)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=1000, help="files for the throughput runs (10 x n for the memory run)")
-    p.add_argument("--seconds", type=float, default=3.0, help="length of each file")
+    p.add_argument("--n", type=int, default=2000, help="files for the throughput runs (10 x n for the memory run)")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of each file of the throughput runs (16 kHz WAV)")
+    p.add_argument("--memory-seconds", type=float, default=1.0, help="length of each file of the memory runs")
     p.add_argument("--files-per-task", type=int, default=ingest.IngestConfig.files_per_task)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -75,25 +93,28 @@ def main() -> int:
             rates[cpus] = a.n / seconds
             ray.shutdown()
 
-        make_files(tmp / "large", 10 * a.n, a.seconds, seed=1)
+        shutil.rmtree(tmp / "small")
+        make_files(tmp / "n", a.n, a.memory_seconds, seed=1)
+        make_files(tmp / "10n", 10 * a.n, a.memory_seconds, seed=2)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        run_ingest(tmp / "small", tmp / "warm", cfg)
+        run_ingest(tmp / "n", tmp / "warm", cfg)
         memory = {}
-        for name, n in (("small", a.n), ("large", 10 * a.n)):
-            rss0 = peak_rss_mb()
+        for name, n in (("n", a.n), ("10n", 10 * a.n)):
             tracemalloc.start()
-            run_ingest(tmp / name, tmp / "out", cfg)
+            with RssPeak() as rss:
+                run_ingest(tmp / name, tmp / "out", cfg)
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
-            memory[n] = (peak / 2**20, peak_rss_mb() - rss0)
+            memory[n] = (peak / 2**20, rss.peak, rss.peak - rss.before)
         ray.shutdown()
 
-    print(f"files: {a.n} x {a.seconds:g} s WAV, {a.files_per_task} files per task")
+    print(f"throughput: {a.n} files of {a.seconds:g} s (16 kHz WAV), {a.files_per_task} files per task")
     for cpus, rate in rates.items():
         print(f"ingest on {cpus} CPU(s): {rate:8.1f} files/s")
     print(f"speed-up 2 vs 1 CPU:  {rates[2] / rates[1]:8.2f}x")
-    for n, (traced, rss) in memory.items():
-        print(f"driver peak for {n:>6} files: {traced:6.1f} MiB Python allocations (tracemalloc), peak RSS grew {rss:6.1f} MiB")
+    for n, (traced, rss, grew) in memory.items():
+        print(f"driver peak for {n:>6} files of {a.memory_seconds:g} s: {traced:6.1f} MiB Python allocations "
+              f"(tracemalloc), RSS {rss:6.1f} MiB ({grew:+.1f} MiB during the run)")
     return 0
 
 

@@ -1,10 +1,13 @@
 """Throughput of the p-MOS score job vs bare batched inference of the same scorer.
 
 Prints, from one run on N generated 10.24 s clips:
-  - clips/s of the Ray job (pipeline.score.main: read, decode, resample, score, write),
-  - clips/s of bare batched inference on audio already decoded in memory,
+  - clips/s of the Ray job (pipeline.score.main: read, decode and resample in CPU tasks
+    (ScoreStage.prepare), score on the actor, write),
+  - clips/s of bare batched inference on audio already decoded in memory, with the same scorer,
+    batch size and torch threads as one actor,
   - their ratio (the pipeline's overhead; target >= 0.8 at N=500).
 Ray start-up is not counted (it is paid once per cluster); actor start and model load are.
+On a 2-CPU machine the actor holds one CPU and the decode tasks share the other.
 
     .venv/bin/python benchmarks/score_throughput.py --n 500
 """
@@ -26,8 +29,9 @@ import soundfile as sf
 import torch
 
 from pipeline import audio, ingest, score
+from pipeline.backend import read_folder
 from pipeline.raycluster import init_ray
-from pipeline.runner import Resources, read_folder
+from pipeline.stage import Resources
 from pipeline.synth import synth_track
 from schemas import tables as T
 
@@ -59,21 +63,24 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--num-cpus-per-actor", type=float, default=float(max(1, (os.cpu_count() or 2) - 1)),
                    help="CPUs (= torch threads) of the one actor and of the bare loop; leave one for reading and writing parts")
+    p.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs per decode task (Resources.prepare_num_cpus)")
     p.add_argument("--rows-per-part", type=int, default=100)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    cfg = score.ScoreConfig(resources=Resources(batch_size=a.batch_size, concurrency=a.concurrency, num_cpus=a.num_cpus_per_actor))
+    cfg = score.ScoreConfig(resources=Resources(batch_size=a.batch_size, concurrency=a.concurrency, num_cpus=a.num_cpus_per_actor,
+                                                prepare_num_cpus=a.decode_cpus))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "audio").mkdir()
         make_clips(tmp / "audio", a.n)
-        ingest.main(tmp / "audio", tmp / "clips", ingest.IngestConfig(rows_per_part=a.rows_per_part), progress=False)
+        ingest.main(ingest.IngestConfig(rows_per_part=a.rows_per_part), tmp / "audio", tmp / "clips", progress=False)
         bare_rate, n = bare(tmp / "clips", cfg)
         init_ray(num_cpus=os.cpu_count())
         t0 = time.perf_counter()
-        score.main(tmp / "clips", tmp / "scores", cfg)
+        score.main(cfg, tmp / "clips", tmp / "scores")
         job_rate = n / (time.perf_counter() - t0)
-    print(f"clips: {n}  scorer: {cfg.scorer}  batch_size: {a.batch_size}  actors: {a.concurrency} x {a.num_cpus_per_actor} CPU  torch threads (bare): {torch.get_num_threads()}")
+    print(f"clips: {n}  scorer: {cfg.scorer}  batch_size: {a.batch_size}  actors: {a.concurrency} x {a.num_cpus_per_actor:g} CPU  "
+          f"decode tasks: {a.decode_cpus:g} CPU each  torch threads (bare): {torch.get_num_threads()}  machine CPUs: {os.cpu_count()}")
     print(f"ray job:        {job_rate:8.2f} clips/s")
     print(f"bare inference: {bare_rate:8.2f} clips/s")
     print(f"ratio job/bare: {job_rate / bare_rate:8.3f}  (target >= 0.8)")
