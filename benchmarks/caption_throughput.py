@@ -1,12 +1,14 @@
-"""Caption stage throughput, from one run: LLM captions/s through the Ray Data stage vs vLLM's own
+"""Caption stage throughput, from one run: LLM candidates/s through the Ray Data stage vs vLLM's own
 `LLM.generate` on the same prompts, and CLAP clips/s in the stage vs bare batched CLAP inference.
 
     python benchmarks/caption_throughput.py                      # LLM 512 clips x 2, CLAP 160 clips (~17 min on 2 CPUs)
+    python benchmarks/caption_throughput.py --clips 100 --clap-clips 200   # N >= 200 on both halves
     python benchmarks/caption_throughput.py --clips 64 --clap-clips 16 --clap-size tiny   # quick look
     python benchmarks/caption_throughput.py --clap CLAP.pt --clap-text-model roberta/   # a real CLAP
 
-LLM. Both halves get the same prompts (chat template applied), the same per-candidate seeds and
-sampling parameters, and the same engine arguments and environment (`pipeline.llm`). vLLM's own
+LLM. Both halves get the same prompts (chat template applied as the stage decides: the model's
+own or `chat_template`, its kwargs, a folded system prompt), the same per-candidate seeds and
+sampling parameters, and the same engine profile and environment (`pipeline.llm`). vLLM's own
 API runs first, in this process, with nothing else working: import, engine start, then
 `LLM.generate` on every prompt at once. The Ray stage then runs as `mosaiq caption` runs it
 (prompt rows -> chat-template actor -> vLLM engine actor -> postprocess). Two ratios:
@@ -19,7 +21,7 @@ CPU is not batch-invariant, so some differ). On a small CPU machine the stage pa
 processes (driver, raylet, GCS) on the engine's cores, and Ray runs its workers, and so the
 engine it spawns, at nice 15 below them.
 
-CLAP. The stage is `pipeline.runner.run_stage` with `ClapSelectStage` (1 actor x --threads
+CLAP. The stage is `pipeline.backend.run_parts` with `ClapSelectStage` (1 actor x --threads
 CPUs: Ray gives it that many torch threads) over candidate tables in Parquet: it reads the parts,
 starts the actor, loads the model, decodes and resamples every clip to 48 kHz, embeds audio and
 texts, selects and writes. Bare is a plain loop in this process on the same number of torch
@@ -44,7 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "pipeline"))
+sys.path.insert(0, str(ROOT / "tests"))  # caption_kit: the tests' audio, tokenizer and CLAP builders
 
 log = logging.getLogger("caption_throughput")
 
@@ -83,7 +85,9 @@ def bench_vllm_direct(cfg, model: str, prompts: list[dict]) -> dict:
     start_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     tok = llm.get_tokenizer()
-    texts = [tok.apply_chat_template(json.loads(p["messages_json"]), tokenize=False, add_generation_prompt=True) for p in prompts]
+    setup = L.chat_setup(cfg, model)
+    texts = [tok.apply_chat_template(L.engine_messages(p, setup), chat_template=setup.template, tokenize=False,
+                                     add_generation_prompt=True, **setup.template_kwargs) for p in prompts]
     params = [SamplingParams(**L.sampling_params(cfg, p["clip_id"], p[L.K_COL])) for p in prompts]
     outputs = llm.generate(texts, params, use_tqdm=False)
     generate_s = time.perf_counter() - t0
@@ -94,10 +98,8 @@ def bench_vllm_direct(cfg, model: str, prompts: list[dict]) -> dict:
     return {"start_s": start_s, "generate_s": generate_s, "captions": captions}
 
 
-def _timed_post(row: dict) -> dict:
-    from pipeline import llm as L
-
-    return {**L._vllm_post(row), "t_done": time.time(), "time_taken_llm": float(row.get("time_taken_llm") or -1.0)}
+def _timed_post(row: dict, default) -> dict:
+    return {**default(row), "t_done": time.time(), "time_taken_llm": float(row.get("time_taken_llm") or -1.0)}
 
 
 def bench_ray_stage(cfg, model: str, rows: list[dict]) -> dict:
@@ -150,7 +152,7 @@ def _build_clap(size: str, work: Path) -> tuple[str, str, str]:
     """A random CLAP saved like a real one: (backend, path, text_model)."""
     import torch
 
-    import _caption_fixtures as F  # tokenizer and tiny CLAP builders shared with the tests
+    import caption_kit as F  # tokenizer and tiny CLAP builders shared with the tests
 
     torch.manual_seed(0)
     if size == "tiny":
@@ -178,18 +180,21 @@ def bench_clap(args, work: Path) -> dict:
     import pyarrow as pa
     import torch
 
-    import _caption_fixtures as F
-    from model.clap import SAMPLE_RATE, load_clap
+    import caption_kit as F
+    from model.clap import load_clap
     from pipeline import caption as C
     from pipeline.audio import load_clip
-    from pipeline.runner import Resources, list_parts, run_stage, write_parts
+    from pipeline import backend
+    from pipeline.fs import list_parts, write_parts
+    from pipeline.stage import Resources
     from schemas import tables as T
+    from schemas.tables import CLAP_SAMPLE_RATE as SAMPLE_RATE
 
     if args.clap:
-        backend = "hf" if Path(args.clap).is_dir() else "laion"
+        kind = "hf" if Path(args.clap).is_dir() else "laion"
         path, text_model = args.clap, args.clap_text_model or ""
     else:
-        backend, path, text_model = _build_clap(args.clap_size, work)
+        kind, path, text_model = _build_clap(args.clap_size, work)
     n, bs = args.clap_clips, args.clap_batch_size
     # a few distinct 44.1 kHz files, so the stage decodes and resamples as it would on real data
     files = [F.write_wav(work / f"clip{i}.wav", (F.tone(10.24, 220.0 * (i + 1), seed=i) + 0.3 * F.noise(10.24, seed=i)) / 1.3, sr=44_100) for i in range(8)]
@@ -199,11 +204,12 @@ def bench_clap(args, work: Path) -> dict:
     table = table.append_column(T.CANDIDATES, pa.array(cands, pa.list_(pa.string())))
     table = table.append_column(T.CANDIDATE_REJECTS, pa.array([[]] * n, pa.list_(pa.string())))
     write_parts(table, work / "cands", rows_per_part=args.clap_rows_per_part)
-    ccfg = C.ClapConfig(backend=backend, path=path, text_model=text_model, batch_size=bs, num_cpus=args.threads)
+    resources = Resources(batch_size=bs, num_cpus=args.threads)
+    ccfg = C.ClapConfig(backend=kind, path=path, text_model=text_model, resources=resources)
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    clap = load_clap(backend, path, text_model)
+    clap = load_clap(kind, path, text_model)
     load_s = time.perf_counter() - t0
 
     def score(waves, lo):
@@ -219,7 +225,8 @@ def bench_clap(args, work: Path) -> dict:
 
     bare_before = bare_loop()  # the bare loop runs before and after the stage: drift shows
     t0 = time.perf_counter()
-    run_stage("caption-bench", work / "cands", work / "out", C.ClapSelectStage, {"clap": ccfg, "selection": C.SelectionConfig()}, Resources(batch_size=bs, num_cpus=args.threads))
+    parts, digests, _ = backend.plan_parts(work / "cands", work / "out")
+    backend.run_parts(C.ClapSelectStage, {"clap": ccfg, "selection": C.SelectionConfig()}, parts, digests, work / "out", resources)
     stage_s = time.perf_counter() - t0
     assert len(list_parts(work / "out")) == len(list_parts(work / "cands"))
 
@@ -231,7 +238,7 @@ def bench_clap(args, work: Path) -> dict:
     for lo in range(0, n, bs):
         score(waves[lo : lo + bs], lo)
     infer_s = time.perf_counter() - t0
-    return {"clips": n, "model": f"{backend} {Path(path).name}", "stage_s": stage_s, "bare_s": (bare_before + bare_after) / 2, "bare_runs": (bare_before, bare_after), "infer_s": infer_s, "decode_s": decode_s, "load_s": load_s}
+    return {"clips": n, "model": f"{kind} {Path(path).name}", "stage_s": stage_s, "bare_s": (bare_before + bare_after) / 2, "bare_runs": (bare_before, bare_after), "infer_s": infer_s, "decode_s": decode_s, "load_s": load_s}
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -258,10 +265,11 @@ def main() -> None:
     import ray
 
     from pipeline import llm as L
+    from pipeline.stage import Resources
 
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    over = {"batch_size": args.batch_size} if args.batch_size else {}
+    over = {"resources": Resources(batch_size=args.batch_size)} if args.batch_size else {}
     cfg = L.LLMConfig(num_candidates=args.candidates, max_tokens=args.max_tokens, **over)
     with tempfile.TemporaryDirectory() as tmp:
         clap = bench_clap(args, Path(tmp)) if args.only != "llm" else None
@@ -271,13 +279,14 @@ def main() -> None:
     print(f"\ncaption throughput, {os.cpu_count()} CPUs, one run\n")
     if llm:
         d, s = llm["direct"], llm["stage"]
-        print(f"LLM: {llm['prompts']} prompts (SmolLM2-135M-Instruct, max_tokens={cfg.max_tokens}, batch {cfg.batch_size} x {cfg.max_concurrent_batches} in flight)")
+        print(f"LLM: {llm['prompts']} prompts = candidates (SmolLM2-135M-Instruct, vLLM on {L.resolve_device(cfg)}, "
+              f"max_tokens={cfg.max_tokens}, batch {cfg.resources.batch_size} x {cfg.max_concurrent_batches} in flight)")
         print(f"  vLLM LLM.generate  start {d['start_s']:6.1f}s  generate {d['generate_s']:6.1f}s")
         print(f"  Ray Data stage     start {s['startup_s']:6.1f}s  first request to last caption {s['steady_s']:6.1f}s  (wall {s['wall_s']:.1f}s)")
         for name in ("steady", "wall"):
             st, di = llm[name]
-            print(f"  {name:6s} captions/s   stage {st:7.2f}   LLM.generate {di:7.2f}   ratio {st / di:5.2f}")
-        print(f"  identical captions {llm['identical']}/{llm['prompts']}   per-row errors in the stage {s['errors']}")
+            print(f"  {name:6s} candidates/s   stage {st:7.2f}   LLM.generate {di:7.2f}   ratio {st / di:5.2f}")
+        print(f"  identical candidates {llm['identical']}/{llm['prompts']}   per-row errors in the stage {s['errors']}")
     if clap:
         n = clap["clips"]
         print(f"CLAP: {n} clips, {clap['model']}, {args.threads} thread(s), batch {args.clap_batch_size}")
