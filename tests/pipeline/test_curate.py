@@ -134,7 +134,7 @@ def test_adding_or_changing_a_file_recomputes_only_the_parts_that_changed(tmp_pa
     # carries, changed: every part is made again, and caption follows; the LLM is asked only for
     # the two clips it has not answered (its answers are cached by clip and prompt)
     assert (again["quantize"].parts_total, again["quantize"].parts_skipped) == (4, 0)
-    runs = sorted((folders["caption"] / "_llm").iterdir())
+    runs = sorted((folders["caption"] / "_llm").iterdir(), key=lambda d: (d / "_keys.parquet").stat().st_mtime_ns)
     assert len(runs) == 2
     asked = sorted(Path(p).name for p in pq.read_table(runs[1] / "_keys.parquet").column(T.CLIP_ID).to_pylist())
     new_ids = {r[T.AUDIO_PATH]: r[T.CLIP_ID] for r in read_folder(folders["ingest"]).to_pylist()}
