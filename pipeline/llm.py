@@ -567,7 +567,7 @@ def build_processor(cfg: LLMConfig, model_path: str | None = None, postprocess=N
     if cfg.backend == "http":
         setup = chat_setup(cfg, model_path or (cfg.model if cfg.model else None))
         extra = {}
-        if cfg.requests_per_second:  # per engine actor: the cap is shared out evenly
+        if cfg.requests_per_second:  # per HTTP actor: the cap is shared out evenly over resources.concurrency
             extra["session_factory"] = functools.partial(rate_limited_session, cfg.requests_per_second / cfg.resources.concurrency)
         pcfg = HttpRequestProcessorConfig(
             url=cfg.url, batch_size=cfg.resources.batch_size, concurrency=cfg.resources.concurrency,
