@@ -391,7 +391,9 @@ class ClapSelectStage(Stage):
 # new corpus statistic) is not asked again, and one whose caption or tags changed is.
 _KEYS_FILE = "_keys.parquet"
 _KEY_COL = "request_key"
-_THROUGHPUT_KNOBS = ("resources", "max_concurrent_batches", "max_pending_requests", "aux_num_cpus", "http_max_retries")
+# what changes how fast answers come, not what they say: not part of the LLM cache key
+_THROUGHPUT_KNOBS = ("resources", "max_concurrent_batches", "max_pending_requests", "aux_num_cpus", "http_max_retries",
+                     "api_key_env", "requests_per_second")
 
 
 def llm_fingerprint(cfg: L.LLMConfig) -> str:

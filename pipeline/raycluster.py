@@ -25,6 +25,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # "local": always a fresh embedded Ray, never a cluster that happens to run here
         # (pass --address auto to join one started with `ray start`)
         log.info("starting an embedded Ray (num_cpus=%s)", num_cpus)
+        # Ray runs its workers at nice 15, and the vLLM engine processes an actor spawns inherit
+        # it: beside any other process on a laptop they starve (the demo's caption stage took
+        # 79 s at nice 15, 67 s at nice 0, under load). An embedded Ray is the user's own job.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     from pipeline.backend import quiet_ray_data
 
