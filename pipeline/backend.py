@@ -82,7 +82,14 @@ def quiet_ray_data() -> None:
     """Ray Data's own progress (a bar per operator, or a status dump every 10 s in a log) is
     off: each step shows one `_Progress` of its own instead."""
     ray = _ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    # its issue detectors repeat a multi-line warning every 30 s ("uses 2.5GiB of memory per
+    # worker"): once every 10 minutes is enough in a log
+    for name in ("high_memory_detector_config", "hanging_detector_config"):
+        detector = getattr(getattr(ctx, "issue_detectors_config", None), name, None)
+        if detector is not None and hasattr(detector, "detection_time_interval_s"):
+            detector.detection_time_interval_s = max(detector.detection_time_interval_s, 600)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # "Starting execution", plans
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
 

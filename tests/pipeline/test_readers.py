@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import caption as C
 from pipeline import export as E
-from pipeline import fs, ingest, quantize, score
+from pipeline import analyze, fs, ingest, quantize, score
 from pipeline import llm as L
 from pipeline.backend import read_folder
 from schemas import stats as S
@@ -33,9 +33,10 @@ def _no_llm(cfg):
 
 @pytest.mark.slow
 def test_every_stage_folder_opens_as_one_table_with_pandas_pyarrow_and_ray(sample_dir, tmp_path, ray_session):
-    folders = {name: tmp_path / name for name in ("clips", "scores", "quality", "captions")}
+    folders = {name: tmp_path / name for name in ("clips", "analyzed", "scores", "quality", "captions")}
     ingest.main(ingest.IngestConfig(rows_per_part=12), sample_dir / "manifest.csv", folders["clips"], progress=False)
-    score.main(score.ScoreConfig(), folders["clips"], folders["scores"])
+    analyze.main(analyze.AnalyzeConfig(), folders["clips"], folders["analyzed"])
+    score.main(score.ScoreConfig(), folders["analyzed"], folders["scores"])
     quantize.main(quantize.QuantizeConfig(), folders["scores"], folders["quality"])
     cap = C.CaptionConfig(clap=C.ClapConfig(backend="none"))
     with mock.patch.object(C.L, "build_processor", _no_llm):
@@ -43,6 +44,7 @@ def test_every_stage_folder_opens_as_one_table_with_pandas_pyarrow_and_ray(sampl
 
     side_files = {
         "clips": {ingest.CONFIG_FILE},
+        "analyzed": {analyze.CONFIG_FILE},
         "scores": {score.CONFIG_FILE},
         "quality": {quantize.CONFIG_FILE, S.STAGE_STATS_FILE, quantize.REPORT_FILE, quantize.PLOT_FILE},
         "captions": {C.RESOLVED_CONFIG},
