@@ -293,16 +293,18 @@ class QuantizeResult:
 def run(cfg: QuantizeConfig, input_dir: str | Path, output_dir: str | Path) -> QuantizeResult:
     """Run both passes over a scores folder and write the quality folder (resumable: a part is
     computed again when its input part or the stats changed)."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    moments = fit_moments(fs.list_parts(input_dir))  # 1. corpus statistics, before any output exists
+    empty = moments.n == 0 and moments.bad == 0 and cfg.mu is None
+    stats = None if empty else make_stats(moments, cfg)  # too few rows, no spread: an error, no folder left
     with fs.stage_output(STAGE, input_dir, output_dir):
-        return _run(cfg, Path(input_dir), Path(output_dir))
+        return _write(cfg, input_dir, output_dir, moments, stats)
 
 
-def _run(cfg: QuantizeConfig, input_dir: Path, output_dir: Path) -> QuantizeResult:
-    parts = fs.list_parts(input_dir)
-    moments = fit_moments(parts)  # 1. corpus statistics
-    output_dir.mkdir(parents=True, exist_ok=True)
+def _write(cfg: QuantizeConfig, input_dir: Path, output_dir: Path, moments: Moments,
+           stats: S.QualityStats | None) -> QuantizeResult:
     jobconfig.save_resolved(cfg, output_dir / CONFIG_FILE)
-    if moments.n == 0 and moments.bad == 0 and cfg.mu is None:
+    if stats is None:
         # an empty corpus (an empty manifest, every clip rejected) flows through: no bands to fit
         log.warning("%s: no ok row with a p-MOS in %s: no statistics; rows pass through with no level", STAGE, input_dir)
         (output_dir / S.STAGE_STATS_FILE).unlink(missing_ok=True)  # an earlier run's stats would not apply
@@ -311,7 +313,6 @@ def _run(cfg: QuantizeConfig, input_dir: Path, output_dir: Path) -> QuantizeResu
         report.write(output_dir / REPORT_FILE, "")
         stage.detail = "no ok rows: no statistics"
         return QuantizeResult(None, moments, report, stage, output_dir)
-    stats = make_stats(moments, cfg)
     old = output_dir / S.STAGE_STATS_FILE
     if old.exists() and S.load(old).id != stats.id:
         log.info("%s: the stats changed since the last run (%s -> %s): every part is computed again",
