@@ -37,7 +37,7 @@ import torch
 import webdataset as wds
 
 from model.representation import SAMPLE_RATE, seconds_to_samples
-from pipeline.audio import resample
+from pipeline.audio import UNKNOWN_FRAMES, AudioError, read_sequential, resample
 from pipeline.fs import derive_seed
 from schemas import shard as S
 from schemas.tables import CLIP_SECONDS, NUM_QUALITY_LEVELS
@@ -51,7 +51,6 @@ QUALITY = "quality"
 SAMPLE_EXTS = (S.AUDIO_EXT, S.JSON_EXT, S.LATENT_EXT)  # the members a sample may have
 AUDIO_MARGIN_S = 2.0  # default max_audio_seconds: the longer of clip_seconds and CLIP_SECONDS, plus this
 FLAC_MAGIC = b"fLaC"
-_UNKNOWN_FRAMES = 1 << 62  # libsndfile reports about 2**63 frames for a FLAC of unknown length (as in pipeline.audio)
 _READ_BLOCK = 1 << 16  # frames decoded at a time
 
 
@@ -145,7 +144,7 @@ def audio_header(data: bytes, max_seconds: float | None = None) -> tuple[int, in
         info = sf.info(io.BytesIO(data))
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise SampleError(f"FLAC header does not parse: {_decoder_message(e)}") from e
-    frames = info.frames if 0 < info.frames < _UNKNOWN_FRAMES else 0
+    frames = info.frames if 0 < info.frames < UNKNOWN_FRAMES else 0
     if max_seconds is not None and frames > max_seconds * info.samplerate:
         raise SampleError(f"audio is {frames / info.samplerate:.1f} s, longer than data.max_audio_seconds {max_seconds:g} s")
     return info.samplerate, frames
@@ -153,15 +152,11 @@ def audio_header(data: bytes, max_seconds: float | None = None) -> tuple[int, in
 
 def _read_at_most(f: sf.SoundFile, limit: int | None) -> np.ndarray:
     """All frames of `f`, read front to back block by block; SampleError past `limit` frames. (S, ch)"""
-    f.seekable = lambda: False  # soundfile seeks after every read when it thinks it can; a FLAC of unknown length cannot
-    blocks, n = [], 0
-    while len(block := f.read(_READ_BLOCK, dtype="float32", always_2d=True)):
-        n += len(block)
-        if limit is not None and n > limit:
-            raise SampleError(f"audio is longer than data.max_audio_seconds: more than {limit} frames at {f.samplerate} Hz "
-                              f"(its header gives no length, or a shorter one)")
-        blocks.append(block)
-    return np.concatenate(blocks) if blocks else np.zeros((0, f.channels), np.float32)
+    try:
+        return read_sequential(f, 0, None, block=_READ_BLOCK, max_frames=limit)
+    except AudioError:
+        raise SampleError(f"audio is longer than data.max_audio_seconds: more than {limit} frames at {f.samplerate} Hz "
+                          f"(its header gives no length, or a shorter one)") from None
 
 
 def decode_audio(data: bytes, num_samples: int, rng: random.Random | None, max_seconds: float | None = None) -> np.ndarray:

@@ -33,8 +33,8 @@ _EXPECTED_FORMAT = {
 }
 
 _SHOULD_BE = re.compile(r"^(data|RIFF|SSND|FORM)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
-_LENGTH_SLACK_S = 0.25
-_UNKNOWN_FRAMES = 1 << 62  # libsndfile's frame count for a stream of unknown length is about 2**63  # how far a lossy header's frame count may overstate the real length
+_LENGTH_SLACK_S = 0.25  # how far a lossy header's frame count may overstate the real length
+UNKNOWN_FRAMES = 1 << 62  # libsndfile's frame count for a stream of unknown length is about 2**63
 
 
 class AudioError(Exception):
@@ -82,7 +82,7 @@ def probe(path: str | Path) -> Probe:
     if m:
         raise AudioError(f"truncated: header declares {m.group(1)} chunk of {m.group(2)} bytes, file holds {m.group(3)}")
     frames = info.frames
-    if info.format == "FLAC" and info.samplerate > 0 and not 0 < frames < _UNKNOWN_FRAMES:
+    if info.format == "FLAC" and info.samplerate > 0 and not 0 < frames < UNKNOWN_FRAMES:
         # a legal FLAC may leave its length unknown (total_samples = 0): libsndfile then
         # reports 0 or SF_COUNT_MAX frames, so the stream is decoded to measure it
         frames = _count_frames(path)  # decoded to its end: no tail to check
@@ -105,24 +105,28 @@ def _count_frames(path: Path) -> int:
     """Decode a stream whose header gives no length, counting its frames (block by block)."""
     try:
         with sf.SoundFile(str(path)) as f:
-            return len(_read_sequential(f, 0, None))
+            return len(read_sequential(f, 0, None))
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise AudioError(f"not decodable audio: {_decoder_message(e)}") from e
 
 
 def _unknown_length(f: sf.SoundFile) -> bool:
-    return f.format == "FLAC" and not 0 < f.frames < _UNKNOWN_FRAMES
+    return f.format == "FLAC" and not 0 < f.frames < UNKNOWN_FRAMES
 
 
-def _read_sequential(f: sf.SoundFile, start: int, n: int | None, block: int = 1 << 16) -> np.ndarray:
+def read_sequential(f: sf.SoundFile, start: int, n: int | None, block: int = 1 << 16,
+                    max_frames: int | None = None) -> np.ndarray:
     """Frames [start, start + n) (n None: to the end) of a stream libsndfile cannot seek in (a
-    FLAC of unknown length), read front to back. (T, C) float32."""
+    FLAC of unknown length), read front to back. (T, C) float32. AudioError (`rejected`) as soon
+    as more than `max_frames` frames were read, so a hostile stream is never decoded in full."""
     f.seekable = lambda: False  # soundfile seeks after every read when it thinks it can: it cannot here
     pos, out = 0, []
     while n is None or pos < start + n:
         data = f.read(block, dtype="float32", always_2d=True)
         if not len(data):
             break
+        if max_frames is not None and pos + len(data) > max_frames:
+            raise AudioError(f"too_long: more than {max_frames} frames at {f.samplerate} Hz", T.REJECTED)
         lo, hi = max(start - pos, 0), len(data) if n is None else min(len(data), start + n - pos)
         if hi > lo:
             out.append(data[lo:hi])
@@ -165,7 +169,7 @@ def load_clip(path: str | Path, start_s: float, duration_s: float, target_sr: in
             start = int(round(start_s * sr))
             n = int(round(duration_s * sr))
             if _unknown_length(f):
-                data = _read_sequential(f, start, n)  # (T, C)
+                data = read_sequential(f, start, n)  # (T, C)
             else:
                 f.seek(start)
                 data = f.read(n, dtype="float32", always_2d=True)  # (T, C)
