@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000  # Hz, as QA-MDT
 CLIP_SECONDS = 10.24  # as QA-MDT: 1024 mel frames at hop 160
 KL_METADATA_KEY = "mosaiq.kl_autoencoder"
+WAV_PEAK = 0.5  # AudioLDM's normalize_wav: peak of a normalised clip
+WAV_EPS = 1e-8  # AudioLDM's normalize_wav: added to the peak (a silent clip stays silent)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,10 @@ class MelConfig:
     log_floor: float = 1e-5  # magnitude floor before the natural log
     norm_mean: float = -5.0  # (log-mel - mean) / std: roughly zero-mean, unit-std on music
     norm_std: float = 2.5
+    # AudioLDM's `normalize_wav` before the mel: each clip minus its mean, divided by its peak,
+    # times WAV_PEAK (0.5). Its VAE, HiFi-GAN and the (-4.63, 2.74) statistics were made on
+    # clips normalised this way; off by default so existing runs reproduce.
+    normalize_wav: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,12 @@ class RepresentationConfig:
             raise ValueError(f"latent_scale must be a positive number, got {self.latent_scale}")
 
 
+def normalize_wave(wave: torch.Tensor) -> torch.Tensor:
+    """AudioLDM's `normalize_wav` per clip: (wave - mean) / (max |wave - mean| + 1e-8) * 0.5. (N, S)"""
+    wave = wave - wave.mean(dim=-1, keepdim=True)  # (N, S)
+    return WAV_PEAK * wave / (wave.abs().amax(dim=-1, keepdim=True) + WAV_EPS)  # (N, S)
+
+
 def num_frames(seconds: float, mel: MelConfig) -> int:
     """Mel frames that cover `seconds` of audio (1024 for 10.24 s at hop 160)."""
     return int(round(seconds * mel.sample_rate / mel.hop_length))
@@ -118,9 +130,11 @@ class LogMel(nn.Module):
         )
 
     def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
-        """wave (N, S) -> natural-log magnitude mel (N, 1, T, F), as AudioLDM computes it."""
+        """wave (N, S) -> natural-log magnitude mel (N, 1, T, F), as AudioLDM computes it (with
+        `normalize_wav`, each clip is first normalised as AudioLDM's data loader does)."""
         frames = int(round(wave.shape[-1] / self.cfg.hop_length))
-        m = self.mel(wave.float())  # (N, F, S // hop + 1)
+        wave = normalize_wave(wave.float()) if self.cfg.normalize_wav else wave.float()  # (N, S)
+        m = self.mel(wave)  # (N, F, S // hop + 1)
         m = m[..., :frames]  # (N, F, T)
         m = torch.log(m.clamp(min=self.cfg.log_floor))  # (N, F, T)
         return m.transpose(1, 2).unsqueeze(1)  # (N, 1, T, F)

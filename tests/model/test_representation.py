@@ -80,3 +80,24 @@ def test_text_encoder_from_local_folder(text_encoder_dir):
     assert not any(p.requires_grad for p in enc.parameters())
     with pytest.raises(FileNotFoundError, match="missing-folder"):
         FrozenTextEncoder(TextEncoderConfig(path="missing-folder"))
+
+
+def test_normalize_wav_is_audioldms():
+    """AudioLDM's normalize_wav (audioldm/utils.py): minus the mean, over the peak + 1e-8, times 0.5."""
+    from model.representation import normalize_wave
+
+    rng = np.random.default_rng(0)
+    waves = np.stack([0.3 + 0.1 * rng.standard_normal(16000), np.zeros(16000)]).astype(np.float32)  # DC offset; silence
+    want = []
+    for w in waves:
+        w = w - np.mean(w)
+        want.append(0.5 * w / (np.max(np.abs(w)) + 1e-8))
+    got = normalize_wave(torch.from_numpy(waves)).numpy()
+    np.testing.assert_allclose(got, np.stack(want), rtol=1e-5, atol=1e-7)
+    assert abs(np.abs(got[0]).max() - 0.5) < 1e-6 and abs(got[0].mean()) < 1e-6 and not got[1].any()
+    # the mel front end applies it per clip when asked: gain and DC offset no longer change the mel
+    mel = Representation(RepresentationConfig(mel=MelConfig(mel_scale="slaney", normalize_wav=True)))
+    tone = _tone()
+    torch.testing.assert_close(mel.encode(tone), mel.encode(0.1 * tone + 0.05), rtol=0, atol=5e-3)  # float32 STFT rounding
+    plain = Representation(RepresentationConfig(mel=MelConfig(mel_scale="slaney")))
+    assert (plain.encode(tone) - plain.encode(0.1 * tone + 0.05)).abs().mean() > 0.3  # up to log(10) / 2.74 = 0.84 (less where the floor clamps)
