@@ -5,8 +5,8 @@ Training checkpoints are one safetensors file: tensors plus JSON metadata.
 Tensor names are prefixed by group: `model.*` (raw weights), `ema.*` (EMA weights) and
 `optim.<param index>.<state name>` (AdamW moments and step counts, so resume is exact).
 Metadata holds JSON strings: the resolved train config, the model config, the representation
-config, the quality stats found beside the shards, the optimizer's param groups and the train
-state (step). Nothing is pickled; loading never runs code from the file.
+config, the quality stats found beside the shards, the optimizer's param groups, the train
+state (step) and, for a run on pre-encoded shards, what encoded them. Nothing is pickled; loading never runs code from the file.
 
 `safe_torch_load` reads upstream `.pt` files (LAION CLAP, fairseq wav2vec2, QAMA) with
 `torch.load(weights_only=True)` plus an explicit allowlist of the harmless types those files
@@ -35,7 +35,8 @@ REPRESENTATION = "mosaiq.representation"
 QUALITY_STATS = "mosaiq.quality_stats"
 OPTIM_GROUPS = "mosaiq.optim_param_groups"
 TRAIN_STATE = "mosaiq.train_state"
-METADATA_KEYS = (TRAIN_CONFIG, MODEL_CONFIG, REPRESENTATION, QUALITY_STATS, OPTIM_GROUPS, TRAIN_STATE)
+PRE_ENCODED = "mosaiq.pre_encoded"  # the training shards' encode_info.json (null: trained from audio)
+METADATA_KEYS = (TRAIN_CONFIG, MODEL_CONFIG, REPRESENTATION, QUALITY_STATS, OPTIM_GROUPS, TRAIN_STATE, PRE_ENCODED)
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{9})\.safetensors$")
 

@@ -1,5 +1,9 @@
 """Stream training batches from mosaiq WebDataset shards (`<key>.flac` + `<key>.json`).
 
+Shards written by `mosaiq encode` (model/preencoded.py) also carry each sample's latent and
+text states; the stream then yields those (batch keys `latent`, `text`, `text_mask`) and never
+decodes audio, so the trainer runs neither the autoencoder nor the text encoder.
+
 The stream is endless (epoch after epoch) and fully determined by (seed, rank, worker):
 shards are shuffled per epoch with a seed, split across ranks and loader workers, samples pass
 an optional quality-weighted filter and a seeded shuffle buffer, and audio is decoded, mixed
@@ -10,7 +14,7 @@ decoding them. That is what makes resume exact.
 
 The shards are not trusted. A tar is read as a stream and nothing is extracted to disk;
 members are checked as `mosaiq verify` checks them (names `<key>.flac`, `<key>.json` or
-`<key>.latent.npy` with a key matching `schemas.shard.KEY_RE`, no `/`, `\\` or `..`, regular
+`<key>.latent.npy`, `<key>.text.npy` with a key matching `schemas.shard.KEY_RE`, no `/`, `\\` or `..`, regular
 files only, no extra members) before their bytes are read, and one larger than
 `max_member_bytes` is never read. Audio must be FLAC, and audio longer than
 `max_audio_seconds` is refused by its header, or while it is read when the header gives no
@@ -36,6 +40,7 @@ import soundfile as sf
 import torch
 import webdataset as wds
 
+from model import preencoded as P
 from model.representation import SAMPLE_RATE, seconds_to_samples
 from pipeline.audio import UNKNOWN_FRAMES, AudioError, read_sequential, resample
 from pipeline.fs import derive_seed
@@ -47,8 +52,11 @@ log = logging.getLogger(__name__)
 AUDIO = "audio"  # batch keys
 PROMPTS = "prompts"
 QUALITY = "quality"
+LATENT = "latent"  # pre-encoded shards: unscaled latents (B, C, T', F')
+TEXT = "text"  # pre-encoded shards: text states (B, S, E), padded to the batch's longest
+TEXT_MASK = "text_mask"  # (B, S) bool, True = a real token
 
-SAMPLE_EXTS = (S.AUDIO_EXT, S.JSON_EXT, S.LATENT_EXT)  # the members a sample may have
+SAMPLE_EXTS = (S.AUDIO_EXT, S.JSON_EXT, P.LATENT_EXT, P.TEXT_EXT)  # the members a sample may have
 AUDIO_MARGIN_S = 2.0  # default max_audio_seconds: the longer of clip_seconds and CLIP_SECONDS, plus this
 FLAC_MAGIC = b"fLaC"
 _READ_BLOCK = 1 << 16  # frames decoded at a time
@@ -83,6 +91,10 @@ class DataConfig:
     # bad samples (unsafe or extra members, corrupt audio or JSON, too long) are skipped and
     # logged; training stops when one loader worker has met more than this many different ones
     max_bad_samples: int = 10
+    # shards from `mosaiq encode`: None reads their latents and text states when the folder has
+    # an encode_info.json (and decodes audio otherwise); False always decodes the audio; True
+    # requires pre-encoded shards
+    pre_encoded: bool | None = None
 
     def __post_init__(self):
         if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 1:
@@ -121,6 +133,20 @@ def list_shards(spec: str) -> list[str]:
     if not urls:
         raise FileNotFoundError(f"no .tar shards found at {spec!r}")
     return urls
+
+
+def shards_folder(spec: str) -> Path:
+    """The folder the shards of `spec` (a folder or a brace pattern) lie in."""
+    return Path(spec) if Path(spec).is_dir() else Path(list_shards(spec)[0]).parent
+
+
+def pre_encoded_info(cfg: DataConfig) -> dict | None:
+    """The shards' `encode_info.json` when the stream reads latents and text states, else None."""
+    info = P.read_info(shards_folder(cfg.shards)) if cfg.pre_encoded is not False else None
+    if cfg.pre_encoded and info is None:
+        raise ValueError(f"data.pre_encoded is true but {str(shards_folder(cfg.shards))!r} holds no {P.INFO_FILE}: "
+                         "write pre-encoded shards with `mosaiq encode`")
+    return info
 
 
 def _rng(*parts) -> random.Random:
@@ -180,6 +206,23 @@ def decode_audio(data: bytes, num_samples: int, rng: random.Random | None, max_s
         start = rng.randrange(len(wave) - num_samples + 1) if rng is not None else 0
         wave = wave[start : start + num_samples]
     return np.pad(wave, (0, num_samples - len(wave))).astype(np.float32)  # (num_samples,)
+
+
+def load_array(data: bytes, what: str, shape: tuple[int | None, ...]) -> np.ndarray:
+    """A float32 copy of the float16/float32 `.npy` bytes of a pre-encoded member, whose shape
+    must match `shape` (None: any size >= 1); never unpickles. SampleError says what is wrong."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise SampleError(f"{what} is not a readable .npy array: {e}") from e
+    if arr.dtype.name not in P.DTYPES:
+        raise SampleError(f"{what} has dtype {arr.dtype}, expected one of {P.DTYPES}")
+    if arr.ndim != len(shape) or any(n != m if m is not None else n < 1 for n, m in zip(arr.shape, shape)):
+        raise SampleError(f"{what} has shape {arr.shape}, expected {tuple('any' if m is None else m for m in shape)}")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise SampleError(f"{what} holds NaN or infinite values")
+    return arr
 
 
 def parse_meta(raw: bytes) -> tuple[str, int]:
@@ -258,16 +301,20 @@ def read_shard(url: str, max_member_bytes: int):
         yield key, members, problems
 
 
-def check_sample(members: dict[str, bytes], problems: list[str], max_seconds: float) -> tuple[str, int]:
-    """The prompt and level of a sample that has its members, no problem and an audio header
-    within limits (nothing is decoded); SampleError otherwise."""
-    missing = [f".{ext}" for ext in (S.AUDIO_EXT, S.JSON_EXT) if ext not in members]
+def check_sample(members: dict[str, bytes], problems: list[str], max_seconds: float,
+                 encoded: bool = False) -> tuple[str, int]:
+    """The prompt and level of a sample that has its members (latent and text states instead of
+    audio when `encoded`), no problem and an audio header within limits (nothing is decoded);
+    SampleError otherwise."""
+    needed = (S.JSON_EXT, P.LATENT_EXT, P.TEXT_EXT) if encoded else (S.AUDIO_EXT, S.JSON_EXT)
+    missing = [f".{ext}" for ext in needed if ext not in members]
     if missing and not problems:
         problems = [f"no {' or '.join(missing)} member"]
     if problems:
         raise SampleError("; ".join(problems))
     prompt, level = parse_meta(members[S.JSON_EXT])
-    audio_header(members[S.AUDIO_EXT], max_seconds)
+    if not encoded:
+        audio_header(members[S.AUDIO_EXT], max_seconds)
     return prompt, level
 
 
@@ -275,7 +322,7 @@ class _Sample(NamedTuple):
     url: str
     pos: int  # position of the sample in its shard (keys of bad samples need not be unique)
     key: str
-    flac: bytes
+    members: dict[str, bytes]
     prompt: str
     level: int
 
@@ -305,13 +352,17 @@ class BadSamples:
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Endless, seeded stream of batches {audio (B, S), prompts [B], quality (B,)} for one rank."""
+    """Endless, seeded stream of batches {audio (B, S), prompts [B], quality (B,)} for one rank;
+    from pre-encoded shards {latent (B, C, T', F'), text (B, S, E), text_mask (B, S), prompts,
+    quality} instead."""
 
     def __init__(self, cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):
         super().__init__()
         self.cfg, self.seed, self.rank, self.world_size, self.start_batch = cfg, seed, rank, world_size, start_batch
         self.urls = list_shards(cfg.shards)
         self.num_samples = seconds_to_samples(cfg.clip_seconds)
+        self.encoded = pre_encoded_info(cfg)  # None: decode the audio
+        self.inputs = (S.AUDIO_EXT,) if self.encoded is None else (P.LATENT_EXT, P.TEXT_EXT)  # members a batch is made of
 
     def _raw(self, slot: int, slots: int, epoch: int, bad: BadSamples):
         """One epoch of this slot's samples that pass every check short of decoding, before the
@@ -327,11 +378,12 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if not by_shard and i % slots != slot:
                     continue
                 try:
-                    prompt, level = check_sample(members, problems, self.cfg.audio_limit_s)
+                    prompt, level = check_sample(members, problems, self.cfg.audio_limit_s, self.encoded is not None)
                 except SampleError as e:
                     bad.add(url, pos, key, str(e))
                     continue
-                yield _Sample(url, pos, key, members[S.AUDIO_EXT], prompt, level)
+                kept = {ext: members[ext] for ext in self.inputs}  # the shuffle buffer holds only what is used
+                yield _Sample(url, pos, key, kept, prompt, level)
 
     def _samples(self, slot: int, slots: int, bad: BadSamples):
         """Endless filtered, shuffled samples for this slot."""
@@ -369,9 +421,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             n += 1
             if n <= skip:
                 continue
-            crop_rng = _rng(self.seed, "crop", slot, n) if self.cfg.random_crop else None
             try:
-                batch.append((decode_audio(s.flac, self.num_samples, crop_rng, self.cfg.audio_limit_s), s.prompt, s.level))
+                batch.append((*self._inputs(s, slot, n), s.prompt, s.level))
             except SampleError as e:
                 bad.add(s.url, s.pos, s.key, str(e))
                 failed += 1
@@ -386,12 +437,37 @@ class ShardStream(torch.utils.data.IterableDataset):
             # a sample that failed gives its place to another of the batch: every batch covers
             # the same batch_size stream positions, so a restart stays exact
             batch += [batch[i % len(batch)] for i in range(failed)]
-            yield {
-                AUDIO: torch.from_numpy(np.stack([b[0] for b in batch])),  # (B, S)
-                PROMPTS: [b[1] for b in batch],
-                QUALITY: torch.tensor([b[2] for b in batch], dtype=torch.long),  # (B,)
-            }
+            yield self._collate(batch)
             batch, failed = [], 0
+
+    def _inputs(self, s: _Sample, slot: int, n: int) -> tuple[np.ndarray, ...]:
+        """(wave (S,),) decoded and cropped, or (latent (C, T', F'), text (S, E)) of a pre-encoded sample."""
+        if self.encoded is None:
+            crop_rng = _rng(self.seed, "crop", slot, n) if self.cfg.random_crop else None
+            return (decode_audio(s.members[S.AUDIO_EXT], self.num_samples, crop_rng, self.cfg.audio_limit_s),)
+        latent = load_array(s.members[P.LATENT_EXT], f".{P.LATENT_EXT}", tuple(self.encoded["latent_shape"]))
+        text = load_array(s.members[P.TEXT_EXT], f".{P.TEXT_EXT}", (None, self.encoded["text_dim"]))
+        return latent, text
+
+    def _collate(self, batch: list[tuple]) -> dict:
+        out = {PROMPTS: [b[-2] for b in batch], QUALITY: torch.tensor([b[-1] for b in batch], dtype=torch.long)}  # (B,)
+        if self.encoded is None:
+            out[AUDIO] = torch.from_numpy(np.stack([b[0] for b in batch]))  # (B, S)
+            return out
+        out[LATENT] = torch.from_numpy(np.stack([b[0] for b in batch]))  # (B, C, T', F')
+        out[TEXT], out[TEXT_MASK] = pad_states([torch.from_numpy(b[1]) for b in batch])  # (B, S, E), (B, S)
+        return out
+
+
+def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text states [(S_i, E)] -> zero-padded (B, max S_i, E) and mask (B, max S_i), True = real."""
+    longest = max(len(h) for h in states)
+    y = torch.zeros(len(states), longest, states[0].shape[1], dtype=states[0].dtype)  # (B, S, E)
+    mask = torch.zeros(len(states), longest, dtype=torch.bool)  # (B, S)
+    for i, h in enumerate(states):
+        y[i, : len(h)] = h
+        mask[i, : len(h)] = True
+    return y, mask
 
 
 def make_loader(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):

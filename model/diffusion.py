@@ -62,9 +62,15 @@ def make_betas(cfg: DiffusionConfig) -> torch.Tensor:
     return torch.linspace(cfg.beta_start, cfg.beta_end, cfg.num_steps, dtype=torch.float64)
 
 
+def drop_mask(n: int, prob: float, rng: random.Random) -> list[bool]:
+    """Which of `n` prompts classifier-free training replaces by the empty text (each with
+    probability `prob`; one draw per prompt, in order)."""
+    return [rng.random() < prob for _ in range(n)]
+
+
 def drop_prompts(prompts: list[str], prob: float, rng: random.Random) -> list[str]:
     """Replace each prompt by the empty text with probability `prob` (classifier-free training)."""
-    return ["" if rng.random() < prob else p for p in prompts]
+    return ["" if d else p for d, p in zip(drop_mask(len(prompts), prob, rng), prompts)]
 
 
 # a denoiser: (z, t, quality, text, text_mask) -> eps

@@ -163,10 +163,11 @@ def main(cfg: EvaluateConfig, clap=None, embed: Embedding | None = None) -> dict
 
 
 @torch.no_grad()
-def validation_loss(model, rep, text, diffusion, batches, seed: int, autocast: bool = False) -> float:
+def validation_loss(model, inputs, diffusion, batches, seed: int, autocast: bool = False) -> float:
     """Eps-MSE (with the run's loss weighting) over `batches`, at timesteps and noise from
-    `seed` and without masking: the same number at every evaluation of the same weights."""
-    from model.data import AUDIO, PROMPTS, QUALITY
+    `seed` and without masking: the same number at every evaluation of the same weights.
+    `inputs(batch)` gives a batch's latents, text states and mask (model.train.ModelInputs)."""
+    from model.data import QUALITY
 
     was_training = model.training
     model.eval()
@@ -174,8 +175,7 @@ def validation_loss(model, rep, text, diffusion, batches, seed: int, autocast: b
     total, n = 0.0, 0
     for batch in batches:
         device = next(model.parameters()).device
-        x0 = rep.encode(batch[AUDIO].to(device), autocast=autocast)  # (B, C, T, F)
-        y, m = text(batch[PROMPTS])  # (B, S, E), (B, S)
+        x0, y, m = inputs(batch)  # (B, C, T, F), (B, S, E), (B, S)
         t = torch.randint(0, diffusion.cfg.num_steps, (x0.shape[0],), generator=g).to(device)  # (B,)
         noise = torch.randn(x0.shape, generator=g).to(device)  # (B, C, T, F)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):

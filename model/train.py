@@ -4,6 +4,10 @@
 (DDP; NCCL on GPUs, gloo on CPUs) with `ray_workers` workers. Every random draw of a step is
 seeded from (seed, step, rank) and the shard stream can start at any batch, so a run resumed
 from a checkpoint continues exactly as an uninterrupted one would.
+
+Shards from `mosaiq encode` (model/preencoded.py) carry each sample's latent and text states;
+the trainer then reads those and runs neither the autoencoder nor the text encoder per step,
+after checking that they were made with this config's representation and text encoder.
 """
 
 from __future__ import annotations
@@ -24,12 +28,18 @@ from typing import Any, Literal
 import torch
 
 from jobs.config import from_dict, load, save_resolved, to_dict
+import numpy as np
+import torch.nn.functional as F
+
 from model import checkpoint as ckpt
-from model.data import AUDIO, PROMPTS, QUALITY, DataConfig, ShardStream, list_shards
-from model.diffusion import QUALITY_HIGH, DiffusionConfig, GaussianDiffusion, drop_prompts
+from model import preencoded as P
+from model.data import (
+    AUDIO, LATENT, PROMPTS, QUALITY, TEXT, TEXT_MASK, DataConfig, ShardStream, pre_encoded_info, shards_folder,
+)
+from model.diffusion import QUALITY_HIGH, DiffusionConfig, GaussianDiffusion, drop_mask
 from model.evaluate import validation_loss, write_samples
 from model.qamdt import PRESETS, QAMDTConfig, build_model, preset_table
-from model.representation import Representation, RepresentationConfig
+from model.representation import Representation, RepresentationConfig, seconds_to_samples
 from model.text import FrozenTextEncoder, TextEncoderConfig
 
 log = logging.getLogger(__name__)
@@ -114,7 +124,7 @@ def resolve_model_config(cfg: TrainConfig, rep: Representation, text_dim: int) -
 
 def quality_stats(shards: str) -> dict[str, Any]:
     """Every stats JSON beside the shards, by file name ({} when there is none)."""
-    folder = Path(shards) if Path(shards).is_dir() else Path(list_shards(shards)[0]).parent
+    folder = shards_folder(shards)
     return {p.name: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob(STATS_GLOB))}
 
 
@@ -143,10 +153,71 @@ def make_train_loader(cfg: TrainConfig, rank: int, world_size: int, start_batch:
                                        pin_memory=device.type == "cuda")
 
 
-def measured_latent_scale(rep: Representation, wave: torch.Tensor, world_size: int) -> float:
-    """1 / std of the unscaled latents of `wave`, the variance averaged over every rank's batch."""
-    rep.latent_scale = 1.0
-    z = rep.encode(wave).double()  # (B, C, T', F')
+class ModelInputs:
+    """A batch -> the model's inputs: latents (B, C, T', F') times the latent scale, text states
+    (B, S, E) and mask (B, S), with the prompts `dropped` replaced by the empty one. Audio
+    batches go through the autoencoder and the text encoder; pre-encoded batches are used as
+    they are (`empty`: the empty prompt's states (S0, E) beside the shards)."""
+
+    def __init__(self, rep: Representation, text: FrozenTextEncoder | None, empty: torch.Tensor | None,
+                 device: torch.device, autocast: bool):
+        self.rep, self.text, self.empty, self.device, self.autocast = rep, text, empty, device, autocast
+
+    def latents(self, batch: dict) -> torch.Tensor:
+        if LATENT in batch:
+            return batch[LATENT].to(self.device, non_blocking=True) * self.rep.latent_scale  # (B, C, T', F')
+        return self.rep.encode(batch[AUDIO].to(self.device, non_blocking=True), autocast=self.autocast)  # (B, C, T', F')
+
+    def __call__(self, batch: dict, dropped: list[bool] | None = None):
+        dropped = dropped or [False] * len(batch[PROMPTS])
+        x0 = self.latents(batch)  # (B, C, T', F')
+        if LATENT in batch:
+            y = batch[TEXT].to(self.device, non_blocking=True)  # (B, S, E)
+            m = batch[TEXT_MASK].to(self.device, non_blocking=True)  # (B, S)
+            return (x0, *with_empty_prompts(y, m, self.empty.to(self.device), dropped))
+        if self.text is None:
+            raise ValueError("these shards hold audio, not pre-encoded text states: set text.path (a text encoder folder)")
+        prompts = ["" if d else p for d, p in zip(dropped, batch[PROMPTS])]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            y, m = self.text(prompts)  # (B, S, E), (B, S)
+        return x0, y, m
+
+
+def with_empty_prompts(y: torch.Tensor, m: torch.Tensor, empty: torch.Tensor, dropped: list[bool]):
+    """Text states (B, S, E) and mask (B, S) with the `dropped` rows replaced by `empty` (S0, E)."""
+    if not any(dropped):
+        return y, m
+    s = max(y.shape[1], len(empty))
+    y = F.pad(y, (0, 0, 0, s - y.shape[1]))  # (B, S, E)
+    m = F.pad(m, (0, s - m.shape[1]))  # (B, S)
+    rows = torch.tensor(dropped, device=y.device)  # (B,)
+    y[rows] = 0.0
+    y[rows, : len(empty)] = empty.to(y.dtype)
+    m[rows] = False
+    m[rows, : len(empty)] = True
+    return y, m
+
+
+def load_pre_encoded(cfg: TrainConfig, data: DataConfig) -> dict | None:
+    """The `encode_info.json` of `data`'s shards when they are read pre-encoded, checked against
+    the training config (ValueError naming each difference); None for audio shards."""
+    info = pre_encoded_info(data)
+    if info is not None:
+        P.check_matches(info, str(shards_folder(data.shards)), cfg.representation, cfg.text, data.clip_seconds)
+    return info
+
+
+def empty_prompt_states(data: DataConfig) -> torch.Tensor:
+    """The empty prompt's text states (S0, E) that `mosaiq encode` wrote beside the shards."""
+    path = shards_folder(data.shards) / P.EMPTY_TEXT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"pre-encoded shards lack {str(path)!r} (the empty prompt's text states); run `mosaiq encode` again")
+    return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))  # (S0, E)
+
+
+def measured_latent_scale(z: torch.Tensor, world_size: int) -> float:
+    """1 / std of the unscaled latents `z`, the variance averaged over every rank's batch."""
+    z = z.double()  # (B, C, T', F')
     moments = torch.stack([z.mean(), (z * z).mean()])  # (2,): E[z], E[z^2]
     if world_size > 1:
         torch.distributed.all_reduce(moments)
@@ -175,9 +246,17 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
         torch.backends.cudnn.allow_tf32 = cfg.tf32
     out = Path(cfg.output_dir)
     rep = Representation(cfg.representation).to(device)
-    text = FrozenTextEncoder(cfg.text).to(device)
-    model_cfg = resolve_model_config(cfg, rep, text.dim)
+    val_data = dataclasses.replace(cfg.data, shards=cfg.val_shards, random_crop=False) if cfg.val_every else None
+    info = load_pre_encoded(cfg, cfg.data)  # None: the shards' audio is encoded every step
+    val_info = load_pre_encoded(cfg, val_data) if val_data is not None else None
+    # the text encoder is loaded only where something still needs it: audio shards, samples
+    need_text = info is None or cfg.sample_every > 0 or (val_data is not None and val_info is None)
+    text = FrozenTextEncoder(cfg.text).to(device) if need_text else None
+    model_cfg = resolve_model_config(cfg, rep, text.dim if text is not None else int(info["text_dim"]))
     stats = quality_stats(cfg.data.shards)
+    if info is not None:
+        log.info("pre-encoded shards: %s latents and text states of %s (the autoencoder and text encoder do not run per step)",
+                 info["latent_shape"], info["text"]["folder"])
 
     # 2. model, EMA, optimizer (same init on every rank)
     torch.manual_seed(cfg.seed)
@@ -213,16 +292,18 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
     diffusion = GaussianDiffusion(cfg.diffusion)
     batches = iter(make_train_loader(cfg, rank, world_size, step, device))
     autocast = device.type == "cuda" and cfg.bf16
+    empty = empty_prompt_states(cfg.data) if info is not None else None
+    inputs = ModelInputs(rep, text, empty, device, autocast)
+    val_inputs = ModelInputs(rep, text, empty_prompt_states(val_data), device, autocast) if val_info is not None else inputs
     metadata = {
         ckpt.TRAIN_CONFIG: to_dict(cfg), ckpt.MODEL_CONFIG: dataclasses.asdict(model_cfg),
         ckpt.REPRESENTATION: to_dict(dataclasses.replace(cfg.representation, latent_scale=rep.latent_scale)),
-        ckpt.QUALITY_STATS: stats,
+        ckpt.QUALITY_STATS: stats, ckpt.PRE_ENCODED: info,
     }
     measure_scale = cfg.representation.scale_by_std and not found
 
     def val_batches():  # the same held-out batches at every evaluation
-        return iter(make_train_loader(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=cfg.val_shards, random_crop=False)),
-                                      0, 1, 0, device))
+        return iter(make_train_loader(dataclasses.replace(cfg, data=val_data), 0, 1, 0, device))
 
     # 5. the loop; losses stay on the device until a log step (no host sync per step)
     losses: list[float] = []
@@ -233,15 +314,14 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
     while step < cfg.max_steps:
         batch = next(batches)
         if measure_scale:  # AudioLDM's scale_by_std: 1 / std of the first batch's latents, over all ranks
-            rep.latent_scale = measured_latent_scale(rep, batch[AUDIO].to(device), world_size)
+            rep.latent_scale = 1.0
+            rep.latent_scale = measured_latent_scale(inputs.latents(batch), world_size)
             metadata[ckpt.REPRESENTATION] = to_dict(dataclasses.replace(cfg.representation, latent_scale=rep.latent_scale))
             measure_scale = False
             log.info("latent scale %.6f (1 / std of the first batch's latents)", rep.latent_scale)
         torch.manual_seed(step_seed(cfg.seed, "step", step, rank))
-        prompts = drop_prompts(batch[PROMPTS], cfg.diffusion.uncond_prob, random.Random(step_seed(cfg.seed, "drop", step, rank)))
-        x0 = rep.encode(batch[AUDIO].to(device, non_blocking=True), autocast=autocast)  # (B, C, T, F)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            y, y_mask = text(prompts)  # (B, S, E), (B, S)
+        dropped = drop_mask(len(batch[PROMPTS]), cfg.diffusion.uncond_prob, random.Random(step_seed(cfg.seed, "drop", step, rank)))
+        x0, y, y_mask = inputs(batch, dropped)  # (B, C, T, F), (B, S, E), (B, S)
         quality = batch[QUALITY].to(device, non_blocking=True)  # (B,)
         ratio = mask_ratio_for_step(model, cfg, step)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
@@ -265,7 +345,7 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
             sps = (step - n0) * cfg.data.batch_size * world_size / max(dt, 1e-9)
             metrics = {"step": step, "loss": sum(window) / len(window), "samples_per_s": sps, "lr": lr_at(step - 1, o)}
             if rank == 0 and cfg.val_every and step % cfg.val_every == 0:
-                metrics["val_loss"] = validation_loss(ema, rep, text, diffusion, islice(val_batches(), cfg.val_batches),
+                metrics["val_loss"] = validation_loss(ema, val_inputs, diffusion, islice(val_batches(), cfg.val_batches),
                                                       step_seed(cfg.seed, "val"), autocast)
             if rank == 0:
                 log.info("step %d loss %.4f  %.1f samples/s  lr %.2e%s", step, metrics["loss"], sps, metrics["lr"],
@@ -275,7 +355,7 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
             t0, n0 = time.perf_counter(), step
         if rank == 0 and cfg.sample_every and step % cfg.sample_every == 0:
             write_samples(ema, rep, text, diffusion, cfg.sample_prompts, QUALITY_HIGH, x0.shape[1:],
-                          batch[AUDIO].shape[1], out / SAMPLES_DIR, step, cfg.seed, cfg.sample_steps)
+                          seconds_to_samples(cfg.data.clip_seconds), out / SAMPLES_DIR, step, cfg.seed, cfg.sample_steps)
         if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
             metadata[ckpt.TRAIN_STATE] = {"step": step, "world_size": world_size, "samples_seen": step * cfg.data.batch_size * world_size}
             last_path = ckpt.save_checkpoint(out / CHECKPOINT_DIR / ckpt.checkpoint_name(step), model, ema, opt, metadata)

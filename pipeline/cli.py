@@ -24,6 +24,7 @@ COMMANDS = {
     "verify": ("pipeline.verify", "re-read shards and check counts, keys, audio and JSON"),
     "curate": ("pipeline.curate", "ingest -> analyze -> score -> quantize -> caption -> export -> verify as one job"),
     "convert-qama": ("model.qama", "convert QAMA fairseq checkpoints to a local wav2vec2 p-MOS folder"),
+    "encode": ("model.encode", "shards -> shards with each sample's latent and text states, for training (Ray job)"),
     "train": ("model.train", "train QA-MDT on mosaiq shards"),
     "generate": ("model.generate", "generate audio for a prompt at a quality level"),
     "evaluate": ("model.evaluate", "CLAP score and FAD of a checkpoint's generations against reference audio"),
