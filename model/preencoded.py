@@ -65,7 +65,7 @@ def representation_fingerprint(rep_cfg) -> dict[str, Any]:
     if raw["autoencoder"] != "audioldm":
         raw.pop("audioldm_vae")
     raw["autoencoder_digest"] = _digest(path) if path else None
-    return raw
+    return json.loads(json.dumps(raw))  # as encode_info.json holds it (tuples become lists)
 
 
 def text_fingerprint(text_cfg) -> dict[str, Any]:

@@ -170,3 +170,42 @@ def test_training_refuses_shards_encoded_otherwise(encoded, text_encoder_dir, ti
     with pytest.raises(ValueError, match="pre_encoded is true"):
         train(_train_cfg(tiny_train_config, root / "shards", text_encoder_dir, tmp_path / "e", max_steps=1,
                          data={"pre_encoded": True}))
+
+
+@pytest.mark.slow
+def test_official_preset_tiny_trains_on_shards_from_encode_on_ray(tmp_path, shard_dir, text_encoder_dir):
+    """jobs/train-qamdt-official.yaml at the tiny size (AudioLDM-layout VAE, normalize_wav,
+    scale_by_std, Min-SNR, adaLN-single): `encode` as a Ray job, then training on its output
+    with loss falling, the latent scale measured from the stored latents, and exact resume."""
+    import ray
+
+    from model.data import LATENT
+    from model.encode import config_from_training  # noqa: F401 - the CLI's path from a train YAML
+    from model.train import make_train_loader
+    from pipeline.raycluster import init_ray
+    from tests.model.test_train import _official_tiny
+
+    cfg = _official_tiny(tmp_path, shard_dir, text_encoder_dir, str(tmp_path / "x"), max_steps=1)
+    enc = EncodeConfig(representation=cfg.representation, text=cfg.text, clip_seconds=cfg.data.clip_seconds)
+    init_ray(num_cpus=2)
+    try:
+        report = encode(enc, shard_dir, tmp_path / "encoded")
+    finally:
+        ray.shutdown()
+    assert report["samples"] == 8 and not report["left_out"]
+    assert P.read_info(tmp_path / "encoded")["latent_shape"] == [8, 32, 16]
+
+    def official(out, steps, **kw):
+        c = _official_tiny(tmp_path, str(tmp_path / "encoded"), text_encoder_dir, str(tmp_path / out), max_steps=steps, **kw)
+        return dataclasses.replace(c, data=dataclasses.replace(c.data, pre_encoded=True))
+
+    full = train(official("a", 60))
+    losses = full["losses"]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, losses
+    first = next(iter(make_train_loader(official("y", 1), 0, 1, 0, torch.device("cpu"))))
+    scale = ckpt.read_metadata(full["checkpoint"])[ckpt.REPRESENTATION]["latent_scale"]
+    assert scale == pytest.approx(1 / first[LATENT].double().std(unbiased=False).item(), rel=1e-5)
+    ref = train(official("b", 12, checkpoint_every=7))
+    train(official("c", 7, checkpoint_every=7))
+    second = train(official("c", 12, checkpoint_every=7))
+    assert second["losses"] == pytest.approx(ref["losses"][7:], rel=1e-6, abs=1e-7)
