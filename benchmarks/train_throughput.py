@@ -2,11 +2,17 @@
 
     .venv/bin/python benchmarks/train_throughput.py                    # small preset, CPU
     .venv/bin/python benchmarks/train_throughput.py --preset base --device cuda   # + bf16 MFU
+    .venv/bin/python benchmarks/train_throughput.py --per-clip         # loader cost per clip only
 
 Without --shards it writes synthetic 10.24 s shards (mosaiq layout) into a temporary folder.
 The trainer is timed on real steps (mel front end, masked forward, backward, AdamW) with text
 states of a fixed length in place of a text encoder; the loader is timed decoding FLAC and
 cropping, with its worker processes. Target: loader / trainer >= 3.
+
+`--per-clip` times the loader in this process (no workers) per clip for three kinds of shard:
+44.1 kHz stereo FLAC (export at the source rate: decoded, mixed down and resampled per clip),
+16 kHz mono FLAC (`export.sample_rate: 16000`, `export.mono: true`: decoded only) and
+`mosaiq encode` output (8 x 256 x 16 latent and 32 x 1024 text states: nothing decoded).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.data import AUDIO, DataConfig, make_loader  # noqa: E402
+from model import preencoded as P  # noqa: E402
+from model.data import AUDIO, PROMPTS, DataConfig, ShardStream, make_loader  # noqa: E402
 from model.diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
 from model.qamdt import build_model, model_config  # noqa: E402
 from model.representation import CLIP_SECONDS, SAMPLE_RATE, Representation, RepresentationConfig  # noqa: E402
@@ -48,18 +55,54 @@ def peak_tflops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS if k in device_name), None)
 
 
-def write_shards(folder: Path, n: int, seconds: float, seed: int = 0) -> None:
+def write_shards(folder: Path, n: int, seconds: float, seed: int = 0, rate: int = SAMPLE_RATE, channels: int = 1,
+                 encoded: tuple[tuple[int, ...], int] | None = None) -> None:
+    """`n` tone clips as mosaiq shards; `encoded` = (latent shape, text length) adds random
+    pre-encoded members of those shapes (1024-d text) and an encode_info.json."""
     import webdataset as wds
 
     rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    t = np.arange(int(seconds * rate)) / rate
     with wds.ShardWriter(str(folder / "shard-%06d.tar"), maxcount=16, verbose=0) as sink:
         for i in range(n):
             wave = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 1000) * t) + 0.05 * rng.standard_normal(len(t))
             buf = io.BytesIO()
-            sf.write(buf, wave.astype(np.float32), SAMPLE_RATE, format="FLAC")
+            sf.write(buf, np.repeat(wave[:, None], channels, axis=1).astype(np.float32), rate, format="FLAC")
             meta = {S.PROMPT: f"a tone number {i}", S.QUALITY_LEVEL: int(i % 5) + 1}
-            sink.write({"__key__": f"c{i:06d}", S.AUDIO_EXT: buf.getvalue(), S.JSON_EXT: json.dumps(meta).encode()})
+            sample = {"__key__": f"c{i:06d}", S.AUDIO_EXT: buf.getvalue(), S.JSON_EXT: json.dumps(meta).encode()}
+            if encoded is not None:
+                for ext, shape in ((P.LATENT_EXT, encoded[0]), (P.TEXT_EXT, (encoded[1], 1024))):
+                    arr = io.BytesIO()
+                    np.save(arr, rng.standard_normal(shape).astype(np.float32), allow_pickle=False)
+                    sample[ext] = arr.getvalue()
+            sink.write(sample)
+    if encoded is not None:  # what the loader reads of it: the shapes
+        info = {"format_version": P.FORMAT_VERSION, "complete": True, "latent_shape": list(encoded[0]), "text_dim": 1024}
+        (folder / P.INFO_FILE).write_text(json.dumps(info))
+
+
+def time_per_clip(n: int = 32, repeats: int = 3) -> dict[str, float]:
+    """Median over `repeats` of the milliseconds per clip the loader spends in this process, by
+    kind of shard (see the docstring); the first batch of each pass (opening, warm-up) is not timed."""
+    kinds = {
+        "44.1 kHz stereo FLAC (resampled)": dict(rate=44_100, channels=2),
+        "16 kHz mono FLAC (no resampling)": dict(rate=SAMPLE_RATE, channels=1),
+        "pre-encoded (nothing decoded)": dict(encoded=((8, 256, 16), 32)),
+    }
+    out = {}
+    for name, kw in kinds.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            write_shards(Path(tmp), n=n, seconds=CLIP_SECONDS, **kw)
+            cfg = DataConfig(shards=tmp, batch_size=4, num_workers=0, shuffle_buffer=8)
+            times = []
+            for _ in range(repeats):
+                it = iter(ShardStream(cfg, seed=0))
+                next(it)  # the shard opened, the first batch made
+                t0 = time.perf_counter()
+                clips = sum(len(next(it)[PROMPTS]) for _ in range(n // 4 - 2))
+                times.append(1000 * (time.perf_counter() - t0) / clips)
+            out[name] = sorted(times)[len(times) // 2]
+    return out
 
 
 def forward_flops(cfg, tokens: int, visible: int | None, text_len: int) -> float:
@@ -162,7 +205,12 @@ def main() -> None:
     p.add_argument("--adaln", choices=["zero", "single"], default="zero")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--per-clip", action="store_true", help="only time the loader per clip by kind of shard")
     args = p.parse_args()
+    if args.per_clip:
+        for name, ms in time_per_clip().items():
+            print(f"loader, one process: {ms:7.2f} ms/clip  {name}")
+        return
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards

@@ -209,3 +209,28 @@ def test_official_preset_tiny_trains_on_shards_from_encode_on_ray(tmp_path, shar
     train(official("c", 7, checkpoint_every=7))
     second = train(official("c", 12, checkpoint_every=7))
     assert second["losses"] == pytest.approx(ref["losses"][7:], rel=1e-6, abs=1e-7)
+
+
+def test_loader_decodes_16k_mono_without_resampling_and_encoded_without_decoding(tmp_path, monkeypatch):
+    import sys
+
+    from model import data as D
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from train_throughput import write_shards  # shards of a chosen rate/channels, or pre-encoded ones
+
+    def refuse(*a, **k):
+        raise AssertionError("the loader resampled or decoded")
+
+    (tmp_path / "mono").mkdir()
+    write_shards(tmp_path / "mono", n=4, seconds=CLIP_S)  # as export writes with sample_rate 16000, mono
+    monkeypatch.setattr(D, "resample", refuse)
+    batch = next(iter(D.ShardStream(D.DataConfig(shards=str(tmp_path / "mono"), clip_seconds=CLIP_S, batch_size=4, num_workers=0), seed=0)))
+    assert batch[D.AUDIO].shape == (4, 20480)
+    (tmp_path / "enc").mkdir()
+    write_shards(tmp_path / "enc", n=4, seconds=CLIP_S, encoded=((8, 32, 16), 5))
+    monkeypatch.setattr(D, "decode_audio", refuse)
+    monkeypatch.setattr(D, "audio_header", refuse)
+    batch = next(iter(D.ShardStream(D.DataConfig(shards=str(tmp_path / "enc"), batch_size=4, num_workers=0), seed=0)))
+    assert batch[D.LATENT].shape == (4, 8, 32, 16) and batch[D.TEXT].shape == (4, 5, 1024) and batch[D.TEXT_MASK].all()
+    assert D.AUDIO not in batch
