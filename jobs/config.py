@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+STORAGE_KEY = "storage_options"  # top-level section of any job YAML: {s3: {endpoint_url: ...}, gs: {...}}
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,13 @@ def load(cls: type[T], path: str | Path | None = None, section: str | None = Non
     data: dict = {}
     if path is not None:
         data = load_yaml(path)
+        if STORAGE_KEY in data:  # for every location of the job; never saved beside the outputs
+            from pipeline.fs import set_storage_options
+
+            options = data.pop(STORAGE_KEY)
+            if options is not None and not isinstance(options, dict):
+                raise ConfigError(f"{path}: {STORAGE_KEY} must map a protocol (s3, gs) to fsspec options, got {options!r}")
+            set_storage_options(options)
         if section is not None:
             data = data.get(section) or {}
     data = {**data, **{k: v for k, v in overrides.items() if v is not None}}

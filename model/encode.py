@@ -205,17 +205,11 @@ def encode_shard(url: str, out_dir: str, cfg_raw: dict, encoder_digest: str) -> 
 
 
 def _run(calls: list[tuple], cfg: EncodeConfig, local: bool) -> list[dict]:
-    """One task per shard: `backend.run_tasks` on CPUs; with GPUs, tasks that ask for
-    `num_gpus` each (run_tasks takes no GPU request)."""
+    """One task per shard through `backend.run_tasks` (with `num_gpus` each on GPUs)."""
     from pipeline import backend
 
-    if local or cfg.num_gpus == 0:
-        return backend.run_tasks(encode_shard, calls, desc=STAGE, num_cpus=cfg.num_cpus, max_retries=2, unit="shard",
-                                 local=local)
-    import ray
-
-    task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_retries=2)(encode_shard)
-    return ray.get([task.remote(*args) for args in calls])
+    return backend.run_tasks(encode_shard, calls, desc=STAGE, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                             max_retries=2, unit="shard", local=local)
 
 
 def main(cfg: EncodeConfig, input_dir: str | Path, output_dir: str | Path, local: bool = False) -> dict[str, Any]:

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script (`python pipeline/analyze.py`, 
 import pyarrow as pa
 
 from jobs import config as jobcfg
-from pipeline import audio, backend
+from pipeline import audio, backend, fs
 from pipeline import facts as FX
 from pipeline.stage import Resources, Stage, StageReport
 from schemas import facts as F
@@ -107,7 +107,7 @@ def _rate_of(path: str) -> int:
 def main(cfg: AnalyzeConfig, input_dir: str | Path, output_dir: str | Path) -> StageReport:
     """Analyze every pending part of `input_dir` into `output_dir` on Ray (the caller starts it)."""
     report = backend.map_parts(AnalyzeStage, {"cfg": cfg}, input_dir, output_dir, cfg.resources)
-    jobcfg.save_resolved(cfg, Path(output_dir) / CONFIG_FILE)
+    jobcfg.save_resolved(cfg, fs.location(output_dir) / CONFIG_FILE)
     flagged = Counter(d for v in backend.read_folder(output_dir, [F.DEFECTS]).column(F.DEFECTS).to_pylist() for d in v or [])
     report.detail = "defects flagged: " + (", ".join(f"{k}={v}" for k, v in sorted(flagged.items())) or "none")
     return report

@@ -6,13 +6,16 @@ which needs no FFmpeg. Resampling is torchaudio's (pure Python, works on the CPU
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import soundfile as sf
 
+from pipeline import fs
 from schemas import tables as T
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
@@ -64,15 +67,16 @@ def probe(path: str | Path) -> Probe:
     Raises AudioError with the decoder's reason for zero-byte, non-audio, mislabelled and
     truncated files. Only the last few frames are decoded.
     """
-    path = Path(path)
+    path = fs.location(path)
     try:
-        size = path.stat().st_size
+        size = fs.size_and_mtime(path)[0]
     except OSError as e:
         raise AudioError(f"unreadable: {e.strerror or e}") from e
     if size == 0:
         raise AudioError("empty file (0 bytes)")
     try:
-        info = sf.info(str(path))
+        with open_sound(path) as f:
+            info = _Info(f)
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise AudioError(f"not decodable audio: {_decoder_message(e)}") from e
     expected = _EXPECTED_FORMAT.get(path.suffix.lower())
@@ -91,7 +95,7 @@ def probe(path: str | Path) -> Probe:
     if frames <= 0 or info.samplerate <= 0 or info.channels <= 0:
         raise AudioError(f"no audio frames (frames={frames}, rate={info.samplerate}, channels={info.channels})")
     try:  # lossy headers only estimate the length (MP3: by up to ~0.1 s), so read the last second
-        with sf.SoundFile(str(path)) as f:
+        with open_sound(path) as f:
             f.seek(max(0, frames - info.samplerate))
             tail = f.read(info.samplerate, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
@@ -101,10 +105,38 @@ def probe(path: str | Path) -> Probe:
     return Probe(int(info.samplerate), int(info.channels), int(frames), str(info.format))
 
 
+class _Info:
+    """What `soundfile.info` reports, read from an open file (a local path or an object)."""
+
+    def __init__(self, f: sf.SoundFile):
+        self.samplerate, self.channels, self.frames = f.samplerate, f.channels, f.frames
+        self.format, self.extra_info = f.format, f.extra_info
+
+
+@contextlib.contextmanager
+def open_sound(path) -> Iterator[sf.SoundFile]:
+    """A `soundfile.SoundFile` on a local file (by name) or on an object in object storage
+    (through its fsspec file, read in ranges). A failure of the store (the object vanished, the
+    connection dropped) raises OSError, as a bad local file does."""
+    p = fs.location(path)
+    if not fs.is_remote(p):
+        with sf.SoundFile(str(p)) as f:
+            yield f
+        return
+    try:
+        handle = p.open("rb")
+    except OSError:
+        raise  # FileNotFoundError, PermissionError: the row's reason as on disk
+    except Exception as e:  # noqa: BLE001 - store clients raise their own types
+        raise OSError(f"cannot open {str(p)!r}: {type(e).__name__}: {e}") from e
+    with handle, sf.SoundFile(handle) as f:
+        yield f
+
+
 def _count_frames(path: Path) -> int:
     """Decode a stream whose header gives no length, counting its frames (block by block)."""
     try:
-        with sf.SoundFile(str(path)) as f:
+        with open_sound(path) as f:
             return len(read_sequential(f, 0, None))
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise AudioError(f"not decodable audio: {_decoder_message(e)}") from e
@@ -140,12 +172,12 @@ def check_unchanged(path: str | Path, size: int | None, mtime_ns: int | None) ->
     if size is None or mtime_ns is None:
         return
     try:
-        st = Path(path).stat()
+        now_size, now_mtime = fs.size_and_mtime(path)
     except OSError as e:
         raise AudioError(f"unreadable: {e.strerror or e}") from e
-    if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-        raise AudioError(f"{T.CHANGED_SINCE_INGEST}: size {size} -> {st.st_size} bytes, "
-                         f"modified {mtime_ns} -> {st.st_mtime_ns} ns")
+    if (now_size, now_mtime) != (size, mtime_ns):
+        raise AudioError(f"{T.CHANGED_SINCE_INGEST}: size {size} -> {now_size} bytes, "
+                         f"modified {mtime_ns} -> {now_mtime} ns")
 
 
 def _decoder_message(e: Exception) -> str:
@@ -162,7 +194,7 @@ def load_clip(path: str | Path, start_s: float, duration_s: float, target_sr: in
     or (given `expected_sr`) no longer has the sample rate it was probed with.
     """
     try:
-        with sf.SoundFile(str(path)) as f:
+        with open_sound(path) as f:
             sr = f.samplerate
             if expected_sr is not None and sr != expected_sr:
                 raise AudioError(f"sample rate changed: the file is {sr} Hz now, the table says {expected_sr} Hz")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -43,8 +42,6 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from pipeline import fs
 from pipeline.stage import Resources, StageReport
@@ -96,13 +93,24 @@ def quiet_ray_data() -> None:
 
 def read_folder(folder: str | Path, columns: list[str] | None = None) -> pa.Table:
     """Read every part of a stage folder (tests, reports and small tables only)."""
-    return pa.concat_tables([pq.read_table(p, columns=columns) for p in fs.list_parts(folder)])
+    return pa.concat_tables([fs.read_table(p, columns=columns) for p in fs.list_parts(folder)])
+
+
+def _use_storage(storage: dict) -> None:
+    """In a Ray worker: the driver's storage options (a job YAML's `storage_options`) and
+    storage environment, so its tasks open object storage as the driver does."""
+    fs.use_storage_state(storage)
+
+
+def _with_storage(storage: dict, fn: Callable[..., Any], *args) -> Any:
+    _use_storage(storage)
+    return fn(*args)
 
 
 def status_counts(folder: str | Path) -> dict[str, int]:
     counts: dict[str, int] = {}
     for p in fs.list_parts(folder):
-        vc = pc.value_counts(pq.read_table(p, columns=[T.STATUS]).column(T.STATUS))
+        vc = pc.value_counts(fs.read_table(p, columns=[T.STATUS]).column(T.STATUS))
         for item in vc.to_pylist():
             counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
     return counts
@@ -180,6 +188,7 @@ def run_tasks(
     num_cpus: float = 1.0,
     max_retries: int = 0,
     unit: str = "task",
+    num_gpus: float = 0.0,
     sizes: Sequence[int] | None = None,
     local: bool = False,
     show: bool = True,
@@ -187,7 +196,8 @@ def run_tasks(
     """Run `fn(*args)` for every `args` in `calls` as Ray tasks; results in the order of `calls`.
 
     `fn` must be importable (a module-level function), so Ray pickles it by reference. The
-    progress display counts `sizes[i]` units for call i (default 1: tasks). `local=True` runs
+    progress display counts `sizes[i]` units for call i (default 1: tasks); `num_gpus` is each
+    task's GPU request. `local=True` runs
     the calls one after another in this process instead (the same results; no Ray needed).
     """
     if not calls:
@@ -202,8 +212,9 @@ def run_tasks(
                 progress.update(sizes[i])
             return results
         ray = _ray()
-        task = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(fn)
-        refs = [task.remote(*args) for args in calls]
+        task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(_with_storage)
+        storage = fs.storage_state()
+        refs = [task.remote(storage, fn, *args) for args in calls]
         index = {ref: i for i, ref in enumerate(refs)}
         pending = list(refs)
         while pending:
@@ -221,7 +232,7 @@ def run_tasks(
 
 
 def _partial_of_part(partial: Callable[[pa.Table], Any], part: str, columns: list[str] | None) -> Any:
-    return partial(pq.read_table(part, columns=columns))
+    return partial(fs.read_table(part, columns=columns))
 
 
 def aggregate_parts(
@@ -251,7 +262,7 @@ def input_digest(part: str | Path, params: str = "") -> str:
 def recorded_digest(part: str | Path) -> str | None:
     """The input digest an output part records, or None (absent, unreadable, or not ours)."""
     try:
-        meta = pq.read_schema(part).metadata or {}
+        meta = fs.read_schema(part).metadata or {}
     except (OSError, pa.ArrowInvalid):
         return None
     value = meta.get(INPUT_DIGEST_KEY)
@@ -272,12 +283,12 @@ def plan_parts(input_dir: str | Path, output_dir: str | Path, params: str = "", 
     parts whose input part is gone are removed (this stage wrote them: they record a digest).
     """
     parts = fs.list_parts(input_dir)
-    output_dir = Path(output_dir)
+    output_dir = fs.location(output_dir)
     digests = {p.name: input_digest(p, params) for p in parts}
     done = 0
     if output_dir.is_dir():
         names = set(digests)
-        for old in sorted(output_dir.glob(fs.PART_GLOB)):
+        for old in sorted(output_dir.glob(fs.PART_GLOB), key=lambda p: p.name):
             if old.name not in names and recorded_digest(old) is not None:
                 log.info("%s: removing %s, whose input part is gone", stage, old)
                 old.unlink()
@@ -286,7 +297,7 @@ def plan_parts(input_dir: str | Path, output_dir: str | Path, params: str = "", 
 
 
 def pending_parts(parts: list[Path], digests: dict[str, str], output_dir: Path) -> list[Path]:
-    return [p for p in parts if recorded_digest(output_dir / p.name) != digests[p.name]]
+    return [p for p in parts if recorded_digest(fs.location(output_dir) / p.name) != digests[p.name]]
 
 
 def _drop_done(batch: pa.Table, done_ids: pa.Array | None) -> pa.Table:
@@ -296,8 +307,9 @@ def _drop_done(batch: pa.Table, done_ids: pa.Array | None) -> pa.Table:
     return batch.filter(pc.invert(pc.is_in(batch.column(T.CLIP_ID), value_set=done_ids)))
 
 
-def _prepare_batch(batch: pa.Table, stage_cls, stage_kwargs: dict, done_ids: pa.Array | None) -> pa.Table:
+def _prepare_batch(batch: pa.Table, stage_cls, stage_kwargs: dict, done_ids: pa.Array | None, storage: dict) -> pa.Table:
     """The CPU step ahead of the actors: `stage_cls.prepare` (decoding) on the rows still to do."""
+    _use_storage(storage)
     batch = _drop_done(batch, done_ids)
     paths = batch.column(_RAY_PATH_COL)
     out = stage_cls.prepare(batch.drop_columns([_RAY_PATH_COL]), **stage_kwargs)
@@ -314,11 +326,13 @@ class _StageActor:
     """Runs a stage callable on a batch, checks one row per row, and writes the rows to the work
     folder of the part each came from; hands back only the row count."""
 
-    def __init__(self, stage_cls, stage_kwargs: dict, done_ids: pa.Array | None, tags: dict[str, str], work_dir: str):
+    def __init__(self, stage_cls, stage_kwargs: dict, done_ids: pa.Array | None, tags: dict[str, str], work_dir: str,
+                 storage: dict):
+        _use_storage(storage)
         self.stage = stage_cls(**stage_kwargs)
         self.done_ids = done_ids
         self.tags = tags  # input part file name -> work tag (name and digest)
-        self.work_dir = Path(work_dir)
+        self.work_dir = fs.location(work_dir)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch = _drop_done(batch, self.done_ids)
@@ -356,8 +370,8 @@ def _work_tag(name: str, digest: str) -> str:
 
 def work_folder(output_dir: str | Path, input_part: str | Path, params: str = "") -> Path:
     """Where `run_parts` keeps the computed rows of one input part until it writes the part."""
-    part = Path(input_part)
-    return _part_work_dir(Path(output_dir).resolve() / WORK_DIR, _work_tag(part.name, input_digest(part, params)))
+    part = fs.location(input_part)
+    return _part_work_dir(fs.location(fs.absolute(output_dir)) / WORK_DIR, _work_tag(part.name, input_digest(part, params)))
 
 
 def _part_work_dir(work_dir: Path, tag: str) -> Path:
@@ -370,9 +384,9 @@ def readable_work_files(folders: Iterable[Path]) -> list[Path]:
     are removed."""
     good = []
     for folder in folders:
-        for f in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
+        for f in sorted(folder.glob("*.parquet"), key=lambda p: p.name) if folder.is_dir() else []:
             try:
-                pq.read_metadata(f)
+                fs.read_metadata(f)
                 good.append(f)
             except Exception as e:  # noqa: BLE001 - any unreadable file is a partial write
                 log.warning("removing unreadable work file %s (%s)", f, e)
@@ -382,15 +396,15 @@ def readable_work_files(folders: Iterable[Path]) -> list[Path]:
 
 def _finalize_part(input_part: str, work_dir: str, tag: str, output_part: str, schema: pa.Schema, digest: str) -> int:
     """Gather one part's rows from the work folder, in input order, and write it atomically."""
-    ids = pq.read_table(input_part, columns=[T.CLIP_ID]).column(T.CLIP_ID)
-    name = os.path.basename(input_part)
+    ids = fs.read_table(input_part, columns=[T.CLIP_ID]).column(T.CLIP_ID)
+    name = fs.location(input_part).name
     if len(ids) == 0:
         fs.atomic_write_table(with_digest(schema.empty_table(), digest), output_part)
         return 0
-    files = sorted(str(f) for f in _part_work_dir(Path(work_dir), tag).glob("*.parquet"))
+    files = sorted(str(f) for f in _part_work_dir(fs.location(work_dir), tag).glob("*.parquet"))
     if not files:
         raise RuntimeError(f"{name}: the stage wrote no rows for this part")
-    rows = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+    rows = pa.concat_tables([fs.read_table(f) for f in files], promote_options="permissive")
     if _PART_COL in rows.column_names:
         rows = rows.drop_columns([_PART_COL])
     # a killed run can leave the same row in two work files; they are identical, keep one
@@ -421,7 +435,7 @@ def _warn_if_no_cpu_left(stage: str, resources: Resources, cluster_cpus: float) 
 def check_parts(stage_cls, parts: Iterable[Path]) -> None:
     """Check every part's schema against the stage's input schema before any work starts."""
     for p in parts:
-        stage_cls.check_input(pq.read_schema(p), p.name)
+        stage_cls.check_input(fs.read_schema(p), p.name)
 
 
 def map_parts(
@@ -439,7 +453,7 @@ def map_parts(
     recomputes every part.
     """
     t0 = time.perf_counter()
-    input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
+    input_dir, output_dir = fs.absolute(input_dir), fs.absolute(output_dir)
     parts = fs.list_parts(input_dir)
     with fs.stage_output(stage_cls.name, input_dir, output_dir):
         parts, digests, _ = plan_parts(input_dir, output_dir, params, stage_cls.name)
@@ -462,8 +476,9 @@ def run_parts(
     """Run a row-wise stage class over these input parts into `output_dir` (same part names),
     each output part recording `digests[name]`; returns the rows written."""
     name = stage_cls.name
-    output_dir = Path(output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = fs.location(fs.absolute(output_dir))
+    if not fs.is_remote(output_dir):
+        output_dir.mkdir(parents=True, exist_ok=True)
     if not pending:
         log.info("%s: every part already in %s; nothing to do", name, output_dir)
         return 0
@@ -479,26 +494,30 @@ def run_parts(
         keep = {_part_work_dir(work_dir, t).name for t in tags.values()}
         for d in work_dir.iterdir():
             if d.is_dir() and d.name not in keep:
-                shutil.rmtree(d, ignore_errors=True)
+                fs.rmtree(d)
     work_files = readable_work_files(_part_work_dir(work_dir, t) for t in tags.values())
     done_ids = None
     if work_files:
-        done_ids = pads.dataset([str(f) for f in work_files], format="parquet").to_table(columns=[T.CLIP_ID]).column(T.CLIP_ID)
+        done_ids = pa.concat_tables([fs.read_table(f, columns=[T.CLIP_ID]) for f in work_files]).column(T.CLIP_ID)
         done_ids = pc.unique(done_ids.combine_chunks())
         log.info("%s: resuming, %d row(s) already computed by an earlier run", name, len(done_ids))
 
-    with_rows = [p for p in pending if pq.read_metadata(p).num_rows > 0]
+    counts = {p.name: fs.read_metadata(p).num_rows for p in pending}
+    with_rows = [p for p in pending if counts[p.name] > 0]
+    storage = fs.storage_state()
     if with_rows:
         # about one block per model batch: the progress display moves batch by batch and every
         # actor of the pool gets work even when there are fewer parts than actors
-        rows_pending = sum(pq.read_metadata(p).num_rows for p in with_rows)
+        rows_pending = sum(counts[p.name] for p in with_rows)
         blocks = max(len(with_rows), min(_MAX_BLOCKS, -(-rows_pending // resources.batch_size)))
-        ds = ray.data.read_parquet([str(p) for p in with_rows], include_paths=True, override_num_blocks=blocks)
+        arrow_fs, _ = fs.arrow_filesystem(with_rows[0])
+        ds = ray.data.read_parquet([fs.arrow_filesystem(p)[1] for p in with_rows], filesystem=arrow_fs,
+                                   include_paths=True, override_num_blocks=blocks)
         prepare = getattr(stage_cls, "prepare", None)
         if prepare is not None:  # decoding in CPU tasks, so the actors only run the model
             ds = ds.map_batches(
                 _prepare_batch,
-                fn_kwargs={"stage_cls": stage_cls, "stage_kwargs": stage_kwargs, "done_ids": done_ids},
+                fn_kwargs={"stage_cls": stage_cls, "stage_kwargs": stage_kwargs, "done_ids": done_ids, "storage": storage},
                 batch_size=resources.batch_size,
                 batch_format="pyarrow",
                 num_cpus=resources.prepare_num_cpus,
@@ -512,7 +531,7 @@ def run_parts(
         ds = ds.map_batches(
             _StageActor,
             fn_constructor_kwargs={"stage_cls": stage_cls, "stage_kwargs": stage_kwargs, "done_ids": done_ids,
-                                   "tags": tags, "work_dir": str(work_dir)},
+                                   "tags": tags, "work_dir": str(work_dir), "storage": storage},
             batch_size=resources.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
@@ -526,17 +545,18 @@ def run_parts(
     calls = [(str(p), str(work_dir), tags[p.name], str(output_dir / p.name), stage_cls.output_schema, digests[p.name])
              for p in pending]
     rows = sum(run_tasks(_finalize_part, calls, f"{name} (write)", num_cpus=0.5, unit="part", show=False))
-    shutil.rmtree(work_dir, ignore_errors=True)
+    fs.rmtree(work_dir)
     return rows
 
 
 # --- shape 4: rows through a ray.data.llm processor --------------------------------------------
 
 
-def _write_batch(batch: pa.Table, folder: str) -> pa.Table:
+def _write_batch(batch: pa.Table, folder: str, storage: dict) -> pa.Table:
     """Write one batch of rows as a Parquet file in `folder`; hand back its row count."""
+    _use_storage(storage)
     if batch.num_rows:
-        fs.atomic_write_table(batch, Path(folder) / f"{uuid.uuid4().hex}.parquet")
+        fs.atomic_write_table(batch, fs.location(folder) / f"{uuid.uuid4().hex}.parquet")
     return _count(batch.num_rows)
 
 
@@ -562,9 +582,10 @@ def map_llm(
     ray = _ray()
     quiet_ray_data()
     light = {"num_cpus": num_cpus}
-    task = ray.remote(**light)(read)
-    ds = ray.data.from_arrow_refs([task.remote(*args) for args in calls])
+    task = ray.remote(**light)(_with_storage)
+    storage = fs.storage_state()
+    ds = ray.data.from_arrow_refs([task.remote(storage, read, *args) for args in calls])
     ds = ds.flat_map(expand, fn_kwargs=expand_kwargs, **light)
-    ds = processor(ds).map_batches(_write_batch, fn_kwargs={"folder": str(work_dir)}, batch_size=None,
+    ds = processor(ds).map_batches(_write_batch, fn_kwargs={"folder": str(work_dir), "storage": storage}, batch_size=None,
                                    batch_format="pyarrow", **light)
     _drain(ds, _Progress(desc, total, "answer"))

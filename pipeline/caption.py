@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shutil
 import sys
 import time
 from collections import Counter
@@ -32,7 +31,6 @@ if __package__ in (None, ""):  # `python pipeline/caption.py ...` (e.g. a `ray j
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from jobs.config import load, save_resolved
 from model.clap import AUDIO_MODEL_CHOICES, DEFAULT_AUDIO_MODEL
@@ -417,17 +415,18 @@ def request_keys(table: pa.Table, fingerprint: str) -> list[str]:
 def llm_index(llm_dir: Path, k: int) -> dict[tuple[str, str], str]:
     """(clip_id, request key) -> the run folder that holds all K answers for it."""
     index: dict[tuple[str, str], str] = {}
-    for run in sorted(d for d in llm_dir.iterdir() if d.is_dir()) if llm_dir.is_dir() else []:
+    llm_dir = fs.location(llm_dir)
+    for run in sorted((d for d in llm_dir.iterdir() if d.is_dir()), key=lambda d: d.name) if llm_dir.is_dir() else []:
         if not (run / _KEYS_FILE).is_file():
             continue
         files = [f for f in backend.readable_work_files([run]) if not f.name.startswith("_")]
         if not files:
             continue
-        rows = pa.concat_tables([pq.read_table(f, columns=[T.CLIP_ID, L.K_COL]) for f in files])
+        rows = pa.concat_tables([fs.read_table(f, columns=[T.CLIP_ID, L.K_COL]) for f in files])
         got: dict[str, set[int]] = {}
         for cid, kk in zip(rows.column(T.CLIP_ID).to_pylist(), rows.column(L.K_COL).to_pylist()):
             got.setdefault(cid, set()).add(kk)
-        keys = pq.read_table(run / _KEYS_FILE)
+        keys = fs.read_table(run / _KEYS_FILE)
         for cid, key in zip(keys.column(T.CLIP_ID).to_pylist(), keys.column(_KEY_COL).to_pylist()):
             if len(got.get(cid, ())) >= k:
                 index.setdefault((cid, key), run.name)
@@ -437,9 +436,9 @@ def llm_index(llm_dir: Path, k: int) -> dict[tuple[str, str], str]:
 def _ok_clips(part: str, fingerprint: str, ground: FactCheckConfig | None = None) -> pa.Table:
     """The `ok` clips of one part (what the LLM sees of them: caption, tags, metadata, and with
     `ground` the confident measured facts inside the metadata) with their request keys."""
-    have = pq.read_schema(part).names
+    have = fs.read_schema(part).names
     facts = [n for n in F.FACT_NAMES if n in have] if ground is not None else []
-    t = pq.read_table(part, columns=[T.CLIP_ID, T.STATUS, T.CAPTION_ORIGINAL, T.TAGS, T.METADATA_JSON, *facts])
+    t = fs.read_table(part, columns=[T.CLIP_ID, T.STATUS, T.CAPTION_ORIGINAL, T.TAGS, T.METADATA_JSON, *facts])
     t = t.filter(pc.equal(t.column(T.STATUS), T.OK))
     if facts:
         t = with_grounding(t, ground).drop_columns(facts)
@@ -484,13 +483,14 @@ def _candidates_part(part: str, llm_dir: str, runs: dict[str, str], out_path: st
     """Step 2 for one part (a Ray task): join its clips' LLM answers (`runs`: clip_id -> the run
     folder that answered it), validate them and check them against the measured facts, write
     atomically."""
-    table = pq.read_table(part)
+    table = fs.read_table(part)
     pieces = []
     for run in sorted(set(runs.values())):
         ids = pa.array([c for c, r in runs.items() if r == run], pa.string())
-        files = [str(f) for f in sorted((Path(llm_dir) / run).glob("*.parquet")) if not f.name.startswith("_")]
+        files = [str(f) for f in sorted((fs.location(llm_dir) / run).glob("*.parquet"), key=lambda f: f.name)
+                 if not f.name.startswith("_")]
         for f in files:
-            rows = pq.read_table(f, columns=list(L.LLM_ROW_COLUMNS))
+            rows = fs.read_table(f, columns=list(L.LLM_ROW_COLUMNS))
             pieces.append(rows.filter(pc.is_in(rows.column(T.CLIP_ID), value_set=ids)))
     if pieces:
         rows = pa.concat_tables(pieces)
@@ -508,7 +508,7 @@ def main(cfg: CaptionConfig, input_dir: str | Path, output_dir: str | Path) -> S
     now; the candidates work parts record it too, so a changed input is asked again."""
     cfg.check_runnable()
     t0 = time.perf_counter()
-    input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
+    input_dir, output_dir = fs.location(fs.absolute(input_dir)), fs.location(fs.absolute(output_dir))
     fs.list_parts(input_dir)  # a missing input is an error before the folder is claimed
     with fs.stage_output(STAGE, input_dir, output_dir):
         report = _run(cfg, input_dir, output_dir)
@@ -520,8 +520,7 @@ def main(cfg: CaptionConfig, input_dir: str | Path, output_dir: str | Path) -> S
 def _run(cfg: CaptionConfig, input_dir: Path, output_dir: Path) -> StageReport:
     parts, digests, _ = backend.plan_parts(input_dir, output_dir, stage=STAGE)
     for p in parts:
-        T.require_columns(pq.read_schema(p), QUALITY_INPUT, f"{STAGE} ({p.name})")
-    output_dir.mkdir(parents=True, exist_ok=True)
+        T.require_columns(fs.read_schema(p), QUALITY_INPUT, f"{STAGE} ({p.name})")
     save_resolved(cfg, output_dir / RESOLVED_CONFIG)
     pending = backend.pending_parts(parts, digests, output_dir)
     if pending:
@@ -545,8 +544,8 @@ def _run(cfg: CaptionConfig, input_dir: Path, output_dir: Path) -> StageReport:
         backend.run_parts(ClapSelectStage, select_kwargs,
                           [cand_dir / p.name for p in pending], digests, output_dir, cfg.clap.resources)
         if all(backend.recorded_digest(output_dir / p.name) == digests[p.name] for p in parts):
-            shutil.rmtree(cand_dir, ignore_errors=True)  # the LLM answers stay: a cache for later runs
-    rows = sum(pq.read_metadata(output_dir / p.name).num_rows for p in pending)
+            fs.rmtree(cand_dir)  # the LLM answers stay: a cache for later runs
+    rows = sum(fs.read_metadata(output_dir / p.name).num_rows for p in pending)
     report = StageReport(STAGE, len(parts), len(parts) - len(pending), rows, 0.0, backend.status_counts(output_dir))
     out = backend.read_folder(output_dir, [T.CANDIDATE_REJECTS, T.CAPTION_CONTRADICTS])
     dropped = Counter(x for v in out.column(T.CANDIDATE_REJECTS).to_pylist() for x in v if x in F.CHECK_REASONS)

@@ -286,9 +286,10 @@ def _fmt(x) -> str:
 
 def write_card(out_dir: str | Path, table: pa.Table, report: dict, stats: Q.QualityStats | None, examples: int) -> Path:
     """Write README.md and its plots into `out_dir`; return the README path."""
-    out = Path(out_dir)
+    out = fs.location(out_dir)
     plots = out / CARD_DIR
-    plots.mkdir(parents=True, exist_ok=True)
+    if not fs.is_remote(plots):
+        plots.mkdir(parents=True, exist_ok=True)
     status = table.column(T.STATUS).to_pylist()
     is_ok = [s == T.OK for s in status]
     pmos = table.column(T.PMOS).to_pylist()

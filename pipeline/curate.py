@@ -15,6 +15,7 @@ import argparse
 import importlib
 import logging
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ if __package__ in (None, ""):  # run as a script (`python pipeline/curate.py`, `
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs import config as jobcfg
+from pipeline import fs
 from pipeline.analyze import AnalyzeConfig
 from pipeline.caption import CaptionConfig
 from pipeline.export import ExportConfig
@@ -82,9 +84,10 @@ class CurateConfig:
             raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
 
     def folder(self, stage: str) -> Path:
+        """The folder of a stage (or of the sample) under the output: a path or a URL."""
         if stage == SAMPLE_FOLDER:
-            return Path(self.output) / SAMPLE_FOLDER
-        return Path(self.output) / next(e.folder for e in REGISTRY if e.name == stage)
+            return fs.location(self.output) / SAMPLE_FOLDER
+        return fs.location(self.output) / next(e.folder for e in REGISTRY if e.name == stage)
 
 
 def load_config(path: str | None, **overrides) -> CurateConfig:
@@ -101,20 +104,31 @@ def _source(cfg: CurateConfig) -> str:
     """The input of ingest: the configured one, else the bundled sample (written once)."""
     if cfg.input:
         return cfg.input
-    manifest = cfg.folder(SAMPLE_FOLDER) / "manifest.csv"
+    folder = cfg.folder(SAMPLE_FOLDER)
+    manifest = folder / "manifest.csv"
     if not manifest.exists():
         from pipeline.synth import write_sample
 
-        log.info("no input given: writing the bundled sample to %s", cfg.folder(SAMPLE_FOLDER))
-        write_sample(cfg.folder(SAMPLE_FOLDER), cfg.sample)
+        log.info("no input given: writing the bundled sample to %s", folder)
+        if not fs.is_remote(folder):
+            write_sample(folder, cfg.sample)
+        else:  # written here, then uploaded; the manifest last, so it marks a complete upload
+            with tempfile.TemporaryDirectory(prefix="mosaiq-sample-") as tmp:
+                write_sample(tmp, cfg.sample)
+                for f in sorted(Path(tmp).rglob("*"), key=lambda f: (f.name == "manifest.csv", str(f))):
+                    if f.is_file():
+                        target = folder.joinpath(*f.relative_to(tmp).parts)
+                        target.fs.put_file(str(f), target.path)
     return str(manifest)
 
 
 def main(cfg: CurateConfig) -> list[StageReport]:
     """Run the selected stages in registry order; each resumes from what its folder holds.
     Ray must be started by the caller (`cli` does)."""
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    fs.check_reachable(cfg.output, "curate output")
+    out = fs.location(cfg.output)
+    if not fs.is_remote(out):
+        out.mkdir(parents=True, exist_ok=True)
     jobcfg.save_resolved(cfg, out / CONFIG_FILE)
     selected = [e for e in REGISTRY if e.name in cfg.stages]
     reports: list[StageReport] = []

@@ -40,7 +40,6 @@ if __package__ in (None, ""):  # run as a script (`python pipeline/export.py`, `
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from jobs import config as jobconfig
 from pipeline import backend, card, fs
@@ -110,10 +109,10 @@ def read_captions(folder: str | Path) -> pa.Table:
     parts = fs.list_parts(folder)
     tables = []
     for p in parts:
-        schema = pq.read_schema(p)
+        schema = fs.read_schema(p)
         T.require_columns(schema, INPUT_COLUMNS, f"export ({p.name})")
         extra = [c for c in card.FACT_COLUMNS if c in schema.names]  # shown in the dataset card
-        tables.append(pq.read_table(p, columns=INPUT_COLUMNS + extra))
+        tables.append(fs.read_table(p, columns=INPUT_COLUMNS + extra))
     return pa.concat_tables(tables)
 
 
@@ -241,14 +240,14 @@ def find_stats(cfg: ExportConfig, input_dir: str | Path, ok: pa.Table) -> Path |
     writes in its folder) or `quality_stats.json` (a shards folder's copy, older quantize folders)
     inside the input folder, beside it, or in a sibling folder, whose id the rows carry."""
     if cfg.stats is not None:
-        path = Path(cfg.stats)
+        path = fs.location(cfg.stats)
         if not path.is_file():
             raise ExportError(f"stats file {cfg.stats!r} does not exist")
         return path
-    inp = Path(input_dir)
+    inp = fs.location(input_dir)
     wanted = set(ok.column(T.STATS_ID).to_pylist())
     candidates = [p for name in (Q.STAGE_STATS_FILE, Q.STATS_FILE)
-                  for p in [inp / name, inp.parent / name] + sorted(inp.parent.glob(f"*/{name}"))]
+                  for p in [inp / name, inp.parent / name] + sorted(inp.parent.glob(f"*/{name}"), key=str)]
     seen = []
     for path in dict.fromkeys(p for p in candidates if p.is_file()):
         try:
@@ -281,6 +280,11 @@ def load_stats(path: Path | None, ok: pa.Table) -> tuple[Q.QualityStats | None, 
     return stats, raw
 
 
+def _unlink(path: Path) -> None:
+    if path.exists():
+        path.unlink()
+
+
 def remove_temporaries(out: Path) -> None:
     """Remove temporary files of killed runs or of retried tasks (shards and state records)."""
     for p in fs.remove_temporaries(out) + fs.remove_temporaries(out / S.STATE_DIR):
@@ -291,11 +295,11 @@ def clean_output(out: Path, plan: list[ShardSpec], prefix: str) -> None:
     """Remove temporary files of killed runs, and shards (with state) that the plan no longer has."""
     planned = {s.name for s in plan}
     remove_temporaries(out)
-    for p in sorted(out.glob(f"{prefix}-*{S.SHARD_EXT}")):
+    for p in sorted(out.glob(f"{prefix}-*{S.SHARD_EXT}"), key=lambda p: p.name):
         if re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}{re.escape(S.SHARD_EXT)}", p.name) and p.name not in planned:
             log.warning("export: removing %s, which the current plan does not have", p)
             p.unlink()
-            state_path(out, p.name).unlink(missing_ok=True)
+            _unlink(state_path(out, p.name))
 
 
 def write_index_files(out: Path, plan: list[ShardSpec], results: list[ShardResult]) -> None:
@@ -329,7 +333,7 @@ def main(cfg: ExportConfig, input_dir: str | Path, output_dir: str | Path) -> St
     t0 = time.perf_counter()
     fs.list_parts(input_dir)  # a missing input is an error before the folder is claimed
     with fs.stage_output("export", input_dir, output_dir) as out:
-        return _export(cfg, Path(input_dir), out, t0)
+        return _export(cfg, fs.location(fs.absolute(input_dir)), out, t0)
 
 
 def _export(cfg: ExportConfig, input_dir: Path, out: Path, t0: float) -> StageReport:
@@ -367,7 +371,7 @@ def _export(cfg: ExportConfig, input_dir: Path, out: Path, t0: float) -> StageRe
     if stats_raw is not None:
         fs.atomic_write_bytes(out / Q.STATS_FILE, stats_raw)
     else:
-        (out / Q.STATS_FILE).unlink(missing_ok=True)  # an earlier run's copy would not apply
+        _unlink(out / Q.STATS_FILE)  # an earlier run's copy would not apply
     jobconfig.save_resolved(cfg, out / S.CONFIG_FILE)
     card.write_card(out, table, report, stats, cfg.card_examples)
     status = dict(sorted(Counter(table.column(T.STATUS).to_pylist()).items()))

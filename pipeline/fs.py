@@ -1,21 +1,277 @@
-"""Files: atomic writes, content digests and a stage folder's parts, in one place.
+"""Files: one layer for local paths and object storage, atomic writes, content digests and a
+stage folder's parts, in one place.
 
-Every file mosaiq writes appears under its final name only once it is complete: it is written
-under a hidden temporary name in the same folder (`.<name>.tmp-<pid>`) and renamed. Readers of
-a folder (pyarrow, pandas, Ray) skip names that start with `.` or `_`, so a killed writer's
-leftover is never read as data; `remove_temporaries` clears them.
+Every location mosaiq reads or writes (stage folders, audio, shards, cards) goes through
+`location()`: a local path or `file://` URL becomes a `pathlib.Path`; an `s3://`, `gs://` (or any
+other fsspec) URL becomes a `upath.UPath` with the same methods (`/`, `.name`, `.open()`,
+`.glob()`, `.exists()`...), built with the storage options of `set_storage_options` (a job
+YAML's `storage_options:`) over what the usual environment variables give (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION; GOOGLE_APPLICATION_CREDENTIALS).
+
+Every file mosaiq writes appears under its final name only once it is complete. On a disk it is
+written under a hidden temporary name in the same folder (`.<name>.tmp-<pid>`) and renamed;
+readers of a folder (pyarrow, pandas, Ray) skip names that start with `.` or `_`, so a killed
+writer's leftover is never read as data, and `remove_temporaries` clears them. An object store
+has no rename, but one upload is atomic (a single PUT, or a multipart upload that appears only
+when completed): the file is written to a local temporary file and uploaded once complete, so a
+killed writer leaves nothing under the final name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+STORAGE_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "memory")  # object stores mosaiq reads and writes
+STORAGE_ENV = "MOSAIQ_STORAGE_OPTIONS"  # JSON {protocol: {option: value}}: how workers get them
+_storage: dict[str, dict[str, Any]] = {}
+
+
+# --- locations ---------------------------------------------------------------------------------
+
+
+def protocol(loc) -> str:
+    """'' for a local path or file:// URL, else the URL's scheme ('s3', 'gs', ...)."""
+    s = os.fspath(loc) if not hasattr(loc, "protocol") else str(loc)
+    if "://" not in s:
+        return ""
+    scheme = s.split("://", 1)[0].lower()
+    return "" if scheme in ("file", "local") else scheme
+
+
+def is_remote(loc) -> bool:
+    return bool(protocol(loc))
+
+
+def set_storage_options(options: dict[str, dict[str, Any]] | None) -> None:
+    """Storage options by protocol (`{"s3": {"endpoint_url": ..., "key": ...}}`, as fsspec names
+    them) for every location this process opens; kept in the environment too, so processes
+    this one starts (Ray's workers on this node) see them."""
+    _storage.clear()
+    for proto, opts in (options or {}).items():
+        if not isinstance(opts, dict):
+            raise ValueError(f"storage_options.{proto} must be a mapping of fsspec options, got {opts!r}")
+        _storage[str(proto)] = dict(opts)
+    if _storage:
+        os.environ[STORAGE_ENV] = json.dumps(_storage, sort_keys=True)
+    else:
+        os.environ.pop(STORAGE_ENV, None)
+
+
+def storage_options() -> dict[str, dict[str, Any]]:
+    """The storage options in force here: `set_storage_options`, else the environment's."""
+    if not _storage and os.environ.get(STORAGE_ENV):
+        try:
+            _storage.update(json.loads(os.environ[STORAGE_ENV]))
+        except ValueError as e:
+            raise ValueError(f"{STORAGE_ENV} is not valid JSON: {e}") from None
+    return _storage
+
+
+_CREDENTIAL_ENV = ("AWS_", "GOOGLE_", "GCSFS_", "FSSPEC_")  # what S3 and GCS clients read
+
+
+def storage_state() -> dict[str, Any]:
+    """What a worker needs to open storage as this process does: the storage options and the
+    storage clients' environment variables (credentials, endpoint, region)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(_CREDENTIAL_ENV)}
+    return {"options": storage_options(), "env": env}
+
+
+def use_storage_state(state: dict[str, Any] | None) -> None:
+    """In a Ray worker: open storage as the driver that sent `state` does (a worker started
+    before the driver's environment was set, or on a node configured otherwise)."""
+    if not state:
+        return
+    env = state.get("env") or {}
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.environ.update(env)
+    if (state.get("options") or {}) != storage_options():
+        set_storage_options(state.get("options"))
+
+
+def _options_for(proto: str) -> dict[str, Any]:
+    opts = dict(storage_options().get(proto, {}))
+    if proto != "memory":
+        # no listing cache: other processes (Ray tasks) add and remove objects, and resume,
+        # cleanup and row accounting decide from what a listing shows now
+        opts.setdefault("use_listings_cache", False)
+    if proto in ("s3", "s3a") and "endpoint_url" not in opts and "client_kwargs" not in opts:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:  # botocore reads it too; s3fs's own HEAD/list calls need it explicitly
+            opts["endpoint_url"] = endpoint
+    return opts
+
+
+def location(loc) -> Path:
+    """A path object for `loc`: `pathlib.Path` on disk (file:// stripped), `upath.UPath` in
+    object storage. Relative local paths stay relative (to the working directory)."""
+    if hasattr(loc, "protocol") and getattr(loc, "protocol", "") not in ("", "file", "local"):
+        return loc  # already a remote UPath
+    s = os.fspath(loc)
+    proto = protocol(s)
+    if not proto:
+        if "://" in s:
+            s = s.split("://", 1)[1]
+        return Path(s)
+    if proto not in STORAGE_PROTOCOLS:
+        raise ValueError(f"{s!r}: {proto}:// is not a storage mosaiq reads or writes; use a local path, "
+                         f"file://, or one of {', '.join(p + '://' for p in STORAGE_PROTOCOLS)}")
+    from upath import UPath
+
+    try:
+        return UPath(s, **_options_for(proto))
+    except (ValueError, ImportError) as e:
+        raise ValueError(f"{s!r}: cannot open {proto}:// locations ({e}); install the fsspec package "
+                         f"for {proto} (s3fs for s3://, gcsfs for gs://)") from None
+
+
+def absolute(loc) -> str:
+    """The location as one canonical string: an absolute local path, or the URL without a
+    trailing slash (what markers record and work is keyed by)."""
+    p = location(loc)
+    if is_remote(p):
+        return str(p).rstrip("/")
+    return os.path.abspath(p)
+
+
+def join(loc, *names: str) -> str:
+    return str(location(loc).joinpath(*names))
+
+
+def filesystem(loc) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for `loc`."""
+    p = location(loc)
+    if is_remote(p):
+        return p.fs, p.path
+    import fsspec
+
+    return fsspec.filesystem("file"), os.path.abspath(p)
+
+
+def arrow_filesystem(loc) -> tuple[Any, str]:
+    """(pyarrow filesystem, path inside it): what pyarrow and Ray Data read with. Local paths go
+    to pyarrow's own; object storage through the same fsspec filesystem as everything else."""
+    import pyarrow.fs as pafs
+
+    p = location(loc)
+    if not is_remote(p):
+        return pafs.LocalFileSystem(), os.path.abspath(p)
+    import fsspec
+
+    opts = _options_for(p.protocol)
+    if p.protocol in ("s3", "s3a"):
+        # Ray's read tasks get this filesystem pickled: it carries the credentials this process
+        # has, as the tasks mosaiq starts carry `storage_state`
+        for opt, var in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN")):
+            if opt not in opts and os.environ.get(var):
+                opts[opt] = os.environ[var]
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(p.protocol, **opts))), p.path
+
+
+def read_table(loc, columns: list[str] | None = None) -> pa.Table:
+    p = location(loc)
+    if not is_remote(p):
+        return pq.read_table(p, columns=columns)
+    with p.open("rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def read_schema(loc) -> pa.Schema:
+    p = location(loc)
+    if not is_remote(p):
+        return pq.read_schema(p)
+    with p.open("rb") as f:
+        return pq.read_schema(f)
+
+
+def read_metadata(loc) -> pq.FileMetaData:
+    p = location(loc)
+    if not is_remote(p):
+        return pq.read_metadata(p)
+    with p.open("rb") as f:
+        return pq.read_metadata(f)
+
+
+def size_and_mtime(loc) -> tuple[int, int | None]:
+    """(size in bytes, modification time in ns or None where the store keeps none)."""
+    p = location(loc)
+    if not is_remote(p):
+        st = p.stat()
+        return st.st_size, st.st_mtime_ns
+    info = p.fs.info(p.path)
+    if info.get("type") == "directory":
+        raise IsADirectoryError(f"{str(p)!r} is a folder")
+    mtime = info.get("LastModified") or info.get("mtime") or info.get("updated")
+    ns = None
+    if hasattr(mtime, "timestamp"):
+        ns = int(mtime.timestamp() * 1e9)
+    elif isinstance(mtime, (int, float)):
+        ns = int(mtime * 1e9)
+    elif isinstance(mtime, str):
+        from datetime import datetime
+
+        with contextlib.suppress(ValueError):
+            ns = int(datetime.fromisoformat(mtime.replace("Z", "+00:00")).timestamp() * 1e9)
+    return int(info.get("size") or 0), ns
+
+
+def rmtree(loc) -> None:
+    """Remove a folder and everything under it; nothing if it is not there."""
+    p = location(loc)
+    if not is_remote(p):
+        shutil.rmtree(p, ignore_errors=True)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        p.fs.rm(p.path, recursive=True)
+
+
+def check_reachable(loc, what: str = "location") -> None:
+    """Raise a clear error naming `loc` when its bucket is missing, the credentials are refused
+    or the endpoint does not answer: before any work starts, not half way through."""
+    p = location(loc)
+    if not is_remote(p):
+        return
+    bucket = p.path.split("/", 1)[0]
+    try:
+        p.fs.ls(bucket, refresh=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {str(p)!r}: bucket {bucket!r} does not exist") from None
+    except PermissionError as e:
+        raise PermissionError(f"{what} {str(p)!r}: access refused ({e}); check the credentials "
+                              "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS "
+                              "or storage_options)") from None
+    except Exception as e:  # noqa: BLE001 - connection errors come in many types
+        raise ValueError(f"{what} {str(p)!r}: cannot reach the object store ({type(e).__name__}: {e}); "
+                         "check AWS_ENDPOINT_URL / storage_options.endpoint_url and the network") from None
+
+
+@contextlib.contextmanager
+def local_file(loc) -> Iterator[str]:
+    """A local path holding `loc`'s bytes, for libraries that read only by file name: the file
+    itself on disk, a temporary download from object storage."""
+    p = location(loc)
+    if not is_remote(p):
+        yield os.fspath(p)
+        return
+    fd, tmp = tempfile.mkstemp(prefix="mosaiq-", suffix=f"-{p.name}")
+    os.close(fd)
+    try:
+        p.fs.get_file(p.path, tmp)
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
 
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
@@ -29,12 +285,12 @@ def part_name(index: int) -> str:
     return f"{PART_PREFIX}{index:05d}{PART_SUFFIX}"
 
 
-def list_parts(folder: str | Path) -> list[Path]:
+def list_parts(folder) -> list[Path]:
     """The `part-*.parquet` files of a stage folder, sorted; raises when there are none."""
-    folder = Path(folder)
+    folder = location(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"input folder {str(folder)!r} does not exist")
-    parts = sorted(folder.glob(PART_GLOB))
+    parts = sorted(folder.glob(PART_GLOB), key=lambda p: p.name)
     if not parts:
         raise FileNotFoundError(f"input folder {str(folder)!r} holds no {PART_GLOB} files")
     return parts
@@ -45,26 +301,26 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
 
 
-@contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "wb", **kwargs) -> Iterator[IO]:
-    """Open a temporary file beside `path`; on success rename it to `path`, on error remove it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    try:
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _upload(tmp: str, target: Path) -> None:
+    """One upload of a complete local file to its final name in object storage."""
+    target.fs.put_file(tmp, target.path)
 
 
 @contextlib.contextmanager
-def atomic_target(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path` for a library that writes by file name (safetensors,
-    matplotlib); renamed to `path` on success, removed on error."""
-    path = Path(path)
+def atomic_target(path) -> Iterator[Path]:
+    """A temporary path for a library that writes by file name (safetensors, matplotlib,
+    soundfile); it becomes `path` on success (a rename on disk, one upload to object storage)
+    and is removed on error."""
+    path = location(path)
+    if is_remote(path):
+        tmpdir = tempfile.mkdtemp(prefix="mosaiq-up-")
+        tmp = Path(tmpdir) / path.name
+        try:
+            yield tmp
+            _upload(str(tmp), path)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     try:
@@ -75,20 +331,29 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "wb", **kwargs) -> Iterator[IO]:
+    """Open a temporary file for `path`; on success it becomes `path`, on error it is removed."""
+    with atomic_target(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    path = location(path)
+    if is_remote(path):
+        path.fs.pipe_file(path.path, data)  # one PUT
+        return
     with atomic_open(path, "wb") as f:
         f.write(data)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_table(table: pa.Table, path: str | Path) -> None:
+def atomic_write_table(table: pa.Table, path) -> None:
     """Write a Parquet file atomically (same table -> same bytes)."""
-    with atomic_open(path, "wb") as f:
-        pq.write_table(table, f, compression=PARQUET_COMPRESSION)
+    atomic_write_bytes(path, table_bytes(table))
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -98,39 +363,45 @@ def table_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def write_if_changed(path: str | Path, data: bytes) -> bool:
+def write_if_changed(path, data: bytes) -> bool:
     """Write `data` atomically unless the file already holds exactly these bytes; True if written."""
-    path = Path(path)
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+    path = location(path)
+    try:
+        same = path.is_file() and size_and_mtime(path)[0] == len(data) and path.read_bytes() == data
+    except FileNotFoundError:
+        same = False
+    if same:
         return False
     atomic_write_bytes(path, data)
     return True
 
 
-def remove_temporaries(folder: str | Path) -> list[Path]:
-    """Remove the temporary files that killed writers left in `folder` (not recursive)."""
-    folder = Path(folder)
+def remove_temporaries(folder) -> list[Path]:
+    """Remove the temporary files that killed writers left in `folder` (not recursive). Object
+    storage has none: an upload that did not complete leaves no object."""
+    folder = location(folder)
+    if is_remote(folder):
+        return []
     gone = sorted(folder.glob(f".*{TMP_MARK}*")) if folder.is_dir() else []
     for p in gone:
         p.unlink(missing_ok=True)
     return gone
 
 
-def file_digest(path: str | Path, digest_size: int = 16) -> str:
+def _digest_file(path, h) -> str:
+    with location(path).open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digest(path, digest_size: int = 16) -> str:
     """blake2b of a file's bytes (128 bits by default), hex; read in chunks."""
-    h = hashlib.blake2b(digest_size=digest_size)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return _digest_file(path, hashlib.blake2b(digest_size=digest_size))
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+def sha256_file(path) -> str:
+    return _digest_file(path, hashlib.sha256())
 
 
 def derive_seed(text: str) -> int:
@@ -150,8 +421,9 @@ def write_parts(table: pa.Table, folder: str | Path, rows_per_part: int) -> list
     is, so stages downstream see it unchanged."""
     if rows_per_part < 1:
         raise ValueError(f"rows_per_part must be >= 1, got {rows_per_part}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = location(folder)
+    if not is_remote(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(max(1, -(-table.num_rows // rows_per_part))):
         path = folder / part_name(i)
@@ -182,7 +454,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _take_lock(lock: Path) -> None:
-    import json
     import socket
     import time
 
@@ -194,7 +465,16 @@ def _take_lock(lock: Path) -> None:
     body = json.dumps({"host": host, "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")})
     for _ in range(2):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            if is_remote(lock):
+                # no exclusive create in an object store: the lock is advisory there (two runs
+                # started within a round trip of each other can both take it)
+                if lock.exists():
+                    raise FileExistsError(str(lock))
+                lock.fs.pipe_file(lock.path, body.encode())
+            else:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(body)
         except FileExistsError:
             try:
                 held = json.loads(lock.read_text(encoding="utf-8") or "{}")
@@ -207,8 +487,6 @@ def _take_lock(lock: Path) -> None:
                 f"{lock.parent} is being written by another run (host {held.get('host', '?')}, pid "
                 f"{held.get('pid', '?')}, since {held.get('since', '?')}); if no such run is going, remove {lock}"
             ) from None
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(body)
         _held[key] = 1
         return
     raise FolderError(f"could not lock {lock.parent}")
@@ -219,24 +497,29 @@ def _release_lock(lock: Path) -> None:
     _held[key] -= 1
     if _held[key] == 0:
         del _held[key]
-        lock.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink(missing_ok=True)
+
+
+def _within(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
 @contextlib.contextmanager
-def stage_output(stage: str, input_path: str | Path, output_dir: str | Path) -> Iterator[Path]:
+def stage_output(stage: str, input_path, output_dir) -> Iterator[Path]:
     """Claim `output_dir` for `stage` while the block runs.
 
     Refuses (FolderError) an output that is the stage's input or holds it, a folder another
     stage wrote, a folder that holds files but no mosaiq marker, and a folder another run is
     writing (a lock with host and pid; a lock whose process is gone is taken over). The marker
-    `_mosaiq_stage.json` names the stage and its input.
+    `_mosaiq_stage.json` names the stage and its input. An object-store output is checked for
+    reachability (bucket, credentials, endpoint) first.
     """
-    import json
-
-    out = Path(os.path.abspath(output_dir))
-    inp = Path(os.path.abspath(input_path))
-    if out == inp or out in inp.parents:
-        raise FolderError(f"{stage}: the output folder {str(out)!r} is (or holds) the stage's input {str(inp)!r}; choose another output")
+    out_s, inp_s = absolute(output_dir), absolute(input_path)
+    if _within(inp_s, out_s):
+        raise FolderError(f"{stage}: the output folder {out_s!r} is (or holds) the stage's input {inp_s!r}; choose another output")
+    check_reachable(out_s, f"{stage} output")
+    out = location(out_s)
     marker = out / MARKER_FILE
     if marker.is_file():
         try:
@@ -244,17 +527,18 @@ def stage_output(stage: str, input_path: str | Path, output_dir: str | Path) -> 
         except ValueError:
             claimed = {}
         if claimed.get("stage") != stage:
-            raise FolderError(f"{stage}: {str(out)!r} holds the output of stage {claimed.get('stage', '?')!r}; "
+            raise FolderError(f"{stage}: {out_s!r} holds the output of stage {claimed.get('stage', '?')!r}; "
                               "choose another output folder")
     elif out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
-        raise FolderError(f"{stage}: {str(out)!r} holds files that mosaiq did not write (no {MARKER_FILE}); "
+        raise FolderError(f"{stage}: {out_s!r} holds files that mosaiq did not write (no {MARKER_FILE}); "
                           "choose a new or empty output folder")
-    out.mkdir(parents=True, exist_ok=True)
+    if not is_remote(out):
+        out.mkdir(parents=True, exist_ok=True)
     lock = out / LOCK_FILE
     _take_lock(lock)
     try:
-        if not marker.is_file() or json.loads(marker.read_text(encoding="utf-8")).get("input") != str(inp):
-            atomic_write_text(marker, json.dumps({"stage": stage, "input": str(inp)}, indent=2, sort_keys=True) + "\n")
+        if not marker.is_file() or json.loads(marker.read_text(encoding="utf-8")).get("input") != inp_s:
+            atomic_write_text(marker, json.dumps({"stage": stage, "input": inp_s}, indent=2, sort_keys=True) + "\n")
         yield out
     finally:
         _release_lock(lock)

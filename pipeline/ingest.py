@@ -26,8 +26,8 @@ import json
 import logging
 import math
 import os
+import posixpath
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -40,7 +40,6 @@ if __package__ in (None, ""):  # run as a script (`python pipeline/ingest.py`, `
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from jobs import config as jobcfg
 from pipeline import audio, backend, fs
@@ -121,24 +120,25 @@ def read_manifest(path: str | Path) -> list[SourceRow]:
     """Rows of a CSV, JSONL or Parquet manifest; relative paths are relative to the manifest."""
     import pandas as pd
 
-    path = Path(os.path.abspath(path))
+    path = fs.location(fs.absolute(path))
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        df = pd.read_csv(path, dtype=str)  # empty cells and NaN/NA/null read as missing, not as text
-    elif suffix in (".jsonl", ".json"):
-        df = pd.read_json(path, lines=True, dtype=False)
-    elif suffix == ".parquet":
-        df = pd.read_parquet(path)
-    else:
+    if suffix not in (".csv", ".jsonl", ".json", ".parquet"):
         raise ValueError(f"manifest {str(path)!r}: unknown type {suffix!r}; expected .csv, .jsonl or .parquet")
+    with path.open("rb") as f:
+        if suffix == ".csv":
+            df = pd.read_csv(f, dtype=str)  # empty cells and NaN/NA/null read as missing, not as text
+        elif suffix == ".parquet":
+            df = pd.read_parquet(f)
+        else:
+            df = pd.read_json(f, lines=True, dtype=False)
     if PATH_COLUMN not in df.columns:
         raise ValueError(f"manifest {str(path)!r} has no {PATH_COLUMN!r} column; it has {list(df.columns)}")
     extra = [c for c in df.columns if c not in (PATH_COLUMN, CAPTION_COLUMN, TAGS_COLUMN)]
     rows = []
     for rec in df.to_dict(orient="records"):
         p = _clean_text(rec[PATH_COLUMN])
-        if p and "://" not in p:
-            p = os.path.normpath(os.path.join(path.parent, p))  # relative to the manifest, stored absolute
+        if p and "://" not in p:  # relative to the manifest, stored absolute
+            p = os.path.normpath(os.path.join(path.parent, p)) if not fs.is_remote(path) else _url_join(str(path.parent), p)
         meta = {c: _jsonable(rec[c]) for c in extra}
         rows.append(
             SourceRow(
@@ -165,32 +165,58 @@ def _jsonable(v):
     return str(v)
 
 
-def _listed(entry: os.DirEntry) -> bool:
-    """An entry ingest lists: an audio extension, and a file or a symlink (even one that cannot
-    be followed: a loop or a dangling link ends as an `error` row instead of vanishing)."""
-    if os.path.splitext(entry.name)[1].lower() not in audio.AUDIO_EXTENSIONS:
-        return False
+def _url_join(base: str, rel: str) -> str:
+    """`rel` (a manifest's relative path, `/`-separated) under the URL `base`, `..` resolved."""
+    scheme, rest = base.split("://", 1)
+    return f"{scheme}://{posixpath.normpath(posixpath.join(rest, rel))}"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One entry of a folder, on disk or in object storage: its name, full path or URL, and
+    whether ingest walks into it (`dir`) or may list it (`file`: a file or a symlink, even one
+    that cannot be followed: a loop or a dangling link ends as an `error` row, not vanishing)."""
+
+    name: str
+    path: str
+    kind: str  # "dir", "file" or "other"
+
+
+def _local_kind(entry: os.DirEntry) -> str:
     try:
-        return entry.is_symlink() or entry.is_file()
+        if entry.is_dir(follow_symlinks=False):  # symlinked folders are not followed
+            return "dir"
+        return "file" if entry.is_symlink() or entry.is_file() else "other"
     except OSError:
-        return False
+        return "other"
 
 
-def _entries(folder: str) -> list[os.DirEntry]:
+def _entries(folder: str) -> list[_Entry]:
     """A folder's entries sorted by name; an unreadable folder lists nothing (as `Path.rglob`)."""
     try:
-        with os.scandir(folder) as it:
-            return sorted(it, key=lambda e: e.name)
+        if fs.is_remote(folder):
+            fsys, root = fs.filesystem(folder)
+            scheme = fs.protocol(folder)
+            found = [_Entry(posixpath.basename(e["name"].rstrip("/")), f"{scheme}://{e['name'].rstrip('/')}",
+                            "dir" if e.get("type") == "directory" else "file")
+                     for e in fsys.ls(root, detail=True)]
+            found = [e for e in found if e.path.rstrip("/") != f"{scheme}://{root.rstrip('/')}"]  # some stores list the folder
+        else:
+            with os.scandir(folder) as it:
+                found = [_Entry(e.name, e.path, _local_kind(e)) for e in it]
     except OSError as e:
         log.warning("ingest: cannot list %s: %s", folder, e)
         return []
+    return sorted(found, key=lambda e: e.name)
 
 
-def _is_folder(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir(follow_symlinks=False)  # symlinked folders are not followed
-    except OSError:
-        return False
+def _listed(entry: _Entry) -> bool:
+    """An entry ingest lists: an audio extension, and a file (see `_Entry`)."""
+    return entry.kind == "file" and os.path.splitext(entry.name)[1].lower() in audio.AUDIO_EXTENSIONS
+
+
+def _is_folder(entry: _Entry) -> bool:
+    return entry.kind == "dir"
 
 
 def walk_files(folder: str | Path):
@@ -205,12 +231,12 @@ def walk_files(folder: str | Path):
 
 def scan_folder(folder: str | Path) -> list[SourceRow]:
     """Every file under `folder` with an audio extension, sorted by path, stored absolute."""
-    return [SourceRow(path=p) for p in walk_files(os.path.abspath(folder))]
+    return [SourceRow(path=p) for p in walk_files(fs.absolute(folder))]
 
 
 def read_input(path: str | Path) -> tuple[list[SourceRow], Path]:
     """Rows from a folder or a manifest, and the folder that is the default root."""
-    path = Path(os.path.abspath(path))
+    path = fs.location(fs.absolute(path))
     if path.is_dir():
         return scan_folder(path), path
     if path.is_file():
@@ -235,7 +261,7 @@ def _write_batches(sources, work: str, prefix: str, per_batch: int) -> list[tupl
 
     def flush():
         if batch:
-            path = os.path.join(work, f"{prefix}-{len(out):06d}.parquet")
+            path = fs.join(work, f"{prefix}-{len(out):06d}.parquet")
             rows = [SourceRow(path=b) if isinstance(b, str) else b for b in batch]
             table = pa.table([[r.path for r in rows], [r.caption for r in rows], [list(r.tags) for r in rows],
                               [r.metadata_json for r in rows]], schema=_LIST_SCHEMA)
@@ -285,7 +311,7 @@ def _list_manifest(path: str, work: str, per_batch: int) -> list[tuple[str, int]
 
 
 def _read_listing(path: str) -> list[SourceRow]:
-    t = pq.read_table(path)
+    t = fs.read_table(path)
     return [SourceRow(path=r[PATH_COLUMN], caption=r[CAPTION_COLUMN], tags=tuple(r[TAGS_COLUMN]),
                       metadata_json=r["metadata_json"]) for r in t.to_pylist()]
 
@@ -323,7 +349,11 @@ def _under(path: Path, root: Path) -> bool:
 
 def inside_roots(path: str, roots: list[Path]) -> bool:
     """Whether `path` is inside one of `roots` (absolute folders) both as written and after
-    following symlinks. Decided from the path alone, the same way whether or not the file exists."""
+    following symlinks. Decided from the path alone, the same way whether or not the file exists.
+    A URL is inside a root URL it starts with (object stores have no links or `..`)."""
+    if fs.is_remote(path) or any(fs.is_remote(r) for r in roots):
+        url = fs.absolute(path) if fs.is_remote(path) else None
+        return url is not None and any(url.startswith(str(r).rstrip("/") + "/") for r in roots if fs.is_remote(r))
     lexical = Path(os.path.normpath(os.path.abspath(path)))
     if not any(_under(lexical, r) or _under(lexical, Path(os.path.realpath(r))) for r in roots):
         return False
@@ -359,21 +389,21 @@ def ingest_file(src: SourceRow, cfg: IngestConfig, roots: list[Path]) -> list[di
     """The clip rows of one file (one `error`/`rejected` row when it cannot be used)."""
     if not src.path:
         return [_row(src, **{T.STATUS: T.ERROR, T.REASON: "empty path in the manifest"})]
-    if "://" in src.path:
-        return [_row(src, **{T.STATUS: T.ERROR, T.REASON: f"remote paths are not supported by ingest yet: {src.path}"})]
-    path = Path(src.path)
     if roots and not inside_roots(src.path, roots):
         return [_row(src, **{T.STATUS: T.ERROR, T.REASON: f"{T.OUTSIDE_ROOTS} {[str(r) for r in roots]}"})]
     try:
-        before = path.stat()
+        path = fs.location(src.path)
+        before = fs.size_and_mtime(path)
         info = audio.probe(path)
         digest = fs.file_digest(path)
-        after = path.stat()
+        after = fs.size_and_mtime(path)
     except audio.AudioError as e:
         return [_row(src, **{T.STATUS: e.status, T.REASON: e.reason})]
     except OSError as e:
         return [_row(src, **{T.STATUS: T.ERROR, T.REASON: f"unreadable: {e.strerror or e}"})]
-    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+    except ValueError as e:  # a URL no filesystem can open
+        return [_row(src, **{T.STATUS: T.ERROR, T.REASON: f"unreadable: {e}"})]
+    if before != after:
         return [_row(src, **{T.STATUS: T.ERROR, T.REASON: "the file changed while it was being ingested"})]
     meta = {
         T.SOURCE_DIGEST: digest,
@@ -381,8 +411,8 @@ def ingest_file(src: SourceRow, cfg: IngestConfig, roots: list[Path]) -> list[di
         T.SOURCE_SAMPLE_RATE: info.sample_rate,
         T.SOURCE_CHANNELS: info.channels,
         T.SOURCE_FORMAT: info.format,
-        T.SOURCE_SIZE_BYTES: after.st_size,
-        T.SOURCE_MTIME_NS: after.st_mtime_ns,
+        T.SOURCE_SIZE_BYTES: after[0],
+        T.SOURCE_MTIME_NS: after[1],
     }
     if info.sample_rate > cfg.max_sample_rate:
         reason = f"sample_rate_too_high: {info.sample_rate} Hz > max {cfg.max_sample_rate} Hz"
@@ -445,7 +475,7 @@ def _find_duplicates(row_files: list[str], out: str) -> int:
     writes (index, first_path) and returns how many there are. A row's duplicate id is derived
     from its index, which is the count of ids seen before it in `_mark_duplicates`."""
     cols = [T.CLIP_ID, T.AUDIO_PATH]
-    tables = [pq.read_table(f, columns=cols) for f in row_files]
+    tables = [fs.read_table(f, columns=cols) for f in row_files]
     ids = pa.concat_tables(tables).combine_chunks() if tables else pa.table({c: pa.array([], pa.string()) for c in cols})
     n = ids.num_rows
     indexed = ids.append_column(_INDEX, pa.array(np.arange(n, dtype=np.int64)))
@@ -461,9 +491,9 @@ def _find_duplicates(row_files: list[str], out: str) -> int:
 def _write_part(slices: list[tuple[str, int, int]], start: int, dups_file: str, out: str) -> dict[str, int]:
     """One output part (one task): rows `start`.. of the input from `slices` (file, offset,
     length), duplicates marked; written only when its bytes change. Returns its status counts."""
-    pieces = [pq.read_table(f).slice(off, n) for f, off, n in slices]
+    pieces = [fs.read_table(f).slice(off, n) for f, off, n in slices]
     table = pa.concat_tables(pieces).combine_chunks() if pieces else T.CLIPS_SCHEMA.empty_table()
-    dups = pq.read_table(dups_file)
+    dups = fs.read_table(dups_file)
     index = dups.column(_INDEX)
     dups = dups.filter(pc.and_(pc.greater_equal(index, start), pc.less(index, start + table.num_rows)))
     if dups.num_rows:
@@ -501,7 +531,7 @@ def resolve_roots(cfg: IngestConfig, default_root: Path) -> list[Path]:
     manifest's folder; none with `allow_any_path`."""
     if cfg.allow_any_path:
         return []
-    return [Path(os.path.normpath(os.path.abspath(r))) for r in (cfg.roots or (str(default_root),))]
+    return [fs.location(r if fs.is_remote(r) else os.path.normpath(fs.absolute(r))) for r in (cfg.roots or (str(default_root),))]
 
 
 def main(cfg: IngestConfig, input_path: str | Path, output_dir: str | Path, progress: bool = True) -> StageReport:
@@ -519,8 +549,9 @@ def main(cfg: IngestConfig, input_path: str | Path, output_dir: str | Path, prog
         log.info("ingest: Ray is not running: the tasks run in this process")
     with fs.stage_output("ingest", source, output_dir) as out:
         work = out / backend.WORK_DIR
-        shutil.rmtree(work, ignore_errors=True)  # a killed run's: ingest recomputes everything
-        work.mkdir(parents=True)
+        fs.rmtree(work)  # a killed run's: ingest recomputes everything
+        if not fs.is_remote(work):
+            work.mkdir(parents=True)
         run = dict(local=local, show=False)
         # 1. list: (listing file, files) in input order
         per = cfg.files_per_task
@@ -549,10 +580,11 @@ def main(cfg: IngestConfig, input_path: str | Path, output_dir: str | Path, prog
         for part_counts in backend.run_tasks(_write_part, calls, "ingest (write)", unit="part", **run):
             for k, v in part_counts.items():
                 counts[k] = counts.get(k, 0) + v
-        for old in sorted(set(out.glob(fs.PART_GLOB)) - set(written)):
+        keep = {p.name for p in written}
+        for old in sorted((p for p in out.glob(fs.PART_GLOB) if p.name not in keep), key=lambda p: p.name):
             log.info("ingest: removing %s, an earlier run's part the input no longer fills", old)
             old.unlink()  # ingest wrote it: this folder carries ingest's marker
-        shutil.rmtree(work, ignore_errors=True)
+        fs.rmtree(work)
         jobcfg.save_resolved(cfg, out / CONFIG_FILE)
     rows = sum(row_counts)
     if rows == 0:
@@ -571,7 +603,7 @@ def bad_rows(folder: str | Path, limit: int = 50) -> str:
     """The first `limit` rows that are not `ok` (status, file, reason), read part by part."""
     lines, total = [], 0
     for part in fs.list_parts(folder):
-        t = pq.read_table(part, columns=[T.AUDIO_PATH, T.STATUS, T.REASON])
+        t = fs.read_table(part, columns=[T.AUDIO_PATH, T.STATUS, T.REASON])
         bad = t.filter(pc.not_equal(t.column(T.STATUS), T.OK))
         total += bad.num_rows
         for r in bad.slice(0, max(limit - len(lines), 0)).to_pylist():
@@ -582,7 +614,8 @@ def bad_rows(folder: str | Path, limit: int = 50) -> str:
 
 
 def _check_input(path: str | Path) -> Path:
-    source = Path(os.path.abspath(path))
+    fs.check_reachable(path, "ingest input")
+    source = fs.location(fs.absolute(path))
     if not source.exists():
         raise FileNotFoundError(f"input {str(source)!r} is neither a folder nor a manifest file")
     return source

@@ -125,7 +125,7 @@ def plot_quality(stats: S.QualityStats, report: LevelReport, path: str | Path) -
     fig.suptitle(f"quality stats {stats.id}", fontsize=11)
     fig.tight_layout()
 
-    path = Path(path)
+    path = fs.location(path)
     try:
         with fs.atomic_open(path, "wb") as f:
             fig.savefig(f, format="png", dpi=110, metadata={"Software": None})  # no version stamp: stable bytes

@@ -293,7 +293,7 @@ class QuantizeResult:
 def run(cfg: QuantizeConfig, input_dir: str | Path, output_dir: str | Path) -> QuantizeResult:
     """Run both passes over a scores folder and write the quality folder (resumable: a part is
     computed again when its input part or the stats changed)."""
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    input_dir, output_dir = fs.location(input_dir), fs.location(output_dir)
     moments = fit_moments(fs.list_parts(input_dir))  # 1. corpus statistics, before any output exists
     empty = moments.n == 0 and moments.bad == 0 and cfg.mu is None
     stats = None if empty else make_stats(moments, cfg)  # too few rows, no spread: an error, no folder left

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs import config as jobcfg
-from pipeline import audio, backend
+from pipeline import audio, backend, fs
 from pipeline.stage import Resources, Stage, StageReport
 from schemas import tables as T
 
@@ -124,7 +124,7 @@ class ScoreStage(Stage):
 def main(cfg: ScoreConfig, input_dir: str | Path, output_dir: str | Path) -> StageReport:
     """Score every pending part of `input_dir` into `output_dir` on Ray (the caller starts it)."""
     report = backend.map_parts(ScoreStage, {"cfg": cfg}, input_dir, output_dir, cfg.resources)
-    jobcfg.save_resolved(cfg, Path(output_dir) / CONFIG_FILE)
+    jobcfg.save_resolved(cfg, fs.location(output_dir) / CONFIG_FILE)
     return report
 
 

@@ -152,7 +152,7 @@ def completed(spec: ShardSpec, out_dir: Path) -> ShardResult | None:
         state = json.loads(marker.read_text(encoding="utf-8"))
     except ValueError:
         return None
-    if state.get("digest") != spec.digest() or state.get("bytes") != path.stat().st_size:
+    if state.get("digest") != spec.digest() or state.get("bytes") != fs.size_and_mtime(path)[0]:
         return None
     if fs.sha256_file(path) != state.get("sha256"):
         return None
@@ -182,7 +182,7 @@ def tar_writer(f):
 
 def write_shard(spec: ShardSpec, out_dir: str) -> ShardResult:
     """Write one shard under a temporary name and rename it; skip it if already complete."""
-    out = Path(out_dir)
+    out = fs.location(out_dir)
     done = completed(spec, out)
     if done is not None:
         return done
@@ -208,7 +208,7 @@ def write_shard(spec: ShardSpec, out_dir: str) -> ShardResult:
                 tar.write({"__key__": check_key(s.key), S.AUDIO_EXT: flac, S.JSON_EXT: s.json_bytes})
         raw.flush()
         os.fsync(raw.fileno())
-    size = final.stat().st_size
+    size = fs.size_and_mtime(final)[0]
     sha = hashing.hash.hexdigest()
     count = len(spec.samples) - len(failed)
     state = {"digest": spec.digest(), "bytes": size, "sha256": sha, "count": count, "failed": failed}

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from jobs import config as jobconfig
 from pipeline import fs
@@ -119,7 +118,7 @@ def check_audio(key: str, data: bytes, sample_rate: int, seconds_total: float) -
 
 def check_shard(path: str | Path, stats_id: str | None = None) -> ShardCheck:
     """Read one shard end to end, in memory; collect its complete sample keys and problems."""
-    path = Path(path)
+    path = fs.location(path)
     res = ShardCheck(path.name)
     res.sha256 = fs.sha256_file(path)
     seen: set[str] = set()
@@ -133,7 +132,7 @@ def check_shard(path: str | Path, stats_id: str | None = None) -> ShardCheck:
             res.keys.append(key)
 
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with path.open("rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             for m in tar:
                 name = m.name
                 if "/" in name or "\\" in name or ".." in name:
@@ -169,10 +168,10 @@ def check_shard(path: str | Path, stats_id: str | None = None) -> ShardCheck:
 def check_archive_end(path: Path, end: int) -> list[str]:
     """After the last member, a tar holds only zero blocks (at least two): anything else means
     it was cut short, or a member header is corrupt (tarfile stops reading there silently)."""
-    size = path.stat().st_size
+    size = fs.size_and_mtime(path)[0]
     if size < end + 2 * tarfile.BLOCKSIZE:
         return [f"truncated: {size} bytes, the end-of-archive blocks after byte {end} are missing"]
-    with open(path, "rb") as f:
+    with fs.location(path).open("rb") as f:
         f.seek(end)
         while chunk := f.read(1 << 16):
             if chunk.count(0) != len(chunk):
@@ -223,7 +222,7 @@ def main(cfg: VerifyConfig, input_dir: str | Path | None = None, output_dir: str
 def verify_folder(shards_dir: str | Path) -> VerifyResult:
     """Verify one shards folder (see the module docstring)."""
     t0 = time.perf_counter()
-    folder = Path(shards_dir)
+    folder = fs.location(shards_dir) if str(shards_dir) else Path("")
     if not str(shards_dir) or not folder.is_dir():
         raise FileNotFoundError(f"shards folder {str(shards_dir)!r} does not exist")
     problems: list[str] = []
@@ -241,7 +240,7 @@ def verify_folder(shards_dir: str | Path) -> VerifyResult:
     index = None
     if (folder / S.INDEX_FILE).is_file():
         try:
-            index = pq.read_table(folder / S.INDEX_FILE)
+            index = fs.read_table(folder / S.INDEX_FILE)
             T.require_columns(index, S.INDEX_SCHEMA.names, "verify")
         except (OSError, ValueError) as e:
             problems.append(f"{S.INDEX_FILE} cannot be read: {e}")

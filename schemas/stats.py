@@ -236,7 +236,9 @@ def loads(text: str) -> QualityStats:
 
 
 def load(path: str | Path) -> QualityStats:
-    path = Path(path)
+    from pipeline.fs import location  # local paths and object storage alike
+
+    path = location(path)
     if not path.is_file():
         raise StatsError(f"quality stats file {str(path)!r} does not exist")
     return loads(path.read_text(encoding="utf-8"))
