@@ -12,6 +12,10 @@ DataLoader takes batches from its workers round-robin, a loader can be rebuilt t
 any batch number (`start_batch`): each worker skips the samples it already delivered, before
 decoding them. That is what makes resume exact.
 
+Shards may lie on disk or in object storage (`s3://bucket/shards`, `gs://...`, a folder or a
+brace pattern): those are listed and streamed through `pipeline.fs` (an fsspec file read front
+to back, never downloaded whole); `pipe:` commands and http URLs go to `webdataset.gopen`.
+
 The shards are not trusted. A tar is read as a stream and nothing is extracted to disk;
 members are checked as `mosaiq verify` checks them (names `<key>.flac`, `<key>.json` or
 `<key>.latent.npy`, `<key>.text.npy` with a key matching `schemas.shard.KEY_RE`, no `/`, `\\` or `..`, regular
@@ -43,6 +47,7 @@ import webdataset as wds
 from model import preencoded as P
 from model.representation import SAMPLE_RATE, seconds_to_samples
 from pipeline.audio import UNKNOWN_FRAMES, AudioError, read_sequential, resample
+from pipeline import fs
 from pipeline.fs import derive_seed
 from schemas import shard as S
 from schemas.tables import CLIP_SECONDS, NUM_QUALITY_LEVELS
@@ -74,7 +79,7 @@ class TooManyBadSamples(ValueError):
 class DataConfig:
     """Where the shards are and how they are read."""
 
-    shards: str = ""  # a folder of .tar shards, or a brace pattern such as "/d/shard-{000000..000099}.tar"
+    shards: str = ""  # a folder of .tar shards or a brace pattern ("/d/shard-{000000..000099}.tar"), local or s3:// / gs://
     clip_seconds: float = CLIP_SECONDS
     batch_size: int = 8  # per rank
     num_workers: int = 4  # loader processes per rank (0: read in the training process)
@@ -119,15 +124,43 @@ class DataConfig:
         return max(self.clip_seconds, CLIP_SECONDS) + AUDIO_MARGIN_S
 
 
+def in_storage(url: str) -> bool:
+    """True for object storage (`s3://`, `gs://`...), which `pipeline.fs` opens."""
+    return fs.protocol(url) in fs.STORAGE_PROTOCOLS
+
+
+def webdataset_url(url: str) -> bool:
+    """True for what only `webdataset.gopen` opens (`pipe:` commands, http(s)://): not listed,
+    not checked, streamed as they are."""
+    return url.startswith("pipe:") or fs.protocol(url) not in ("", *fs.STORAGE_PROTOCOLS)
+
+
+def _missing(urls: list[str]) -> list[str]:
+    """The shards of an expanded brace pattern that do not exist (in object storage: one
+    listing per folder, not one request per shard)."""
+    if not in_storage(urls[0]):
+        return [u for u in urls if not fs.location(u).is_file()]
+    names: dict[str, set[str]] = {}
+    for u in urls:
+        folder = u.rpartition("/")[0]
+        if folder not in names:
+            loc = fs.location(folder)
+            names[folder] = {p.name for p in loc.iterdir()} if loc.is_dir() else set()
+    return [u for u in urls if u.rpartition("/")[2] not in names[u.rpartition("/")[0]]]
+
+
 def list_shards(spec: str) -> list[str]:
-    """A folder (its *.tar files, sorted) or a brace pattern -> shard paths."""
+    """A folder (its *.tar files, sorted) or a brace pattern -> shard paths or URLs. The folder
+    may be local, `file://` or in object storage (`s3://bucket/shards`)."""
     if not spec:
         raise ValueError("data.shards is empty: give a folder of .tar shards or a brace pattern")
-    if Path(spec).is_dir():
-        urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
+    if webdataset_url(spec):
+        urls = list(wds.shardlists.expand_urls(spec))
+    elif fs.location(spec).is_dir():
+        urls = sorted(str(p) for p in fs.location(spec).glob("*.tar"))
     else:
         urls = list(wds.shardlists.expand_urls(spec))
-        missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
+        missing = _missing(urls)
         if missing:
             raise FileNotFoundError(f"shard {missing[0]!r} from {spec!r} does not exist ({len(missing)} missing)")
     if not urls:
@@ -136,8 +169,12 @@ def list_shards(spec: str) -> list[str]:
 
 
 def shards_folder(spec: str) -> Path:
-    """The folder the shards of `spec` (a folder or a brace pattern) lie in."""
-    return Path(spec) if Path(spec).is_dir() else Path(list_shards(spec)[0]).parent
+    """The folder the shards of `spec` (a folder or a brace pattern) lie in: a `pathlib.Path`,
+    or a `upath.UPath` in object storage."""
+    if not webdataset_url(spec) and fs.location(spec).is_dir():
+        return fs.location(spec)
+    first = list_shards(spec)[0]
+    return Path(first).parent if webdataset_url(first) else fs.location(first).parent
 
 
 def pre_encoded_info(cfg: DataConfig) -> dict | None:
@@ -264,6 +301,14 @@ def member_problem(m: tarfile.TarInfo, key: str, ext: str, max_bytes: int) -> st
     return None
 
 
+def _open_shard(url: str):
+    """The shard's bytes as a stream: an fsspec file from object storage, else `webdataset.gopen`
+    (local paths, `pipe:` commands, http)."""
+    if in_storage(url):
+        return fs.location(url).open("rb")
+    return wds.gopen(url)
+
+
 def read_shard(url: str, max_member_bytes: int):
     """(key, members by extension, problems) for each run of adjacent tar members with one key.
 
@@ -274,7 +319,7 @@ def read_shard(url: str, max_member_bytes: int):
     seen: set[str] = set()
     key, members, problems = None, {}, []
     try:
-        with wds.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with _open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for m in tar:
                 mkey, _, ext = m.name.partition(".")
                 if mkey != key:

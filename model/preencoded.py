@@ -84,8 +84,11 @@ def text_fingerprint(text_cfg) -> dict[str, Any]:
 
 
 def read_info(folder: str | Path) -> dict[str, Any] | None:
-    """The `encode_info.json` of a shards folder, None when the folder holds none."""
-    path = Path(folder) / INFO_FILE
+    """The `encode_info.json` of a shards folder (local or in object storage), None when the
+    folder holds none."""
+    from pipeline.fs import location
+
+    path = location(folder) / INFO_FILE
     if not path.is_file():
         return None
     info = json.loads(path.read_text(encoding="utf-8"))
