@@ -1,6 +1,8 @@
 """Checkpoints: mosaiq's own training checkpoints, and a safe reader for other people's `.pt` files.
 
-Training checkpoints are one safetensors file: tensors plus JSON metadata.
+Training checkpoints are one safetensors file: tensors plus JSON metadata. They may lie on disk
+or in object storage (`s3://`, `gs://`): written through `pipeline.fs` (one upload of a complete
+file) and read from a local copy (`fs.local_file`: safetensors reads by file name).
 
 Tensor names are prefixed by group: `model.*` (raw weights), `ema.*` (EMA weights) and
 `optim.<param index>.<state name>` (AdamW moments and step counts, so resume is exact).
@@ -29,6 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipeline import fs
+
 TRAIN_CONFIG = "mosaiq.train_config"
 MODEL_CONFIG = "mosaiq.model_config"
 REPRESENTATION = "mosaiq.representation"
@@ -46,11 +50,11 @@ def checkpoint_name(step: int) -> str:
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
-    """Checkpoints in `folder`, oldest first."""
-    folder = Path(folder)
+    """Checkpoints in `folder` (local or in object storage), oldest first."""
+    folder = fs.location(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if CHECKPOINT_RE.match(p.name))
+    return sorted((p for p in folder.iterdir() if CHECKPOINT_RE.match(p.name)), key=lambda p: p.name)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
@@ -65,27 +69,25 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, ema: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, metadata: dict[str, object]) -> Path:
-    """Write atomically (temporary name, then rename); metadata values are JSON-encoded."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically (temporary name, then a rename or one upload); metadata values are
+    JSON-encoded."""
+    path = fs.location(path)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     optim, groups = optimizer_tensors(optimizer)
     tensors.update(optim)
     meta = {k: json.dumps(v, sort_keys=True) for k, v in metadata.items()}
     meta[OPTIM_GROUPS] = json.dumps(groups, sort_keys=True)
-    from pipeline.fs import atomic_target
-
-    with atomic_target(path) as tmp:  # streamed to disk: a large model is not held twice in memory
+    with fs.atomic_target(path) as tmp:  # streamed to disk: a large model is not held twice in memory
         save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
 def read_metadata(path: str | Path) -> dict[str, object]:
-    path = Path(path)
+    path = fs.location(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
+    with fs.local_file(path) as local, safe_open(local, framework="pt") as f:
         meta = f.metadata() or {}
     missing = [k for k in (MODEL_CONFIG, REPRESENTATION, TRAIN_CONFIG) if k not in meta]
     if missing:
@@ -96,7 +98,7 @@ def read_metadata(path: str | Path) -> dict[str, object]:
 def read_group(path: str | Path, group: str) -> dict[str, torch.Tensor]:
     """The tensors of one group (`model`, `ema` or `optim`), prefix removed."""
     prefix = group + "."
-    with safe_open(str(path), framework="pt") as f:
+    with fs.local_file(path) as local, safe_open(local, framework="pt") as f:
         out = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     if not out:
         raise ValueError(f"checkpoint {path} has no tensors in group {group!r}")
@@ -106,7 +108,7 @@ def read_group(path: str | Path, group: str) -> dict[str, torch.Tensor]:
 def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
     groups = read_metadata(path)[OPTIM_GROUPS]
     state: dict[int, dict[str, torch.Tensor]] = {}
-    with safe_open(str(path), framework="pt") as f:
+    with fs.local_file(path) as local, safe_open(local, framework="pt") as f:
         for k in f.keys():
             if k.startswith("optim."):
                 _, idx, name = k.split(".", 2)

@@ -28,6 +28,7 @@ import torchaudio
 
 from jobs.config import from_dict
 from model.generate import GenerateConfig, main as generate, read_prompts, to_clap_rate
+from pipeline import fs
 
 log = logging.getLogger(__name__)
 
@@ -200,12 +201,13 @@ def write_samples(model, rep, text, diffusion, prompts: Sequence[str], quality: 
     z = diffusion.ddim_sample(model, (len(prompts), *latent_shape), q, y.float(), m, null_y.float(), null_m,
                               generator=torch.Generator().manual_seed(seed), steps=ddim_steps)  # (P, C, T', F')
     waves = rep.decode(z, num_samples).cpu().numpy()  # (P, S)
-    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, w in enumerate(waves):
-        path = folder / f"step-{step:09d}_{i}.wav"
+        path = folder / f"step-{step:09d}_{i}.wav"  # local or in object storage
         peak = float(np.abs(w).max()) if np.isfinite(w).all() else 0.0
-        sf.write(str(path), (w / peak * 0.95 if peak > 1.0 else np.nan_to_num(w)).astype(np.float32), rep.cfg.mel.sample_rate, subtype="PCM_16")
+        with fs.atomic_target(path) as tmp:
+            sf.write(str(tmp), (w / peak * 0.95 if peak > 1.0 else np.nan_to_num(w)).astype(np.float32),
+                     rep.cfg.mel.sample_rate, subtype="PCM_16", format="WAV")
         paths.append(path)
     model.train(was_training)
     return paths

@@ -8,6 +8,10 @@ from a checkpoint continues exactly as an uninterrupted one would.
 Shards from `mosaiq encode` (model/preencoded.py) carry each sample's latent and text states;
 the trainer then reads those and runs neither the autoencoder nor the text encoder per step,
 after checking that they were made with this config's representation and text encoder.
+
+The shards (`data.shards`, `val_shards`) and `output_dir` may be local or in object storage
+(`s3://bucket/run`, `gs://...`): everything there goes through `pipeline.fs`. Checkpoints are
+uploaded once complete, and a resume reads the newest one from the bucket.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import random
@@ -35,12 +40,14 @@ from model import checkpoint as ckpt
 from model import preencoded as P
 from model.data import (
     AUDIO, LATENT, PROMPTS, QUALITY, TEXT, TEXT_MASK, DataConfig, ShardStream, pre_encoded_info, shards_folder,
+    webdataset_url,
 )
 from model.diffusion import QUALITY_HIGH, DiffusionConfig, GaussianDiffusion, drop_mask
 from model.evaluate import validation_loss, write_samples
 from model.qamdt import PRESETS, QAMDTConfig, build_model, preset_table
 from model.representation import Representation, RepresentationConfig, seconds_to_samples
 from model.text import FrozenTextEncoder, TextEncoderConfig
+from pipeline import fs
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +219,7 @@ def empty_prompt_states(data: DataConfig) -> torch.Tensor:
     path = shards_folder(data.shards) / P.EMPTY_TEXT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"pre-encoded shards lack {str(path)!r} (the empty prompt's text states); run `mosaiq encode` again")
-    return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))  # (S0, E)
+    return torch.from_numpy(np.load(io.BytesIO(path.read_bytes()), allow_pickle=False).astype(np.float32))  # (S0, E)
 
 
 def measured_latent_scale(z: torch.Tensor, world_size: int) -> float:
@@ -244,7 +251,7 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         torch.backends.cudnn.allow_tf32 = cfg.tf32
-    out = Path(cfg.output_dir)
+    out = fs.location(cfg.output_dir)
     rep = Representation(cfg.representation).to(device)
     val_data = dataclasses.replace(cfg.data, shards=cfg.val_shards, random_crop=False) if cfg.val_every else None
     info = load_pre_encoded(cfg, cfg.data)  # None: the shards' audio is encoded every step
@@ -271,14 +278,14 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
     step = 0
     found = ckpt.list_checkpoints(out / CHECKPOINT_DIR) if cfg.resume else []
     if found:
-        path = found[-1]
-        model.load_state_dict(ckpt.read_group(path, "model"))
-        ema.load_state_dict(ckpt.read_group(path, "ema"))
-        ckpt.load_optimizer(path, opt)
-        meta = ckpt.read_metadata(path)
+        with fs.local_file(found[-1]) as path:  # from object storage: downloaded once
+            model.load_state_dict(ckpt.read_group(path, "model"))
+            ema.load_state_dict(ckpt.read_group(path, "ema"))
+            ckpt.load_optimizer(path, opt)
+            meta = ckpt.read_metadata(path)
         step = int(meta[ckpt.TRAIN_STATE]["step"])
         rep.latent_scale = float(meta[ckpt.REPRESENTATION].get("latent_scale", rep.latent_scale))
-        log.info("resumed from %s at step %d", path, step)
+        log.info("resumed from %s at step %d", found[-1], step)
 
     # 4. DDP and the data stream, started where the last run stopped
     if cfg.compile:
@@ -365,6 +372,16 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
     return {"step": step, "losses": losses, "checkpoint": str(last_path) if last_path else None}
 
 
+def ray_storage_env() -> dict[str, str]:
+    """The storage clients' environment and this process's storage options, as environment
+    variables for Ray Train's workers (their environment, so nothing of it is saved with the run)."""
+    state = fs.storage_state()
+    env = dict(state["env"])
+    if state["options"]:
+        env[fs.STORAGE_ENV] = json.dumps(state["options"], sort_keys=True)
+    return env
+
+
 def _ray_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -382,18 +399,20 @@ def run_ray(cfg: TrainConfig) -> dict[str, Any]:
 
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address)
+    storage, storage_path = fs.arrow_filesystem(fs.join(cfg.output_dir, "ray"))  # Ray Train's own run state
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config=to_dict(cfg),
         scaling_config=ScalingConfig(num_workers=cfg.ray_workers, use_gpu=cfg.ray_use_gpu),
         torch_config=TorchConfig(backend="nccl" if cfg.ray_use_gpu else "gloo"),
-        run_config=RunConfig(name="qamdt", storage_path=str(Path(cfg.output_dir) / "ray")),
+        run_config=RunConfig(name="qamdt", storage_path=storage_path, storage_filesystem=storage,
+                             worker_runtime_env={"env_vars": ray_storage_env()}),
     )
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
     # Ray Train keeps only metrics reported with a Ray checkpoint; ours are written by rank 0
-    found = ckpt.list_checkpoints(Path(cfg.output_dir) / CHECKPOINT_DIR)
+    found = ckpt.list_checkpoints(fs.join(cfg.output_dir, CHECKPOINT_DIR))
     if not found:
         raise RuntimeError(f"Ray Train run finished but wrote no checkpoint in {cfg.output_dir}/{CHECKPOINT_DIR}")
     step = int(ckpt.read_metadata(found[-1])[ckpt.TRAIN_STATE]["step"])
@@ -401,14 +420,18 @@ def run_ray(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _absolute(cfg: TrainConfig) -> TrainConfig:
-    """Paths made absolute, so Ray workers (other working directories) find them."""
+    """Local paths made absolute, so Ray workers (other working directories) find them; URLs
+    (object storage, `pipe:`, http) stay as they are."""
     def ab(p):
         return str(Path(p).absolute()) if p else p
 
+    def ab_url(p):
+        return fs.absolute(p) if p and not webdataset_url(p) else p
+
     rep = cfg.representation
     return dataclasses.replace(
-        cfg, output_dir=ab(cfg.output_dir),
-        data=dataclasses.replace(cfg.data, shards=ab(cfg.data.shards)), val_shards=ab(cfg.val_shards),
+        cfg, output_dir=ab_url(cfg.output_dir),
+        data=dataclasses.replace(cfg.data, shards=ab_url(cfg.data.shards)), val_shards=ab_url(cfg.val_shards),
         text=dataclasses.replace(cfg.text, path=ab(cfg.text.path)),
         representation=dataclasses.replace(rep, autoencoder_checkpoint=ab(rep.autoencoder_checkpoint), vocoder_path=ab(rep.vocoder_path)),
     )
@@ -417,7 +440,8 @@ def _absolute(cfg: TrainConfig) -> TrainConfig:
 def main(cfg: TrainConfig) -> dict[str, Any]:
     """Train; the resolved config is saved in output_dir and inside every checkpoint."""
     cfg = _absolute(cfg)
-    save_resolved(cfg, Path(cfg.output_dir) / RESOLVED_CONFIG)
+    fs.check_reachable(cfg.output_dir, "train output_dir")  # a missing bucket is named before any work
+    save_resolved(cfg, fs.join(cfg.output_dir, RESOLVED_CONFIG))
     if cfg.ray_workers > 0:
         return run_ray(cfg)
     return train_loop(cfg)
@@ -440,8 +464,8 @@ def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mosaiq train", description="train QA-MDT on mosaiq shards")
     p.add_argument("--list-presets", action="store_true", help="print the model presets with their parameter counts and exit")
     p.add_argument("--config", help="job YAML (jobs/train.yaml, jobs/train-qamdt-official.yaml); its keys are TrainConfig's fields")
-    p.add_argument("--shards", help="folder of .tar shards or a brace pattern (data.shards)")
-    p.add_argument("--output-dir", help="where checkpoints and the resolved config go")
+    p.add_argument("--shards", help="folder of .tar shards or a brace pattern (data.shards), local or s3:// / gs://")
+    p.add_argument("--output-dir", help="where checkpoints and the resolved config go, local or s3:// / gs://")
     p.add_argument("--preset", choices=sorted(PRESETS), help="model size (--list-presets prints their parameter counts)")
     p.add_argument("--text-encoder", help="local transformers folder of the frozen text encoder (text.path)")
     p.add_argument("--max-steps", type=int)
