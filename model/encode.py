@@ -19,6 +19,9 @@ autoencoder nor the text encoder per step. How a run goes:
 3. A sample that cannot be used (bad members, audio or JSON, non-finite latent) is left out
    with its reason; the run goes on. The driver writes `encode_report.json`, `sizes.json`,
    copies the quality-stats JSON and marks `encode_info.json` complete.
+
+Input and output may be local folders or in object storage (`s3://bucket/shards`, `gs://...`),
+each independently: shards are streamed from there and uploaded once complete (`pipeline.fs`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import dataclasses
 import io
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -130,9 +132,13 @@ def _state_path(out: Path, name: str) -> Path:
     return out / P.STATE_DIR / f"{name}.json"
 
 
+def _name(url: str) -> str:
+    return fs.location(url).name
+
+
 def completed(url: str, out: Path, encoder_digest: str) -> dict | None:
     """The record of an earlier complete encoding of this input shard with these encoders, or None."""
-    name = Path(url).name
+    name = _name(url)
     state_file, shard = _state_path(out, name), out / name
     if not (state_file.is_file() and shard.is_file()):
         return None
@@ -142,7 +148,7 @@ def completed(url: str, out: Path, encoder_digest: str) -> dict | None:
         return None
     if state.get("encoder_digest") != encoder_digest or state.get("input_digest") != fs.file_digest(url):
         return None
-    if state.get("bytes") != shard.stat().st_size or state.get("output_digest") != fs.file_digest(shard):
+    if state.get("bytes") != fs.size_and_mtime(shard)[0] or state.get("output_digest") != fs.file_digest(shard):
         return None
     return state
 
@@ -150,7 +156,7 @@ def completed(url: str, out: Path, encoder_digest: str) -> dict | None:
 def encode_shard(url: str, out_dir: str, cfg_raw: dict, encoder_digest: str) -> dict:
     """Encode one input shard into `out_dir` under the same name (skipped when already done);
     returns its record: counts and the samples left out with their reasons."""
-    out = Path(out_dir)
+    out = fs.location(out_dir)
     done = completed(url, out, encoder_digest)
     if done is not None:
         return {**done, "skipped": True}
@@ -160,7 +166,7 @@ def encode_shard(url: str, out_dir: str, cfg_raw: dict, encoder_digest: str) -> 
     num_samples = seconds_to_samples(cfg.clip_seconds)
     left_out: list[dict] = []
     written = 0
-    name = Path(url).name
+    name = _name(url)
     import webdataset as wds
 
     with fs.atomic_open(out / name, "wb") as f:
@@ -196,7 +202,7 @@ def encode_shard(url: str, out_dir: str, cfg_raw: dict, encoder_digest: str) -> 
         tar.close()
     shard = out / name
     state = {"shard": name, "count": written, "left_out": left_out, "input_digest": fs.file_digest(url),
-             "encoder_digest": encoder_digest, "bytes": shard.stat().st_size, "output_digest": fs.file_digest(shard)}
+             "encoder_digest": encoder_digest, "bytes": fs.size_and_mtime(shard)[0], "output_digest": fs.file_digest(shard)}
     fs.atomic_write_text(_state_path(out, name), json.dumps(state, sort_keys=True) + "\n")
     return {**state, "skipped": False}
 
@@ -215,9 +221,11 @@ def _run(calls: list[tuple], cfg: EncodeConfig, local: bool) -> list[dict]:
 def main(cfg: EncodeConfig, input_dir: str | Path, output_dir: str | Path, local: bool = False) -> dict[str, Any]:
     """Encode every shard of `input_dir` into `output_dir` (see the module docstring), on the Ray
     the caller started (`local=True`: in this process, no Ray). Returns the report."""
-    if not Path(input_dir).is_dir():
+    fs.check_reachable(input_dir, "encode input")
+    inp = fs.location(input_dir)
+    if not inp.is_dir():
         raise FileNotFoundError(f"input folder {str(input_dir)!r} does not exist (give the folder export wrote)")
-    urls = list_shards(str(input_dir))
+    urls = list_shards(str(inp))
     with fs.stage_output(STAGE, input_dir, output_dir) as out:
         fs.remove_temporaries(out)
         # 1. what encodes, the empty prompt, and an info file that says "not complete yet"
@@ -227,7 +235,7 @@ def main(cfg: EncodeConfig, input_dir: str | Path, output_dir: str | Path, local
         text = FrozenTextEncoder(cfg.text)
         empty = prompt_states(text, [""])[0]  # (S0, E)
         frames, bins = rep.latent_size(cfg.clip_seconds)
-        info = {"format_version": P.FORMAT_VERSION, "complete": False, "input": str(Path(input_dir).absolute()),
+        info = {"format_version": P.FORMAT_VERSION, "complete": False, "input": fs.absolute(input_dir),
                 "representation": fp["representation"], "representation_config": to_dict(cfg.representation),
                 "text": fp["text"], "text_config": to_dict(cfg.text), "text_dim": text.dim,
                 "latent_shape": [rep.latent_channels, frames, bins], "clip_seconds": cfg.clip_seconds,
@@ -237,7 +245,7 @@ def main(cfg: EncodeConfig, input_dir: str | Path, output_dir: str | Path, local
         fs.atomic_write_text(out / P.INFO_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
         with fs.atomic_open(out / P.EMPTY_TEXT_FILE, "wb") as f:
             np.save(f, empty.astype(np.float32), allow_pickle=False)
-        names = {Path(u).name for u in urls}
+        names = {_name(u) for u in urls}
         for stale in [p for p in out.glob(f"*{S.SHARD_EXT}") if p.name not in names]:  # shards gone from the input
             stale.unlink()
             _state_path(out, stale.name).unlink(missing_ok=True)
@@ -253,8 +261,8 @@ def main(cfg: EncodeConfig, input_dir: str | Path, output_dir: str | Path, local
         fs.atomic_write_text(out / P.REPORT_FILE, json.dumps(report, indent=2, sort_keys=True) + "\n")
         sizes = {r["shard"]: r["count"] for r in results}
         fs.atomic_write_text(out / S.SIZES_FILE, json.dumps(sizes, indent=2, sort_keys=True) + "\n")
-        for stats in sorted(Path(input_dir).glob(STATS_GLOB)):
-            shutil.copyfile(stats, out / stats.name)
+        for stats in sorted(inp.glob(STATS_GLOB), key=lambda p: p.name):
+            fs.atomic_write_bytes(out / stats.name, stats.read_bytes())
         fs.atomic_write_text(out / P.INFO_FILE, json.dumps({**info, "complete": True}, indent=2, sort_keys=True) + "\n")
     log.info("encode: %d shard(s) (%d already done), %d sample(s), %d left out (see %s)", report["shards"],
              report["shards_skipped"], report["samples"], len(report["left_out"]), P.REPORT_FILE)
@@ -286,8 +294,9 @@ def cli(argv: list[str]) -> int:
                     "One Ray task per shard; a finished shard is skipped on a re-run; a sample that cannot be "
                     "encoded is left out and listed with its reason in encode_report.json.",
     )
-    p.add_argument("--input", required=True, help="folder of shards (what `mosaiq export` wrote)")
-    p.add_argument("--output", required=True, help="folder for the pre-encoded shards (new, or an earlier encode's)")
+    p.add_argument("--input", required=True, help="folder of shards (what `mosaiq export` wrote), local or s3:// / gs://")
+    p.add_argument("--output", required=True,
+                   help="folder for the pre-encoded shards (new, or an earlier encode's), local or s3:// / gs://")
     p.add_argument("--config", help="the training job YAML (its representation, text and data.clip_seconds are used)")
     p.add_argument("--text-encoder", help="local transformers folder of the frozen text encoder (text.path)")
     p.add_argument("--batch-size", type=int, help="clips per encoder call (default 16)")
