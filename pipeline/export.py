@@ -305,8 +305,9 @@ def clean_output(out: Path, plan: list[ShardSpec], prefix: str) -> None:
 def write_index_files(out: Path, plan: list[ShardSpec], results: list[ShardResult]) -> None:
     """`sizes.json`, `SHA256SUMS` and `index.parquet` for the written shards (plan order)."""
     sizes = {r.name: r.count for r in results}
-    fs.atomic_write_text(out / S.SIZES_FILE, json.dumps(sizes, indent=2, sort_keys=True) + "\n")
-    fs.atomic_write_text(out / S.CHECKSUMS_FILE, "".join(f"{r.sha256}  {r.name}\n" for r in results))
+    # each written only when its bytes change: a re-run that finds every shard done rewrites nothing
+    fs.write_if_changed(out / S.SIZES_FILE, (json.dumps(sizes, indent=2, sort_keys=True) + "\n").encode())
+    fs.write_if_changed(out / S.CHECKSUMS_FILE, "".join(f"{r.sha256}  {r.name}\n" for r in results).encode())
     ids, shards, positions = [], [], []
     for spec, result in zip(plan, results):
         failed = {key for key, _ in result.failed}
@@ -316,7 +317,7 @@ def write_index_files(out: Path, plan: list[ShardSpec], results: list[ShardResul
             positions.append(i)
     index = pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(shards, pa.string()),
                                   pa.array(positions, pa.int32())], schema=S.INDEX_SCHEMA)
-    fs.atomic_write_table(index, out / S.INDEX_FILE)
+    fs.write_if_changed(out / S.INDEX_FILE, fs.table_bytes(index))
 
 
 def write_shards(plan: list[ShardSpec], out: Path, resources: Resources) -> list[ShardResult]:

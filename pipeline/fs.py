@@ -178,28 +178,25 @@ def arrow_filesystem(loc) -> tuple[Any, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(p.protocol, **opts))), p.path
 
 
-def read_table(loc, columns: list[str] | None = None) -> pa.Table:
+def _read_parquet(reader, loc, **kwargs):
+    """`reader(source)` on a local path, or on the object's file in object storage."""
     p = location(loc)
     if not is_remote(p):
-        return pq.read_table(p, columns=columns)
+        return reader(p, **kwargs)
     with p.open("rb") as f:
-        return pq.read_table(f, columns=columns)
+        return reader(f, **kwargs)
+
+
+def read_table(loc, columns: list[str] | None = None) -> pa.Table:
+    return _read_parquet(pq.read_table, loc, columns=columns)
 
 
 def read_schema(loc) -> pa.Schema:
-    p = location(loc)
-    if not is_remote(p):
-        return pq.read_schema(p)
-    with p.open("rb") as f:
-        return pq.read_schema(f)
+    return _read_parquet(pq.read_schema, loc)
 
 
 def read_metadata(loc) -> pq.FileMetaData:
-    p = location(loc)
-    if not is_remote(p):
-        return pq.read_metadata(p)
-    with p.open("rb") as f:
-        return pq.read_metadata(f)
+    return _read_parquet(pq.read_metadata, loc)
 
 
 def size_and_mtime(loc) -> tuple[int, int | None]:

@@ -132,59 +132,6 @@ def test_ray_job_is_resumable_and_deterministic(sample_clips, tmp_path, ray_sess
     assert read_folder(second).num_rows == 33
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_cluster(temp_dir: str) -> None:
-    """Stop only the processes of the cluster under `temp_dir` (`ray stop` would also stop
-    every other Ray on the machine, this test session's own embedded one included)."""
-    import psutil
-
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in arg for arg in (p.info["cmdline"] or [])):
-                procs.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
-@pytest.fixture()
-def ray_head():
-    """A real Ray head started with `ray start --head` in its own temp dir, stopped afterwards."""
-    import tempfile
-
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths are length-limited
-    # every port explicit and free: other Ray instances on this machine hold the defaults
-    # (a busy default agent port leaves the head with "No available agent to submit job")
-    ports = {flag: _free_port() for flag in (
-        "--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-        "--metrics-export-port", "--node-manager-port", "--object-manager-port", "--runtime-env-agent-port",
-        "--ray-client-server-port")}
-    dash = ports["--dashboard-port"]
-    args = [a for flag, port in ports.items() for a in (flag, str(port))]
-    try:
-        subprocess.run([str(VENV_BIN / "ray"), "start", "--head", "--num-cpus", "2", "--dashboard-host", "127.0.0.1",
-                        "--disable-usage-stats", "--temp-dir", temp_dir, *args],
-                       check=True, env=env, capture_output=True, timeout=300)
-        yield f"http://127.0.0.1:{dash}", env
-    finally:
-        _kill_cluster(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 def _submit(address, env, args, timeout_s=900):
     """`ray job submit`, retried while the head's job agent is still starting."""
     deadline = time.time() + 120
