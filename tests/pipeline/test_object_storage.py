@@ -103,6 +103,35 @@ def test_a_missing_bucket_or_unreachable_endpoint_is_named_before_any_work(s3_se
         fs.location("http://example.com/a.wav")
 
 
+def test_refused_credentials_are_named_before_any_work(monkeypatch):
+    """A second S3 server that checks credentials (moto with authentication on from the first
+    request): unknown keys are one clear error naming the URL."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        with pytest.raises(PermissionError, match=r"score output 's3://any-bucket/out': access refused .*check the credentials"):
+            with fs.stage_output("score", "/tmp/in", "s3://any-bucket/out"):
+                pytest.fail("the block must not run")
+    finally:
+        server.kill()
+        server.wait()
+
+
 def test_storage_options_come_from_the_job_yaml_and_are_never_saved(tmp_path):
     from jobs import config as jobcfg
     from pipeline.score import ScoreConfig
