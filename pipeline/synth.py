@@ -102,10 +102,13 @@ def _tone(timbre: str, hz: float, n: int, sr: int, rng: np.random.Generator) -> 
         for i in range(n):
             out[i] = buf[i % period]
             buf[i % period] = 0.996 * 0.5 * (buf[i % period] + buf[(i + 1) % period])
-        return out
+        return out * _envelope(n, sr, 0.002, 0.03)  # a pick's onset and a fretting hand's damping, no click
     if timbre == "electric piano":
         mod = np.sin(ph) * np.exp(-3 * t) * 2
-        return np.sin(ph + mod) * np.exp(-2.5 * t)
+        return np.sin(ph + mod) * np.exp(-2.5 * t) * _envelope(n, sr, 0.002, 0.03)
+    if timbre == "bass":
+        x = np.sin(ph) + 0.4 * np.sin(2 * ph) + 0.1 * np.sin(3 * ph)
+        return x * np.exp(-4 * t) * _envelope(n, sr, 0.005, 0.03)
     if timbre == "warm pad":
         x = sum(np.sin(ph * d) for d in (0.995, 1.0, 1.005)) / 3
         return x * _envelope(n, sr, 0.3, 0.3)
@@ -113,23 +116,58 @@ def _tone(timbre: str, hz: float, n: int, sr: int, rng: np.random.Generator) -> 
         x = np.sin(ph) + 0.5 * np.sin(2 * ph) + 0.25 * np.sin(4 * ph)
         return x * _envelope(n, sr, 0.02, 0.05)
     if timbre == "string":
-        x = sum(np.sin(k * ph * (1 + 0.002 * np.sin(2 * np.pi * 5 * t))) / k for k in range(1, 8))
+        vib = 0.002 * np.sin(2 * np.pi * rng.uniform(4.5, 6.5) * t + rng.uniform(0, 2 * np.pi))  # each player's own vibrato
+        x = sum(np.sin(k * ph * (1 + vib)) / k for k in range(1, 8))
         return x * _envelope(n, sr, 0.2, 0.2)
     raise ValueError(f"unknown timbre {timbre!r}")
 
 
-def _drums(n: int, sr: int, beat: int, rng: np.random.Generator) -> np.ndarray:
+def _hit(kind: str, sr: int, rng: np.random.Generator) -> np.ndarray:
+    """One drum hit: a kick (pitch-swept sine), a snare (a tone body and a noise burst) or a
+    closed hi-hat (high-passed noise)."""
+    if kind == "kick":
+        t = np.arange(int(0.2 * sr)) / sr
+        return np.sin(2 * np.pi * (50 + 90 * np.exp(-35 * t)) * t) * np.exp(-18 * t)
+    if kind == "snare":
+        t = np.arange(int(0.18 * sr)) / sr
+        body = 0.5 * np.sin(2 * np.pi * 190 * t) * np.exp(-30 * t)
+        rattle = rng.standard_normal(len(t)) * np.exp(-22 * t)
+        return body + 0.6 * signal.lfilter([1, -0.6], [1], rattle)
+    t = np.arange(int(0.05 * sr)) / sr
+    hat = rng.standard_normal(len(t)) * np.exp(-70 * t)
+    return signal.sosfilt(signal.butter(2, min(7000, 0.4 * sr), btype="high", fs=sr, output="sos"), hat)
+
+
+# drum grooves in eighth notes over one bar: which hit on which eighth
+_GROOVES = {
+    "rock": {"kick": (0, 4), "snare": (2, 6), "hat": tuple(range(8))},
+    "four on the floor": {"kick": (0, 2, 4, 6), "snare": (2, 6), "hat": (1, 3, 5, 7)},
+    "backbeat with pickup": {"kick": (0, 3, 4), "snare": (2, 6), "hat": tuple(range(8))},
+}
+
+
+def _drums(n: int, sr: int, beat: float, groove: str, rng: np.random.Generator) -> np.ndarray:
+    """A drum kit playing `groove` bar after bar, with a drummer's small timing and level
+    variations; hi-hats accented on the beat."""
     out = np.zeros(n, np.float32)
-    kick_len, hat_len = int(0.15 * sr), int(0.05 * sr)
-    tk = np.arange(kick_len) / sr
-    kick = np.sin(2 * np.pi * (50 + 80 * np.exp(-30 * tk)) * tk) * np.exp(-20 * tk)
-    hat = rng.standard_normal(hat_len) * np.exp(-60 * np.arange(hat_len) / sr)
-    hat = signal.lfilter([1, -1], [1], hat)  # brighten
-    for i, start in enumerate(range(0, n, beat // 2)):
-        seg = kick if i % 2 == 0 else hat * 0.3
-        end = min(n, start + len(seg))
-        out[start:end] += seg[: end - start]
+    levels = {"kick": 1.0, "snare": 0.8, "hat": 0.25}
+    for bar_start in np.arange(0, n, 4 * beat):
+        for kind, eighths in _GROOVES[groove].items():
+            for e in eighths:
+                start = int(bar_start + e * beat / 2 + rng.normal(0, 0.004) * sr)
+                if not 0 <= start < n:
+                    continue
+                hit = _hit(kind, sr, rng) * levels[kind] * (1.0 if e % 2 == 0 else 0.7) * rng.uniform(0.85, 1.0)
+                end = min(n, start + len(hit))
+                out[start:end] += hit[: end - start]
     return out
+
+
+# rhythmic figures of one bar, note lengths in eighths (8 to a 4/4 bar)
+_FIGURES = ((2, 2, 2, 2), (1, 1, 2, 2, 2), (3, 1, 2, 2), (2, 1, 1, 2, 2), (4, 2, 2), (2, 2, 4), (1, 1, 1, 1, 2, 2),
+            (3, 1, 3, 1), (2, 2, 1, 1, 2), (4, 4))
+# a performer's metrical accent by eighth of the bar: downbeat, beat 3, beats 2 and 4, off-beats
+_ACCENT = (1.0, 0.6, 0.8, 0.6, 0.9, 0.6, 0.8, 0.6)
 
 
 @dataclass(frozen=True)
@@ -143,7 +181,11 @@ class Track:
     pad: str  # "" for a solo track
     drums: bool
     solo: bool = False  # a soft solo instrument with little treble over a recording's noise floor
-    noise_dbfs: float = -200.0  # RMS of the recording's noise floor (solo tracks)
+    noise_dbfs: float = -200.0  # RMS of the recording's noise floor (solo tracks: a quiet room; mixes: hiss, reverb, dither)
+    bass: bool = True  # a bass line on the chord roots (not in solo tracks)
+    groove: str = "rock"  # the drum pattern (`_GROOVES`) when there are drums
+    drums_db: float = 0.0  # the kit's level against the usual mix, dB
+    raised_seventh: bool = False  # minor: the dominant chord takes the leading tone (harmonic minor)
 
     @property
     def key_name(self) -> str:
@@ -166,35 +208,64 @@ def tags_for(track: Track) -> list[str]:
 
 
 def render_track(rng: np.random.Generator, track: Track, seconds: float, sr: int) -> np.ndarray:
-    """The audio of `track` (mono float32 in [-1, 1])."""
+    """The audio of `track` (mono float32 in [-1, 1]).
+
+    Played as a band would: a pad holds one triad a bar over a four-chord progression, a bass
+    plays the chord roots on beats 1 and 3, the lead plays one rhythmic figure a bar (quarters,
+    eighths, dotted notes, rests), chord tones on the beats and steps between them, louder on
+    the strong beats, each note a few milliseconds early or late; the drums play a groove."""
     n = int(seconds * sr)
     scale = _MINOR if track.minor else _MAJOR
-    beat = int(sr * 60 / track.bpm)
+    beat = sr * 60.0 / track.bpm  # samples, fractional
+    bar = 4 * beat
     progression = (0, 5, 3, 4) if track.minor else (0, 4, 5, 3)  # i-VI-iv-v / I-V-vi-IV
+
+    def midi(base: int, degree: int, chord: int) -> int:
+        pc = scale[degree % 7] + (1 if track.raised_seventh and track.minor and chord == 4 and degree % 7 == 6 else 0)
+        return base + track.key + pc + 12 * (degree // 7)
+
+    def add(timbre: str, note: int, start: float, length: float, gain: float) -> None:
+        s0 = int(start + rng.normal(0, 0.006) * sr)  # a performer's timing
+        s0, s1 = max(0, s0), min(n, s0 + int(length))
+        if s1 - s0 > 16:
+            mix[s0:s1] += gain * _tone(timbre, _midi_hz(note), s1 - s0, sr, rng)
+
     mix = np.zeros(n, np.float32)
-    bar = beat * 4
-    if track.pad:
-        for b, start in enumerate(range(0, n, bar)):
-            degree = progression[b % 4]
-            length = min(bar, n - start)
+    prev = 7  # the lead's last scale degree, counted from the tonic an octave below its register
+    for b, bar_start in enumerate(np.arange(0, n, bar)):
+        chord = progression[b % 4]
+        if track.pad:
+            length = min(bar, n - bar_start)
             for k in (0, 2, 4):  # triad
-                note = 48 + track.key + scale[(degree + k) % 7] + 12 * ((degree + k) // 7)
-                mix[start:start + length] += 0.12 * _tone(track.pad, _midi_hz(note), length, sr, rng)
-    step = beat // 2
-    for start in range(0, n, step):
-        if rng.random() < 0.15:
-            continue  # a rest
-        length = min(step * int(rng.choice([1, 1, 2])), n - start)
-        note = 72 + track.key + scale[int(rng.integers(0, 7))] - 12 * int(rng.integers(0, 2))
-        mix[start:start + length] += 0.3 * _tone(track.lead, _midi_hz(note), length, sr, rng)
+                note = midi(48, chord + k, chord)
+                s0 = int(bar_start)
+                mix[s0:s0 + int(length)] += 0.12 * _tone(track.pad, _midi_hz(note), int(length), sr, rng)[: n - s0]
+        if track.bass and track.pad:
+            for e, deg in ((0, 0), (4, 0), (6, 4)) if rng.random() < 0.5 else ((0, 0), (4, 0)):
+                add("bass", midi(36, chord + deg, chord), bar_start + e * beat / 2, 2 * beat / 2 if e == 6 else 3 * beat / 2,
+                    0.3 * _ACCENT[e])
+        pos = 0
+        for length in _FIGURES[int(rng.integers(len(_FIGURES)))]:
+            if rng.random() < 0.1:  # a rest
+                pos += length
+                continue
+            if pos % 2 == 0 and rng.random() < 0.75:  # a chord tone on a beat
+                cands = [d for d in range(0, 15) if (d - chord) % 7 in (0, 2, 4)]
+            else:  # a step or a skip from the last note
+                cands = [prev + s for s in (-2, -1, 1, 2) if 0 <= prev + s < 15]
+            prev = min(cands, key=lambda d: abs(d - prev) + 3 * rng.random())
+            add(track.lead, midi(60, prev, chord), bar_start + pos * beat / 2, length * beat / 2,
+                0.3 * _ACCENT[pos] * rng.uniform(0.85, 1.0))
+            pos += length
     if track.drums:
-        mix += 0.35 * _drums(n, sr, beat, rng)
+        mix += 0.35 * 10 ** (track.drums_db / 20) * _drums(n, sr, beat, track.groove, rng)
     if track.solo:  # played softly, little treble, over the noise floor of a quiet room and preamp
         mix = signal.sosfilt(signal.butter(1, 1500, fs=sr, output="sos"), mix).astype(np.float32)
         mix = (0.12 * mix / max(1e-6, float(np.abs(mix).max()))).astype(np.float32)
         mix += (10 ** (track.noise_dbfs / 20) * rng.standard_normal(n)).astype(np.float32)
         return mix
-    return (0.8 * mix / max(1e-6, float(np.abs(mix).max()))).astype(np.float32)
+    mix = 0.8 * mix / max(1e-6, float(np.abs(mix).max()))
+    return (mix + 10 ** (track.noise_dbfs / 20) * rng.standard_normal(n)).astype(np.float32)  # the mix's own noise floor
 
 
 def synth_track(rng: np.random.Generator, seconds: float, sr: int) -> tuple[np.ndarray, str, list[str], Track]:
@@ -204,13 +275,16 @@ def synth_track(rng: np.random.Generator, seconds: float, sr: int) -> tuple[np.n
     bpm = int(rng.choice([72, 90, 100, 120, 128, 140]))
     lead, pad = str(rng.choice(_LEADS)), str(rng.choice(_PADS))
     drums = bool(rng.integers(0, 2))
-    track = Track(key, minor, bpm, lead, pad, drums)
+    track = Track(key, minor, bpm, lead, pad, drums, groove=str(rng.choice(list(_GROOVES))), raised_seventh=minor,
+                  noise_dbfs=float(rng.uniform(-86, -70)))
     return render_track(rng, track, seconds, sr), caption_for(track), tags_for(track), track
 
 
 def wide_tracks(rng: np.random.Generator, count: int, solo_share: float) -> list[Track]:
     """`count` tracks spread over the musical space: tempos 60-180, all 24 keys in turn, half
-    with drums, every lead and pad; a `solo_share` of them soft solos over a noise floor."""
+    with drums (every groove, the kit from 6 dB quieter to 3 dB louder than usual), four in
+    five with a bass line, minor keys with and without the leading tone, every lead and pad; a
+    `solo_share` of them soft solos over a noise floor."""
     keys = np.concatenate([rng.permutation(24) for _ in range(count // 24 + 1)])[:count]
     n_solo = int(round(solo_share * count))
     solo = np.zeros(count, bool)
@@ -222,9 +296,12 @@ def wide_tracks(rng: np.random.Generator, count: int, solo_share: float) -> list
         bpm = int(rng.integers(60, 181))
         if solo[i]:
             lead = str(rng.choice(_SOLO_LEADS))
-            out.append(Track(key, minor, bpm, lead, "", False, True, float(rng.uniform(-78, -62))))
+            out.append(Track(key, minor, bpm, lead, "", False, True, float(rng.uniform(-78, -62)), bass=False))
         else:
-            out.append(Track(key, minor, bpm, str(rng.choice(_LEADS)), str(rng.choice(_PADS)), bool(drums[i])))
+            out.append(Track(key, minor, bpm, str(rng.choice(_LEADS)), str(rng.choice(_PADS)), bool(drums[i]),
+                             bass=bool(rng.random() < 0.8), groove=str(rng.choice(list(_GROOVES))),
+                             drums_db=float(rng.uniform(-6, 3)), raised_seventh=minor and bool(rng.random() < 0.5),
+                             noise_dbfs=float(rng.uniform(-86, -70))))
     return out
 
 
