@@ -52,11 +52,13 @@ class MeasureConfig:
     cliff_drop_db: float = 30.0  # a band-limit cliff falls at least this much ...
     cliff_span_octaves: float = 1.0  # ... within this span ...
     cliff_floor_db: float = -90.0  # ... to under this level, dB re full-scale white noise density
+    cliff_steep_db: float = 40.0  # ... or at least this much, with mostly digital silence above (a filter's stop band)
     noise_percentile: float = 10.0  # per-bin percentile of frame powers taken as the noise floor
     tempo_min_bpm: float = 40.0
     tempo_max_bpm: float = 240.0
     tempo_prior_bpm: float = 120.0  # centre of the log-normal tempo prior (librosa's default)
-    tempo_prior_octaves: float = 1.0  # its standard deviation, octaves
+    tempo_prior_octaves: float = 1.0  # its standard deviation, octaves, when finding the metrical grid
+    tempo_beat_prior_octaves: float = 0.7  # ... and when choosing the beat among the grid's octaves
 
     def __post_init__(self):
         if not 0 < self.noise_percentile < 50:
@@ -187,7 +189,11 @@ def bandwidth(freqs: np.ndarray, mean_power: np.ndarray, sr: int, cfg: MeasureCo
         if j >= n_bands or below.size == 0:
             break
         top, rest = float(np.median(below)), float(above[j])
-        if rest <= cfg.cliff_floor_db and top - rest >= cfg.cliff_drop_db:
+        # a filter's stop band: a steep drop, and under the partials it lets through, another half
+        # span up, digital silence (a recording's hiss would still be there)
+        k = np.searchsorted(centre, f * half * half)
+        steep = top - rest >= cfg.cliff_steep_db and k < n_bands and float(np.median(level[k:])) <= cfg.cliff_floor_db
+        if (rest <= cfg.cliff_floor_db and top - rest >= cfg.cliff_drop_db) or steep:
             return _edge(centre, power_b, j)
     return nyq
 
@@ -264,56 +270,161 @@ def key_from_chroma(chroma: np.ndarray) -> tuple[int, str, float]:
     return best
 
 
-def _interp_peak(ac: np.ndarray, lag: int) -> float:
-    """Sub-sample position of the peak at `lag` (parabolic interpolation)."""
-    if lag <= 0 or lag >= len(ac) - 1:
-        return float(lag)
-    a, b, c = ac[lag - 1], ac[lag], ac[lag + 1]
-    den = a - 2 * b + c
-    return float(lag + 0.5 * (a - c) / den) if den < 0 else float(lag)
+def drum_transient_share(perc: np.ndarray, power: np.ndarray, freqs: np.ndarray,
+                         top_hz: float = 10_000.0) -> float | None:
+    """Share of the clip's energy in broadband percussive transients: frames whose percussive
+    power (HPSS, margin 2) between 200 Hz and 10 kHz is over 4 times its median over the clip
+    (a transient, not a stationary noise) and spread evenly over that band (spectral flatness
+    over 0.3, about half a white noise's: a snare, a hat, a clap; not the attack of a pitched
+    note, whose percussive part is still a comb of partials). A kick alone is not broadband and
+    does not count. The band stops at `top_hz` (the clip's bandwidth: a lowpass must not make a
+    snare look pitched); None when under 2 kHz is left. (K, N) powers."""
+    total = float(power.sum())
+    top = min(10_000.0, top_hz)
+    if total <= 0 or top < 2_000.0:
+        return None
+    band = (freqs >= 200.0) & (freqs <= top)
+    p = perc[band]  # (B, N)
+    e = p.sum(axis=0)  # (N,)
+    flat = np.exp(np.mean(np.log(p + _EPS), axis=0)) / np.maximum(np.mean(p, axis=0), _EPS)  # (N,)
+    hits = (e > 4.0 * np.median(e)) & (flat > 0.3)
+    return float(perc[:, hits].sum() / total)
 
 
-def tempo(onset_env: np.ndarray, frame_rate: float, cfg: MeasureConfig) -> tuple[float | None, float]:
-    """(BPM, confidence) from an onset-strength envelope sampled at `frame_rate` Hz."""
-    x = onset_env - onset_env.mean()
-    if len(x) < 8 or not np.any(x):
-        return None, 0.0
+def chroma_novelty(chroma: np.ndarray, half: int) -> np.ndarray:
+    """Harmonic change (Foote's novelty on chroma): at each frame, the L1 distance between the
+    mean pitch-class distributions of the `half` frames after and the `half` frames before it;
+    high where a chord changes, low inside a chord however the melody moves. (N,) for (12, N)."""
+    c = chroma / np.maximum(chroma.sum(axis=0, keepdims=True), 1e-9)  # (12, N)
+    n = c.shape[1]
+    out = np.zeros(n)
+    if n <= 2 * half:
+        return out
+    cs = np.concatenate([np.zeros((12, 1)), np.cumsum(c, axis=1)], axis=1)  # (12, N + 1)
+    t = np.arange(half, n - half + 1)
+    before, after = cs[:, t] - cs[:, t - half], cs[:, np.minimum(t + half, n)] - cs[:, t]
+    out[half: n - half + 1] = np.abs(after - before).sum(axis=0) / half
+    return out
+
+
+def _acf(x: np.ndarray) -> np.ndarray:
+    """Unbiased autocorrelation of `x` minus its mean, 1 at lag 0 (zeros when `x` is flat)."""
+    x = x - x.mean()
     n = len(x)
     spec = np.fft.rfft(x, 2 * n)
     ac = np.fft.irfft(spec * np.conj(spec))[:n]
-    ac = ac / ac[0] * n / np.maximum(n - np.arange(n), 1)  # unbiased, 1 at lag 0
-    lo = max(1, int(frame_rate * 60 / cfg.tempo_max_bpm))
-    hi = min(n // 2 - 1, int(math.ceil(frame_rate * 60 / cfg.tempo_min_bpm)))
-    if hi <= lo:
+    if ac[0] <= 0:
+        return np.zeros(n)
+    return ac / ac[0] * n / np.maximum(n - np.arange(n), 1)
+
+
+def _at(ac: np.ndarray, lags: np.ndarray | float, max_lag: float) -> np.ndarray:
+    """The (positive part of the) autocorrelation at fractional lags; 0 beyond `max_lag`."""
+    lags = np.asarray(lags, dtype=np.float64)
+    v = np.interp(lags, np.arange(len(ac)), np.clip(ac, 0.0, None))
+    return np.where(lags <= max_lag, v, 0.0)
+
+
+# how many beats one chord lasts (the harmonic rhythm), relative prior: one chord a 4/4 bar is
+# the commonest, then two a bar or one every two bars, then 3/4 and 6/8 bars
+_BEATS_PER_CHORD = {4: 1.0, 2: 0.4, 8: 0.35, 3: 0.35, 6: 0.25, 1: 0.15}
+
+
+def _chord_period(change_env: np.ndarray, frame_rate: float) -> tuple[float | None, float]:
+    """(period in frames, strength 0..1) of the harmonic rhythm: the shortest lag between
+    0.5 and 6 s whose chroma-change autocorrelation is a local peak within 80 % of the
+    strongest; (None, 0) when the chroma never changes regularly."""
+    n = len(change_env)
+    ac = _acf(change_env)
+    lo, hi = int(0.5 * frame_rate), min(int(6.0 * frame_rate), int(0.6 * n))
+    if hi <= lo + 2:
         return None, 0.0
-    lags = np.arange(lo, hi + 1)
-
-    def at(l: np.ndarray) -> np.ndarray:  # the autocorrelation at (fractional) lags, 0 past the end
-        return np.interp(l, np.arange(n), np.clip(ac, 0, None), right=0.0)
-
-    # metrical comb: a beat period is supported by its multiples and by its half (a subdivision);
-    # the half term keeps a dotted period (3 subdivisions) from passing for the beat
-    comb = at(lags) + 0.5 * at(lags / 2) + 0.5 * at(2 * lags) + 0.25 * at(4 * lags)
-    bpm = 60.0 * frame_rate / lags
-    prior = np.exp(-0.5 * (np.log2(bpm / cfg.tempo_prior_bpm) / cfg.tempo_prior_octaves) ** 2)
-    best = int(lags[np.argmax(comb * prior)])
-    # refine the period on the furthest multiple whose peak is still clear
-    period = _interp_peak(ac, best)
-    for k in (4, 2):
-        m = int(round(best * k))
-        if m + 2 < n // 2:
-            w = max(1, int(round(0.03 * m)))
-            seg = ac[m - w: m + w + 1]
-            peak = m - w + int(np.argmax(seg))
-            if ac[peak] > 0.5 * ac[best]:
-                period = _interp_peak(ac, peak) / k
-                break
-    conf = float(np.clip(ac[best], 0.0, 1.0))
-    return 60.0 * frame_rate / period, conf
+    seg = np.clip(ac[lo:hi], 0.0, None)
+    peaks = [i for i in range(1, len(seg) - 1) if seg[i] >= seg[i - 1] and seg[i] >= seg[i + 1] and seg[i] > 0]
+    if not peaks:
+        return None, 0.0
+    top = max(seg[i] for i in peaks)
+    first = next(i for i in peaks if seg[i] >= 0.8 * top)
+    return float(lo + first), float(min(1.0, seg[first]))
 
 
-def musical_facts(mono: np.ndarray, sr: int, cfg: MeasureConfig) -> dict:
-    """Tempo, key, mode, percussive ratio and onset rate of a mono signal (any rate)."""
+def tempo(onset_env: np.ndarray, frame_rate: float, cfg: MeasureConfig,
+          change_env: np.ndarray | None = None, onset_rate_hz: float | None = None) -> tuple[float | None, float]:
+    """(BPM, confidence 0..1) from an onset-strength envelope sampled at `frame_rate` Hz.
+
+    1. Periodicity: the envelope's autocorrelation; a beat period L scores its own peak plus
+       half its subdivision (L/2) and its grouping (2L) peaks, which also keeps a dotted period
+       (3 subdivisions) from passing for the beat.
+    2. The best-scoring period under a broad log-normal prior gives the metrical grid; the beat
+       is chosen among its octave neighbours (x1/2, x1, x2) and the 3:2 relatives by the
+       periodicity, a tighter tempo prior, the harmonic rhythm (from `change_env`, a chroma
+       change envelope at the same rate: a chord most often lasts 4 beats, `_BEATS_PER_CHORD`)
+       and the onset density (1-4 onsets a beat is the common case).
+    3. Confidence that the tempo is right up to an octave (half or double time, which the
+       caption check accepts): the share of the candidates' total score held by the chosen
+       one's octave family (against the 3:2 relatives), times the periodicity at the beat
+       period, so a weak pulse or a duple/triple ambiguity reads unsure. Which octave is the
+       beat stays a guess on about one clip in four (docs/facts.md)."""
+    x = np.asarray(onset_env, dtype=np.float64)
+    n = len(x)
+    if n < 8 or not np.any(x - x.mean()):
+        return None, 0.0
+    ac = _acf(x)
+    max_lag = 0.6 * n  # beyond this, too few products for a stable estimate
+    bpm = cfg.tempo_min_bpm * 2 ** np.arange(0, math.log2(cfg.tempo_max_bpm / cfg.tempo_min_bpm), 0.0025)
+    lags = 60.0 * frame_rate / bpm
+
+    def pulse(l: np.ndarray) -> np.ndarray:
+        return _at(ac, l, max_lag) + 0.5 * _at(ac, l / 2, max_lag) + 0.5 * _at(ac, 2 * l, max_lag)
+
+    def prior(b: np.ndarray, octaves: float) -> np.ndarray:
+        return np.exp(-0.5 * (np.log2(b / cfg.tempo_prior_bpm) / octaves) ** 2)
+
+    score = pulse(lags)
+    if not np.any(score > 0):
+        return None, 0.0
+    grid = float(bpm[np.argmax(score * prior(bpm, cfg.tempo_prior_octaves))])
+    period, strength = _chord_period(change_env, frame_rate) if change_env is not None else (None, 0.0)
+    factors = [f for f in (0.5, 2 / 3, 1.0, 1.5, 2.0) if cfg.tempo_min_bpm <= grid * f <= cfg.tempo_max_bpm]
+    cands = np.array([grid * f for f in factors])
+    binary = np.array([f in (0.5, 1.0, 2.0) for f in factors])  # the grid's octaves, not its 3:2 relatives
+    # each candidate at its own local optimum (within 3 %) of the periodicity
+    fine = []
+    for c in cands:
+        near = bpm[(bpm >= c / 1.03) & (bpm <= c * 1.03)]
+        fine.append(float(near[np.argmax(pulse(60.0 * frame_rate / near))]) if near.size else float(c))
+    cands = np.array(fine)
+    cl = 60.0 * frame_rate / cands
+    # a beat: its own periodicity and its subdivision's (the grouping above it is as periodic
+    # at every level of a regular meter, so it does not tell the beat from the half-bar)
+    evidence = (_at(ac, cl, max_lag) + 0.5 * _at(ac, cl / 2, max_lag)) * prior(cands, cfg.tempo_beat_prior_octaves)
+    if period is not None:
+        beats = period / (60.0 * frame_rate / cands)  # beats per chord under each candidate
+        fit = np.array([max((w for k, w in _BEATS_PER_CHORD.items() if abs(b / k - 1) <= 0.08), default=0.15)
+                        for b in beats])
+        evidence *= (1 - strength) + strength * fit
+    if onset_rate_hz:
+        per_beat = onset_rate_hz * 60.0 / cands
+        evidence *= np.exp(-0.5 * (np.log2(per_beat / 1.5)) ** 2)  # 1-2 onsets a beat, one octave either way
+    if not evidence.sum() > 0:  # no candidate has any support: the grid, unsure
+        return grid, 0.0
+    best = int(np.argmax(evidence))
+    share = float(evidence[binary == binary[best]].sum() / evidence.sum())  # octaves pooled: the check accepts them
+    at_beat = float(np.clip(_at(ac, 60.0 * frame_rate / cands[best], max_lag), 0.0, 1.0))
+    # sub-grid precision: a parabola through the periodicity around the chosen tempo
+    i = int(np.argmin(np.abs(bpm - cands[best])))
+    result = float(bpm[i])
+    if 0 < i < len(bpm) - 1:
+        y0, y1, y2 = score[i - 1: i + 2]
+        den = y0 - 2 * y1 + y2
+        if den < 0:
+            result = float(bpm[i] * 2 ** (0.0025 * 0.5 * (y0 - y2) / den))
+    return result, share * at_beat
+
+
+def musical_facts(mono: np.ndarray, sr: int, cfg: MeasureConfig, bandwidth_hz: float | None = None) -> dict:
+    """Tempo, key, mode, percussive ratio and onset rate of a mono signal (any rate);
+    `bandwidth_hz`, the clip's effective bandwidth, bounds the band drums are looked for in."""
     import librosa
 
     y = mono.astype(np.float32)
@@ -322,20 +433,26 @@ def musical_facts(mono: np.ndarray, sr: int, cfg: MeasureConfig) -> dict:
     sr = ANALYSIS_SR
     hop = 512
     stft = librosa.stft(y, n_fft=2048, hop_length=hop)
-    harm, perc = librosa.decompose.hpss(stft)
-    e_h, e_p = float(np.sum(np.abs(harm) ** 2)), float(np.sum(np.abs(perc) ** 2))
-    perc_ratio = e_p / (e_h + e_p) if e_h + e_p > 0 else None
+    harm, perc = librosa.decompose.hpss(stft, margin=(1.0, 2.0))  # a strict percussive part
+    perc_ratio = drum_transient_share(np.abs(perc) ** 2, np.abs(stft) ** 2, librosa.fft_frequencies(sr=sr, n_fft=2048),
+                                      0.9 * bandwidth_hz if bandwidth_hz else 10_000.0)
 
     y_harm = librosa.istft(harm, hop_length=hop, length=len(y))
     with warnings.catch_warnings():  # a clip with no pitched content: no tuning, flat chroma
         warnings.simplefilter("ignore")
         chroma = librosa.feature.chroma_cqt(y=y_harm, sr=sr, hop_length=hop)  # (12, N)
-        tonic, mode, r = key_from_chroma(np.median(chroma, axis=1))  # the median ignores passing notes
+        tonic, mode, r = key_from_chroma(chroma.mean(axis=1))  # every note counts, by how long it sounds
 
-    tempo_hop = 256
-    onset_env = librosa.onset.onset_strength(y=y, sr=sr, hop_length=tempo_hop)
-    bpm, t_conf = tempo(onset_env, sr / tempo_hop, cfg)
+    tempo_hop = hop // 2
+    # SuperFlux (Boeck & Widmer 2013): log-magnitude flux on a fine log-frequency scale, against the
+    # frame two hops back and a frequency max-filter, so vibrato and tremolo do not read as onsets
+    mel = librosa.feature.melspectrogram(y=y, sr=sr, n_fft=2048, hop_length=tempo_hop, n_mels=138, fmin=27.5, fmax=sr / 2)
+    onset_env = librosa.onset.onset_strength(S=librosa.power_to_db(mel, ref=np.max), sr=sr, hop_length=tempo_hop,
+                                             lag=2, max_size=3)
     onsets = librosa.onset.onset_detect(onset_envelope=onset_env, sr=sr, hop_length=tempo_hop)
+    onset_rate = len(onsets) / (len(y) / sr)
+    change = np.repeat(chroma_novelty(chroma, max(1, int(round(0.25 * sr / hop)))), 2)[: len(onset_env)]  # (N,) at the tempo hop
+    bpm, t_conf = tempo(onset_env, sr / tempo_hop, cfg, change, onset_rate)
     return {
         F.TEMPO_BPM: _finite(bpm),
         F.TEMPO_CONFIDENCE: t_conf,
@@ -343,7 +460,7 @@ def musical_facts(mono: np.ndarray, sr: int, cfg: MeasureConfig) -> dict:
         F.MODE: mode,
         F.KEY_CONFIDENCE: float(max(0.0, r)),
         F.PERCUSSIVE_RATIO: perc_ratio,
-        F.ONSET_RATE_HZ: len(onsets) / (len(y) / sr),
+        F.ONSET_RATE_HZ: onset_rate,
     }
 
 
@@ -377,7 +494,7 @@ def measure(audio: np.ndarray, sr: int, cfg: MeasureConfig = MeasureConfig()) ->
         F.STEREO_CORRELATION: stereo_correlation(a),
         F.SPECTRAL_CENTROID_HZ: spectral_centroid(freqs, power),
     }
-    facts.update(musical_facts(mono, sr, cfg))
+    facts.update(musical_facts(mono, sr, cfg, bw))
     return facts
 
 
