@@ -33,10 +33,15 @@ class FactCheckConfig:
 
     tempo_min_confidence: float = 0.3  # onset autocorrelation at the beat period, 0..1
     key_min_confidence: float = 0.6  # correlation with the best key profile, 0..1
-    # percussive ratios of mixes with and without drums overlap widely (a loud pad buries a quiet
-    # kit, a solo piano's attacks are percussive): only the ends of the range count as sure
-    drums_present_ratio: float = 0.25  # percussive ratio at or above: drums, confidently
-    drums_absent_ratio: float = 0.05  # at or below: no drums, confidently (between: not sure)
+    # the percussive ratio is the energy share of broadband percussive transients (snare, hats,
+    # claps; docs/facts.md); a plucked or struck instrument leaves a little of it, so only the
+    # ends of the range count as sure
+    drums_present_ratio: float = 0.002  # percussive ratio at or above: drums, confidently
+    drums_absent_ratio: float = 0.0005  # at or below: no drums, confidently (between: not sure)
+    # defects that hide or fake broadband transients: with any of them, drums are not sure; a
+    # band-limited clip keeps little of a snare's spread, so there only "drums" can be sure
+    drums_unsure_defects: tuple[str, ...] = (F.NOISY, F.CLIPPING)
+    drums_absence_unsure_defects: tuple[str, ...] = (F.BAND_LIMITED,)
     tempo_tolerance: float = 0.08  # a stated BPM within 8 % of the measured one agrees
     half_double: bool = True  # ... or within 8 % of its half or its double
     relative_key: bool = True  # a stated key agrees with the measured key's relative major/minor
@@ -175,8 +180,12 @@ def confident_facts(facts: Mapping, cfg: FactCheckConfig = FactCheckConfig()) ->
     key_name, mode, k_conf = facts.get(F.KEY) or "", facts.get(F.MODE) or "", _num(facts, F.KEY_CONFIDENCE)
     ratio = _num(facts, F.PERCUSSIVE_RATIO)
     drums = None
-    if ratio is not None:
-        drums = True if ratio >= cfg.drums_present_ratio else False if ratio <= cfg.drums_absent_ratio else None
+    defects = facts.get(F.DEFECTS)
+    defects = [] if defects is None else list(defects)  # a list, or an array from a pandas row
+    hidden = any(d in cfg.drums_unsure_defects for d in defects)
+    absence_hidden = any(d in cfg.drums_absence_unsure_defects for d in defects)
+    if ratio is not None and not hidden:
+        drums = True if ratio >= cfg.drums_present_ratio else False if ratio <= cfg.drums_absent_ratio and not absence_hidden else None
     key_ok = key_name in F.KEY_NAMES and mode in (F.MAJOR, F.MINOR) and k_conf is not None and k_conf >= cfg.key_min_confidence
     return Confident(
         tempo_bpm=tempo if tempo and t_conf is not None and t_conf >= cfg.tempo_min_confidence else None,

@@ -9,7 +9,7 @@ from schemas import facts as F
 
 # A minor at 120 bpm, no drums, every fact confident
 FACTS = {F.TEMPO_BPM: 120.0, F.TEMPO_CONFIDENCE: 0.8, F.KEY: "A", F.MODE: F.MINOR, F.KEY_CONFIDENCE: 0.8,
-         F.PERCUSSIVE_RATIO: 0.05}
+         F.PERCUSSIVE_RATIO: 0.0}
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -65,12 +65,23 @@ def test_relative_keys_can_count_as_different():
 
 
 def test_facts_that_are_not_confident_are_not_checked():
-    unsure = {**FACTS, F.TEMPO_CONFIDENCE: 0.1, F.KEY_CONFIDENCE: 0.2, F.PERCUSSIVE_RATIO: 0.15}
+    unsure = {**FACTS, F.TEMPO_CONFIDENCE: 0.1, F.KEY_CONFIDENCE: 0.2, F.PERCUSSIVE_RATIO: 0.001}
     assert FC.check("at 150 bpm in E minor with drums", unsure) == []
     assert FC.check("at 150 bpm in E minor with drums", {}) == []  # a row with no facts at all
     assert FC.confident_facts(unsure) == FC.Confident()
     assert FC.grounding(unsure) == {}
     assert FC.check("with drums", {F.PERCUSSIVE_RATIO: 0.4}) == []
+
+
+def test_drums_are_unsure_on_a_clip_whose_defects_hide_or_fake_transients():
+    drums = {F.PERCUSSIVE_RATIO: 0.05, F.DEFECTS: []}
+    assert FC.confident_facts(drums).drums is True
+    assert FC.confident_facts({**drums, F.DEFECTS: [F.NOISY]}).drums is None  # hiss buries a quiet kit
+    assert FC.confident_facts({**drums, F.DEFECTS: [F.CLIPPING]}).drums is None  # clipped attacks are broadband
+    assert FC.confident_facts({**drums, F.DEFECTS: [F.BAND_LIMITED]}).drums is True  # measured within the bandwidth
+    assert FC.confident_facts({F.PERCUSSIVE_RATIO: 0.0, F.DEFECTS: [F.BAND_LIMITED]}).drums is None  # a dull snare
+    assert FC.check("no drums", {**drums, F.DEFECTS: [F.NOISY]}) == []
+    assert FC.confident_facts({F.PERCUSSIVE_RATIO: 0.0, F.DEFECTS: None}).drums is False
 
 
 def test_sentence_grounding_and_fallback_caption_agree_with_the_facts():
