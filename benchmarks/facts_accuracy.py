@@ -7,10 +7,12 @@ analyze stage does (native rate and channels, the first 10.24 s), and prints:
 
 - tempo: within 4 % of the truth; octave errors (half/double) apart; the rest;
 - key: exact; relative major/minor, fifth and parallel errors apart;
-- drums: the confident decision against the truth, and how many clips it leaves unsure;
+- drums: the confident decision against the truth, and how many clips it decides (coverage);
+- for tempo and key too, the accuracy on the clips where the fact is confident and that coverage;
 - each degradation at each strength: the share flagged with its defect, and the share of
   clean clips flagged at all;
-- the caption check: lying captions caught, truthful captions wrongly contradicted.
+- the caption check: lying captions caught (and abstained on, when the fact lied about is not
+  confident), truthful captions wrongly contradicted.
 
     python benchmarks/facts_accuracy.py [--tracks 32] [--seed 1] [--workers 1] [--json out.json]
 """
@@ -61,14 +63,26 @@ def measure_sample(folder: Path, workers: int) -> pd.DataFrame:
     return pd.concat([manifest.reset_index(drop=True), measured], axis=1)
 
 
-def tempo_table(d: pd.DataFrame) -> dict:
+def _facts(d: pd.DataFrame) -> list[dict]:
+    """Each clip's measured facts, keyed by the column names of `schemas.facts`."""
+    return [{k[2:]: v for k, v in r.items() if k.startswith("m_")} for r in d.to_dict("records")]
+
+
+def _confident(d: pd.DataFrame, cfg: FC.FactCheckConfig) -> list[FC.Confident]:
+    return [FC.confident_facts(f, cfg) for f in _facts(d)]
+
+
+def tempo_table(d: pd.DataFrame, cfg: FC.FactCheckConfig) -> dict:
     ratio = d["m_tempo_bpm"].astype(float) / d["bpm"].astype(float)
     ok = (ratio - 1).abs() <= TEMPO_TOLERANCE
     octave = ((ratio - 2).abs() <= 2 * TEMPO_TOLERANCE) | ((ratio - 0.5).abs() <= TEMPO_TOLERANCE / 2)
-    return {"n": len(d), "accuracy": ok.mean(), "octave_errors": octave.mean(), "other_errors": 1 - ok.mean() - octave.mean()}
+    sure = pd.Series([c.tempo_bpm is not None for c in _confident(d, cfg)], index=d.index)
+    return {"n": len(d), "accuracy": ok.mean(), "octave_errors": octave.mean(), "other_errors": 1 - ok.mean() - octave.mean(),
+            "coverage": sure.mean(), "accuracy_when_sure": ok[sure].mean() if sure.any() else float("nan"),
+            "octave_ok_when_sure": (ok | octave)[sure].mean() if sure.any() else float("nan")}
 
 
-def key_table(d: pd.DataFrame) -> dict:
+def key_table(d: pd.DataFrame, cfg: FC.FactCheckConfig) -> dict:
     truth = d["key"].map(F.KEY_NAMES.index)
     est = d["m_key"].map(F.KEY_NAMES.index)
     same_mode = d["mode"] == d["m_mode"]
@@ -77,17 +91,19 @@ def key_table(d: pd.DataFrame) -> dict:
     relative = ~same_mode & (est == rel_pc)
     fifth = same_mode & ((est - truth) % 12).isin([5, 7])
     parallel = ~same_mode & (est == truth)
+    sure = pd.Series([c.key is not None for c in _confident(d, cfg)], index=d.index)
     return {"n": len(d), "accuracy": exact.mean(), "relative_errors": relative.mean(), "fifth_errors": fifth.mean(),
-            "parallel_errors": parallel.mean(), "other_errors": 1 - (exact | relative | fifth | parallel).mean()}
+            "parallel_errors": parallel.mean(), "other_errors": 1 - (exact | relative | fifth | parallel).mean(),
+            "coverage": sure.mean(), "accuracy_when_sure": exact[sure].mean() if sure.any() else float("nan")}
 
 
 def drums_table(d: pd.DataFrame, cfg: FC.FactCheckConfig) -> dict:
     truth = d["drums"] == "1"
-    decided = [FC.confident_facts({F.PERCUSSIVE_RATIO: r}, cfg).drums for r in d["m_percussive_ratio"]]
+    decided = [c.drums for c in _confident(d, cfg)]
     sure = pd.Series([x is not None for x in decided], index=d.index)
     right = pd.Series([x is not None and x == t for x, t in zip(decided, truth)], index=d.index)
     return {"n": len(d), "accuracy_when_sure": right[sure].mean() if sure.any() else float("nan"),
-            "unsure": 1 - sure.mean(), "accuracy_all": right.mean()}
+            "coverage": sure.mean(), "accuracy_all": right.mean()}
 
 
 def defect_table(d: pd.DataFrame) -> list[dict]:
@@ -106,16 +122,27 @@ def defect_table(d: pd.DataFrame) -> list[dict]:
 
 
 def caption_table(d: pd.DataFrame, cfg: FC.FactCheckConfig) -> dict:
+    """Lying originals caught, missed (the lied-about fact was confident and the check let the lie
+    through) and abstained on (that fact was not confident, so it could not be checked); truthful
+    originals wrongly contradicted."""
     clean = d[d["degradation"] == "none"]
-    facts = [{k[2:]: v for k, v in r.items() if k.startswith("m_")} for r in clean.to_dict("records")]
-    reasons = [FC.check(c, f, cfg) for c, f in zip(clean["caption"], facts)]
+    confident = _confident(clean, cfg)
+    reasons = [FC.check(c, f, cfg) for c, f in zip(clean["caption"], confident)]
     lying = clean["caption_lie"] != ""
-    caught = [REASON_OF[lie] in r for lie, r, is_lie in zip(clean["caption_lie"], reasons, lying) if is_lie]
+    which = {"tempo": lambda c: c.tempo_bpm, "key": lambda c: c.key, "drums": lambda c: c.drums}
+    caught, abstained = [], []
+    for lie, r, c, is_lie in zip(clean["caption_lie"], reasons, confident, lying):
+        if is_lie:
+            caught.append(REASON_OF[lie] in r)
+            abstained.append(which[lie](c) is None)
+    checked = [x for x, a in zip(caught, abstained) if not a]
     false_alarm = [bool(r) for r, is_lie in zip(reasons, lying) if not is_lie]
     by_reason = pd.Series([x for r, is_lie in zip(reasons, lying) if not is_lie for x in r]).value_counts()
     return {"lying": len(caught), "caught": sum(caught) / max(1, len(caught)),
+            "abstained": sum(abstained) / max(1, len(caught)),
+            "caught_when_sure": sum(checked) / len(checked) if checked else float("nan"),
             "truthful": len(false_alarm), "wrongly_contradicted": sum(false_alarm) / max(1, len(false_alarm)),
-            "wrong_reasons": dict(by_reason)}
+            "wrong_reasons": {k: int(v) for k, v in by_reason.items()}}
 
 
 def pct(x: float) -> str:
@@ -126,30 +153,35 @@ def report(d: pd.DataFrame, cfg: FC.FactCheckConfig) -> dict:
     clean = d[d["degradation"] == "none"]
     out = {
         "clips": len(d), "tracks": len(clean),
-        "tempo_clean": tempo_table(clean), "tempo_all": tempo_table(d),
-        "key_clean": key_table(clean), "key_all": key_table(d),
+        "tempo_clean": tempo_table(clean, cfg), "tempo_all": tempo_table(d, cfg),
+        "key_clean": key_table(clean, cfg), "key_all": key_table(d, cfg),
         "drums_clean": drums_table(clean, cfg), "drums_all": drums_table(d, cfg),
         "defects": defect_table(d), "captions": caption_table(d, cfg),
     }
-    print(f"{out['clips']} clips from {out['tracks']} tracks")
+    print(f"{out['clips']} clips from {out['tracks']} tracks; 'sure': the fact is confident (FactCheckConfig), "
+          "coverage: the share of clips where it is")
     for name in ("tempo_clean", "tempo_all"):
         t = out[name]
         print(f"tempo  {name[6:]:5s} n={t['n']:3d}  within 4 %: {pct(t['accuracy'])}  octave errors: {pct(t['octave_errors'])}"
-              f"  other: {pct(t['other_errors'])}  (with octaves: {pct(t['accuracy'] + t['octave_errors'])})")
+              f"  other: {pct(t['other_errors'])}  (with octaves: {pct(t['accuracy'] + t['octave_errors'])})"
+              f"  | sure: coverage {pct(t['coverage'])}, within 4 % {pct(t['accuracy_when_sure'])},"
+              f" with octaves {pct(t['octave_ok_when_sure'])}")
     for name in ("key_clean", "key_all"):
         k = out[name]
         print(f"key    {name[4:]:5s} n={k['n']:3d}  exact: {pct(k['accuracy'])}  relative: {pct(k['relative_errors'])}"
-              f"  fifth: {pct(k['fifth_errors'])}  parallel: {pct(k['parallel_errors'])}  other: {pct(k['other_errors'])}")
+              f"  fifth: {pct(k['fifth_errors'])}  parallel: {pct(k['parallel_errors'])}  other: {pct(k['other_errors'])}"
+              f"  | sure: coverage {pct(k['coverage'])}, exact {pct(k['accuracy_when_sure'])}")
     for name in ("drums_clean", "drums_all"):
         x = out[name]
-        print(f"drums  {name[6:]:5s} n={x['n']:3d}  right when sure: {pct(x['accuracy_when_sure'])}  unsure: {pct(x['unsure'])}"
+        print(f"drums  {name[6:]:5s} n={x['n']:3d}  right when sure: {pct(x['accuracy_when_sure'])}  coverage: {pct(x['coverage'])}"
               f"  right of all: {pct(x['accuracy_all'])}")
     print("defects: share flagged with the right defect / with any defect")
     for r in out["defects"]:
         extra = f"  {r['which']}" if r["which"] else ""
         print(f"  {r['clips']:22s} n={r['n']:3d}  right: {pct(r['flagged_right'])}  any: {pct(r['flagged_any'])}{extra}")
     c = out["captions"]
-    print(f"captions: lying originals caught {pct(c['caught'])} of {c['lying']}; truthful originals contradicted "
+    print(f"captions: lying originals caught {pct(c['caught'])} of {c['lying']} (abstained {pct(c['abstained'])}: the fact "
+          f"lied about was not sure; caught when sure {pct(c['caught_when_sure'])}); truthful originals contradicted "
           f"{pct(c['wrongly_contradicted'])} of {c['truthful']} {c['wrong_reasons'] or ''}")
     return out
 
