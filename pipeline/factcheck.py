@@ -31,8 +31,8 @@ from schemas import facts as F
 class FactCheckConfig:
     """Which facts count as confident, and how far a claim may be from a measurement."""
 
-    tempo_min_confidence: float = 0.3  # onset autocorrelation at the beat period, 0..1
-    key_min_confidence: float = 0.6  # correlation with the best key profile, 0..1
+    tempo_min_confidence: float = 0.3  # pulse clarity (facts.tempo): right up to an octave, 0..1
+    key_min_confidence: float = 0.7  # correlation with the best key profile, 0..1 (r >= 0.7: about half the chroma's variance)
     # the percussive ratio is the energy share of broadband percussive transients (snare, hats,
     # claps; docs/facts.md); a plucked or struck instrument leaves a little of it, so only the
     # ends of the range count as sure

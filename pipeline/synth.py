@@ -195,7 +195,8 @@ class Track:
 def caption_for(track: Track) -> str:
     speed = "slow" if track.bpm < 95 else "mid-tempo" if track.bpm < 125 else "fast"
     if track.solo:
-        return f"A soft, {speed} solo {track.lead} melody in {track.key_name} at {track.bpm} bpm, no drums."
+        drums = ", with a simple kick and hi-hat beat" if track.drums else ", no drums"  # drums: only a lie
+        return f"A soft, {speed} solo {track.lead} melody in {track.key_name} at {track.bpm} bpm{drums}."
     return (
         f"A {speed} {track.lead} melody in {track.key_name} at {track.bpm} bpm "
         f"over {track.pad} chords{', with a simple kick and hi-hat beat' if track.drums else ', no drums'}."
