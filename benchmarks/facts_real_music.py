@@ -1,8 +1,7 @@
 """The measured facts on real recorded music: what analyze writes for each clip of a folder.
 
 No truth comes with such files, so this prints what a person checks by ear: for every audio
-file under the folder, cut into consecutive clips of `schemas.tables.CLIP_SECONDS` (as ingest
-cuts them), the tempo, key and drums with their confidences and whether each counts as sure
+file under the folder, cut into whole consecutive clips of `schemas.tables.CLIP_SECONDS`, the tempo, key and drums with their confidences and whether each counts as sure
 (`FactCheckConfig`), the technical facts and the defect flags, then the share of clips on which
 each musical fact is sure and how well the clips of one file agree with each other.
 
@@ -34,13 +33,14 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".aiff", ".aif")
 
 
 def clip_facts(path: Path, max_clips: int) -> list[dict]:
-    """The facts of each consecutive clip of `path` (the last one only when at least half a clip)."""
+    """The facts of each whole consecutive clip of `path` (one shorter clip for a shorter file)."""
     info = audio.probe(str(path))
     rows = []
-    n = max(1, int(info.duration_s // T.CLIP_SECONDS + (info.duration_s % T.CLIP_SECONDS >= T.CLIP_SECONDS / 2)))
-    for i in range(min(n, max_clips)):
+    n = int(info.duration_s // T.CLIP_SECONDS)
+    length = T.CLIP_SECONDS if n else int(info.duration_s * 100) / 100  # a short file: all of it, to 10 ms
+    for i in range(min(max(n, 1), max_clips)):
         start = i * T.CLIP_SECONDS
-        wav = audio.load_clip(str(path), start, T.CLIP_SECONDS, None, mono=False)  # (C, T), native rate
+        wav = audio.load_clip(str(path), start, length, None, mono=False)  # (C, T), native rate
         facts = FX.measure(wav, info.sample_rate)
         facts[F.DEFECTS] = FX.find_defects(facts)
         rows.append({"file": path.name, "start_s": start, **facts})

@@ -366,7 +366,7 @@ def tempo(onset_env: np.ndarray, frame_rate: float, cfg: MeasureConfig,
        is chosen among its octave neighbours (x1/2, x1, x2) and the 3:2 relatives by the
        periodicity, a tighter tempo prior, the harmonic rhythm (from `change_env`, a chroma
        change envelope at the same rate: a chord most often lasts 4 beats, `_BEATS_PER_CHORD`)
-       and the onset density (1-4 onsets a beat is the common case).
+       and the onset density (1-2 detected onsets a beat is the common case).
     3. Confidence that the tempo is right up to an octave (half or double time, which the
        caption check accepts): the share of the candidates' total score held by the chosen
        one's octave family (against the 3:2 relatives), times the periodicity at the beat
