@@ -216,7 +216,7 @@ def facts_section(rows: list[dict], ok: list[dict], examples: int) -> list[str]:
         tempo = f"{r[F.TEMPO_BPM]:.0f} BPM" if r.get(F.TEMPO_BPM) else "?"
         key = f"{r.get(F.KEY)} {r.get(F.MODE)}".strip() or "?"
         drums = r.get(F.PERCUSSIVE_RATIO)
-        measured = f"{tempo}, {key}, percussive {drums:.2f}" if drums is not None else f"{tempo}, {key}"
+        measured = f"{tempo}, {key}, percussive {drums:.4f}" if drums is not None else f"{tempo}, {key}"
         lines.append(f"| `{r[T.CLIP_ID][:12]}` | {md_cell(r[T.CAPTION_ORIGINAL])} | {', '.join(r[T.CAPTION_CONTRADICTS])} | {measured} |")
     return lines + [""]
 

@@ -25,11 +25,11 @@ STEREO_CORRELATION = "stereo_correlation"  # Pearson correlation of the first tw
 
 # --- musical facts ---------------------------------------------------------------------------
 TEMPO_BPM = "tempo_bpm"  # beats per minute
-TEMPO_CONFIDENCE = "tempo_confidence"  # 0..1: periodicity strength of the onset envelope at that tempo
+TEMPO_CONFIDENCE = "tempo_confidence"  # 0..1: pulse clarity, right up to half/double time
 KEY = "key"  # tonic pitch class: "C", "C#", ..., "B" ("" when not measured)
 MODE = "mode"  # "major" or "minor" ("" when not measured)
 KEY_CONFIDENCE = "key_confidence"  # 0..1: correlation of the chroma with the best key profile
-PERCUSSIVE_RATIO = "percussive_ratio"  # percussive share of the spectral energy (HPSS), 0..1
+PERCUSSIVE_RATIO = "percussive_ratio"  # energy share of broadband percussive transients (HPSS), 0..1
 ONSET_RATE_HZ = "onset_rate_hz"  # detected onsets per second
 SPECTRAL_CENTROID_HZ = "spectral_centroid_hz"  # energy-weighted mean of the frames' centroids, Hz
 
