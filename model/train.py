@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -372,16 +371,6 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
     return {"step": step, "losses": losses, "checkpoint": str(last_path) if last_path else None}
 
 
-def ray_storage_env() -> dict[str, str]:
-    """The storage clients' environment and this process's storage options, as environment
-    variables for Ray Train's workers (their environment, so nothing of it is saved with the run)."""
-    state = fs.storage_state()
-    env = dict(state["env"])
-    if state["options"]:
-        env[fs.STORAGE_ENV] = json.dumps(state["options"], sort_keys=True)
-    return env
-
-
 def _ray_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -406,7 +395,7 @@ def run_ray(cfg: TrainConfig) -> dict[str, Any]:
         scaling_config=ScalingConfig(num_workers=cfg.ray_workers, use_gpu=cfg.ray_use_gpu),
         torch_config=TorchConfig(backend="nccl" if cfg.ray_use_gpu else "gloo"),
         run_config=RunConfig(name="qamdt", storage_path=storage_path, storage_filesystem=storage,
-                             worker_runtime_env={"env_vars": ray_storage_env()}),
+                             worker_runtime_env={"env_vars": fs.storage_env()}),
     )
     result = trainer.fit()
     if result.error is not None:

@@ -280,11 +280,6 @@ def load_stats(path: Path | None, ok: pa.Table) -> tuple[Q.QualityStats | None, 
     return stats, raw
 
 
-def _unlink(path: Path) -> None:
-    if path.exists():
-        path.unlink()
-
-
 def remove_temporaries(out: Path) -> None:
     """Remove temporary files of killed runs or of retried tasks (shards and state records)."""
     for p in fs.remove_temporaries(out) + fs.remove_temporaries(out / S.STATE_DIR):
@@ -299,7 +294,7 @@ def clean_output(out: Path, plan: list[ShardSpec], prefix: str) -> None:
         if re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}{re.escape(S.SHARD_EXT)}", p.name) and p.name not in planned:
             log.warning("export: removing %s, which the current plan does not have", p)
             p.unlink()
-            _unlink(state_path(out, p.name))
+            state_path(out, p.name).unlink(missing_ok=True)
 
 
 def write_index_files(out: Path, plan: list[ShardSpec], results: list[ShardResult]) -> None:
@@ -372,7 +367,7 @@ def _export(cfg: ExportConfig, input_dir: Path, out: Path, t0: float) -> StageRe
     if stats_raw is not None:
         fs.atomic_write_bytes(out / Q.STATS_FILE, stats_raw)
     else:
-        _unlink(out / Q.STATS_FILE)  # an earlier run's copy would not apply
+        (out / Q.STATS_FILE).unlink(missing_ok=True)  # an earlier run's copy would not apply
     jobconfig.save_resolved(cfg, out / S.CONFIG_FILE)
     card.write_card(out, table, report, stats, cfg.card_examples)
     status = dict(sorted(Counter(table.column(T.STATUS).to_pylist()).items()))

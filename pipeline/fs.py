@@ -87,6 +87,16 @@ def storage_state() -> dict[str, Any]:
     return {"options": storage_options(), "env": env}
 
 
+def storage_env() -> dict[str, str]:
+    """`storage_state` as environment variables, for processes this one starts with an
+    environment of their own (Ray Train's workers): the clients' variables and the options."""
+    state = storage_state()
+    env = dict(state["env"])
+    if state["options"]:
+        env[STORAGE_ENV] = json.dumps(state["options"], sort_keys=True)
+    return env
+
+
 def use_storage_state(state: dict[str, Any] | None) -> None:
     """In a Ray worker: open storage as the driver that sent `state` does (a worker started
     before the driver's environment was set, or on a node configured otherwise)."""
@@ -494,8 +504,7 @@ def _release_lock(lock: Path) -> None:
     _held[key] -= 1
     if _held[key] == 0:
         del _held[key]
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)
 
 
 def _within(inner: str, outer: str) -> bool:
