@@ -53,6 +53,7 @@ from pipeline.shards import (
     ShardSpec,
     check_key,
     state_path,
+    write_folder_index,
     write_shard,
 )
 from pipeline.stage import Resources, StageReport
@@ -299,20 +300,11 @@ def clean_output(out: Path, plan: list[ShardSpec], prefix: str) -> None:
 
 def write_index_files(out: Path, plan: list[ShardSpec], results: list[ShardResult]) -> None:
     """`sizes.json`, `SHA256SUMS` and `index.parquet` for the written shards (plan order)."""
-    sizes = {r.name: r.count for r in results}
-    # each written only when its bytes change: a re-run that finds every shard done rewrites nothing
-    fs.write_if_changed(out / S.SIZES_FILE, (json.dumps(sizes, indent=2, sort_keys=True) + "\n").encode())
-    fs.write_if_changed(out / S.CHECKSUMS_FILE, "".join(f"{r.sha256}  {r.name}\n" for r in results).encode())
-    ids, shards, positions = [], [], []
+    written = []
     for spec, result in zip(plan, results):
         failed = {key for key, _ in result.failed}
-        for i, key in enumerate(s.key for s in spec.samples if s.key not in failed):
-            ids.append(key)
-            shards.append(spec.name)
-            positions.append(i)
-    index = pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(shards, pa.string()),
-                                  pa.array(positions, pa.int32())], schema=S.INDEX_SCHEMA)
-    fs.write_if_changed(out / S.INDEX_FILE, fs.table_bytes(index))
+        written.append((result.name, result.sha256, [s.key for s in spec.samples if s.key not in failed]))
+    write_folder_index(out, written)
 
 
 def write_shards(plan: list[ShardSpec], out: Path, resources: Resources) -> list[ShardResult]:

@@ -9,6 +9,9 @@ written. A record in `<out>/.export_state/<shard>.json` (plan digest, bytes, sha
 shard complete; a shard whose record matches the plan and whose bytes match the record is
 skipped, so a killed run resumes. A clip whose audio cannot be read any more is left out of
 the shard with its reason (`FAILED_REASON: ...`), and the shard is tried again on a re-run.
+
+`write_folder_index` writes what a folder of shards carries beside them (`sizes.json`,
+`SHA256SUMS`, `index.parquet`); export and `mosaiq encode` both call it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline import fs
 from schemas import shard as S
@@ -161,7 +165,7 @@ def completed(spec: ShardSpec, out_dir: Path) -> ShardResult | None:
     return ShardResult(spec.name, len(spec.samples), state["bytes"], state["sha256"], skipped=True)
 
 
-class _HashingWriter:
+class HashingWriter:
     """A write-only file that hashes what passes through (TarWriter streams into it)."""
 
     def __init__(self, f):
@@ -180,6 +184,22 @@ def tar_writer(f):
     return wds.TarWriter(f, user="", group="", mode=TAR_MODE, mtime=TAR_MTIME, encoder=False, compress=False)
 
 
+def write_folder_index(out, written: list[tuple[str, str, list[str]]]) -> None:
+    """`sizes.json`, `SHA256SUMS` and `index.parquet` for the shards `written`, each given as
+    (file name, sha256, its sample keys in tar order), in the order they are listed. Each file
+    is written atomically and only when its bytes change: a re-run that finds every shard done
+    rewrites nothing."""
+    out = fs.location(out)
+    sizes = {name: len(keys) for name, _, keys in written}
+    fs.write_if_changed(out / S.SIZES_FILE, (json.dumps(sizes, indent=2, sort_keys=True) + "\n").encode())
+    fs.write_if_changed(out / S.CHECKSUMS_FILE, "".join(f"{sha}  {name}\n" for name, sha, _ in written).encode())
+    rows = [(key, name, pos) for name, _, keys in written for pos, key in enumerate(keys)]
+    ids, shards, positions = zip(*rows) if rows else ((), (), ())
+    index = pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(shards, pa.string()),
+                                  pa.array(positions, pa.int32())], schema=S.INDEX_SCHEMA)
+    fs.write_if_changed(out / S.INDEX_FILE, fs.table_bytes(index))
+
+
 def write_shard(spec: ShardSpec, out_dir: str) -> ShardResult:
     """Write one shard under a temporary name and rename it; skip it if already complete."""
     out = fs.location(out_dir)
@@ -190,7 +210,7 @@ def write_shard(spec: ShardSpec, out_dir: str) -> ShardResult:
     failed: list[tuple[str, str]] = []
     digests: dict[str, str] = {}
     with fs.atomic_open(final, "wb") as raw:
-        hashing = _HashingWriter(raw)
+        hashing = HashingWriter(raw)
         with tar_writer(hashing) as tar:
             for s in spec.samples:
                 rate = spec.sample_rate or s.source_rate
