@@ -14,11 +14,13 @@ autoencoder nor the text encoder per step. How a run goes:
    loads the encoders once per worker process, reads the shard with the trainer's own checks
    (model/data.py), decodes each clip to `clip_seconds` at 16 kHz mono (from its start), encodes
    batches, and writes the output shard under a temporary name, renamed when complete. A
-   record in `.encode_state/` (input digest, encoder digest, output digest) marks it done; a
-   re-run skips shards whose record matches, so a killed run resumes.
+   record in `.encode_state/` (input digest, encoder digest, output sha256, sample keys) marks
+   it done; a re-run skips shards whose record matches, so a killed run resumes.
 3. A sample that cannot be used (bad members, audio or JSON, non-finite latent) is left out
-   with its reason; the run goes on. The driver writes `encode_report.json`, `sizes.json`,
-   copies the quality-stats JSON and marks `encode_info.json` complete.
+   with its reason; the run goes on. The driver writes `encode_report.json`, the folder's
+   `sizes.json`, `index.parquet` and `SHA256SUMS` as export does (`pipeline.shards`), copies
+   the quality-stats JSON and marks `encode_info.json` complete; `mosaiq verify` checks the
+   folder then as it checks export's, plus every latent and text-state member.
 
 Input and output may be local folders or in object storage (`s3://bucket/shards`, `gs://...`),
 each independently: shards are streamed from there and uploaded once complete (`pipeline.fs`).
@@ -44,14 +46,13 @@ from model.data import DataConfig, SampleError, check_sample, decode_audio, list
 from model.representation import CLIP_SECONDS, Representation, RepresentationConfig, seconds_to_samples
 from model.text import FrozenTextEncoder, TextEncoderConfig
 from pipeline import fs
+from pipeline.shards import HashingWriter, tar_writer, write_folder_index
 from schemas import shard as S
 
 log = logging.getLogger(__name__)
 
 STAGE = "encode"
 STATS_GLOB = "*stats*.json"  # the quality-stats JSON export writes beside the shards
-TAR_MODE = 0o644  # tar member metadata that depends on content only, as export writes it
-TAR_MTIME = 0
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,9 @@ def completed(url: str, out: Path, encoder_digest: str) -> dict | None:
         return None
     if state.get("encoder_digest") != encoder_digest or state.get("input_digest") != fs.file_digest(url):
         return None
-    if state.get("bytes") != fs.size_and_mtime(shard)[0] or state.get("output_digest") != fs.file_digest(shard):
+    if state.get("bytes") != fs.size_and_mtime(shard)[0] or state.get("sha256") != fs.sha256_file(shard):
+        return None  # (a record of an older mosaiq has no sha256: the shard is encoded again)
+    if not isinstance(state.get("keys"), list):
         return None
     return state
 
@@ -165,17 +168,15 @@ def encode_shard(url: str, out_dir: str, cfg_raw: dict, encoder_digest: str) -> 
     data = cfg.data
     num_samples = seconds_to_samples(cfg.clip_seconds)
     left_out: list[dict] = []
-    written = 0
+    written: list[str] = []  # keys, in tar order
     name = _name(url)
-    import webdataset as wds
 
     with fs.atomic_open(out / name, "wb") as f:
-        # encoder=False: values are bytes already; compress=False: a plain tar
-        tar = wds.TarWriter(f, user="", group="", mode=TAR_MODE, mtime=TAR_MTIME, encoder=False, compress=False)
+        hashing = HashingWriter(f)
+        tar = tar_writer(hashing)  # member metadata as export writes it: bytes depend on content only
         pending: list[tuple[int, str, dict, str, np.ndarray]] = []
 
         def flush():
-            nonlocal written
             if not pending:
                 return
             latents, states = encode_batch(rep, text, device, [p[4] for p in pending], [p[3] for p in pending])
@@ -185,7 +186,7 @@ def encode_shard(url: str, out_dir: str, cfg_raw: dict, encoder_digest: str) -> 
                     continue
                 tar.write({"__key__": key, S.AUDIO_EXT: members[S.AUDIO_EXT], S.JSON_EXT: members[S.JSON_EXT],
                            P.LATENT_EXT: npy_bytes(z.astype(cfg.dtype)), P.TEXT_EXT: npy_bytes(h.astype(cfg.dtype))})
-                written += 1
+                written.append(key)
             pending.clear()
 
         for pos, (key, members, problems) in enumerate(read_shard(url, data.max_member_bytes)):
@@ -201,8 +202,9 @@ def encode_shard(url: str, out_dir: str, cfg_raw: dict, encoder_digest: str) -> 
         flush()
         tar.close()
     shard = out / name
-    state = {"shard": name, "count": written, "left_out": left_out, "input_digest": fs.file_digest(url),
-             "encoder_digest": encoder_digest, "bytes": fs.size_and_mtime(shard)[0], "output_digest": fs.file_digest(shard)}
+    state = {"shard": name, "count": len(written), "keys": written, "left_out": left_out,
+             "input_digest": fs.file_digest(url), "encoder_digest": encoder_digest,
+             "bytes": fs.size_and_mtime(shard)[0], "sha256": hashing.hash.hexdigest()}
     fs.atomic_write_text(_state_path(out, name), json.dumps(state, sort_keys=True) + "\n")
     return {**state, "skipped": False}
 
@@ -235,7 +237,7 @@ def main(cfg: EncodeConfig, input_dir: str | Path, output_dir: str | Path, local
         text = FrozenTextEncoder(cfg.text)
         empty = prompt_states(text, [""])[0]  # (S0, E)
         frames, bins = rep.latent_size(cfg.clip_seconds)
-        info = {"format_version": P.FORMAT_VERSION, "complete": False, "input": fs.absolute(input_dir),
+        info = {"format_version": P.FORMAT_VERSION, P.COMPLETE: False, "input": fs.absolute(input_dir),
                 "representation": fp["representation"], "representation_config": to_dict(cfg.representation),
                 "text": fp["text"], "text_config": to_dict(cfg.text), "text_dim": text.dim,
                 "latent_shape": [rep.latent_channels, frames, bins], "clip_seconds": cfg.clip_seconds,
@@ -254,16 +256,15 @@ def main(cfg: EncodeConfig, input_dir: str | Path, output_dir: str | Path, local
         results = _run([(u, str(out), to_dict(cfg), digest) for u in urls], cfg, local)
         fs.remove_temporaries(out)
 
-        # 3. report, sizes, stats, and the info file marked complete
+        # 3. report, sizes/index/checksums, stats, and the info file marked complete
         report = {"input": info["input"], "shards": len(results), "shards_skipped": sum(r["skipped"] for r in results),
                   "samples": sum(r["count"] for r in results),
                   "left_out": [{**x, "shard": r["shard"]} for r in results for x in r["left_out"]]}
         fs.atomic_write_text(out / P.REPORT_FILE, json.dumps(report, indent=2, sort_keys=True) + "\n")
-        sizes = {r["shard"]: r["count"] for r in results}
-        fs.atomic_write_text(out / S.SIZES_FILE, json.dumps(sizes, indent=2, sort_keys=True) + "\n")
+        write_folder_index(out, [(r["shard"], r["sha256"], r["keys"]) for r in results])
         for stats in sorted(inp.glob(STATS_GLOB), key=lambda p: p.name):
             fs.atomic_write_bytes(out / stats.name, stats.read_bytes())
-        fs.atomic_write_text(out / P.INFO_FILE, json.dumps({**info, "complete": True}, indent=2, sort_keys=True) + "\n")
+        fs.atomic_write_text(out / P.INFO_FILE, json.dumps({**info, P.COMPLETE: True}, indent=2, sort_keys=True) + "\n")
     log.info("encode: %d shard(s) (%d already done), %d sample(s), %d left out (see %s)", report["shards"],
              report["shards_skipped"], report["samples"], len(report["left_out"]), P.REPORT_FILE)
     return report

@@ -21,8 +21,9 @@ Beside the shards (the `details.json` of this layout):
   copy elsewhere still matches), clip length, latent shape, text width, dtype;
 - `encode_empty_text.npy`: the states of the empty prompt, what classifier-free training puts
   in place of a dropped prompt;
-- `encode_report.json`: per shard, the samples left out and why; `sizes.json`; the input's
-  quality-stats JSON, copied.
+- `encode_report.json`: per shard, the samples left out and why; `sizes.json`,
+  `index.parquet` and `SHA256SUMS` as export writes them (`mosaiq verify` checks the folder,
+  these members included); the input's quality-stats JSON, copied.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from schemas import shard as S
 
 FORMAT_VERSION = 1
 LATENT_EXT = S.LATENT_EXT  # "latent.npy"
-TEXT_EXT = "text.npy"
-INFO_FILE = "encode_info.json"
+TEXT_EXT = S.TEXT_EXT  # "text.npy"
+INFO_FILE = S.ENCODE_INFO_FILE  # "encode_info.json"
+COMPLETE = S.ENCODE_COMPLETE  # its field "complete"
 EMPTY_TEXT_FILE = "encode_empty_text.npy"
 REPORT_FILE = "encode_report.json"
 STATE_DIR = ".encode_state"  # one record per complete output shard (resume)
@@ -106,7 +108,7 @@ def check_matches(info: dict[str, Any], folder: str, rep_cfg, text_cfg, clip_sec
     """Raise ValueError, naming every difference, unless the shards in `folder` were encoded
     completely, with this representation, this text encoder (when `text_cfg.path` is set) and
     this clip length."""
-    if not info.get("complete"):
+    if not info.get(COMPLETE):
         raise ValueError(f"{folder}: `mosaiq encode` has not finished writing these shards ({INFO_FILE} says complete: false); "
                          "run it again to finish")
     diffs = _differences(representation_fingerprint(rep_cfg), info["representation"], "representation")

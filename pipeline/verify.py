@@ -1,4 +1,4 @@
-"""`mosaiq verify SHARDS_DIR`: re-read every shard and check it against the export's records.
+"""`mosaiq verify SHARDS_DIR`: re-read every shard and check it against the folder's records.
 
 Checks, per shard: the tar reads to its end-of-archive blocks (a truncated shard fails); every
 member is a regular file with a safe name (no `/`, no `..`, a key without dots and a known
@@ -8,6 +8,12 @@ the declared rate and length (round(seconds_total * sample_rate) frames). Across
 counts match `sizes.json`, clips and positions match `index.parquet`, bytes match `SHA256SUMS`,
 and no temporary file of a killed run is left. Nothing is extracted to disk and nothing is
 written. Exits 1 with the list of problems, 0 when there are none.
+
+A folder `mosaiq encode` wrote is recognised by its `encode_info.json`, which must say the run
+finished. Every sample there also has `<key>.latent.npy` and `<key>.text.npy` (model/preencoded.py);
+each must load with `np.load(..., allow_pickle=False)` as a finite float array, latents (C, T', F')
+and text states (S, E); all latents of the folder share one shape and dtype, all text states
+one width E and dtype (a sample that differs from the folder's most common is named).
 
 As a `curate` stage, `main(cfg, input_dir, output_dir)` verifies `input_dir` (the shards folder
 export wrote), returns a `StageReport` and raises `VerifyError` when there are problems.
@@ -22,6 +28,7 @@ import logging
 import sys
 import tarfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +43,8 @@ from schemas import tables as T
 
 log = logging.getLogger(__name__)
 
-SAMPLE_EXTS = (S.AUDIO_EXT, S.JSON_EXT, S.LATENT_EXT)
+SAMPLE_EXTS = (S.AUDIO_EXT, S.JSON_EXT, S.LATENT_EXT, S.TEXT_EXT)
+ARRAY_DIMS = {S.LATENT_EXT: 3, S.TEXT_EXT: 2}  # pre-encoded members: (C, T', F') and (S, E)
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class ShardCheck:
     keys: list[str] = field(default_factory=list)  # complete samples, in tar order
     problems: list[str] = field(default_factory=list)
     sha256: str = ""
+    arrays: dict[str, dict[str, tuple[tuple[int, ...], str]]] = field(default_factory=dict)  # key -> ext -> (shape, dtype)
 
 
 class VerifyError(RuntimeError):
@@ -116,8 +125,35 @@ def check_audio(key: str, data: bytes, sample_rate: int, seconds_total: float) -
     return problems
 
 
-def check_shard(path: str | Path, stats_id: str | None = None) -> ShardCheck:
-    """Read one shard end to end, in memory; collect its complete sample keys and problems."""
+def check_arrays(key: str, members: dict[str, bytes], pre_encoded: bool) -> tuple[list[str], dict[str, tuple[tuple[int, ...], str]]]:
+    """Problems with a sample's pre-encoded members (both required when `pre_encoded`), and the
+    shape and dtype of each that loads."""
+    problems, found = [], {}
+    for ext, ndim in ARRAY_DIMS.items():
+        if ext not in members:
+            if pre_encoded:
+                problems.append(f"sample {key!r} has no .{ext} member")
+            continue
+        try:
+            arr = np.load(io.BytesIO(members[ext]), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            problems.append(f"sample {key!r}: .{ext} does not load as a .npy array: {e}")
+            continue
+        if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.floating):
+            problems.append(f"sample {key!r}: .{ext} holds {getattr(arr, 'dtype', type(arr).__name__)}, not a float array")
+            continue
+        if arr.ndim != ndim or 0 in arr.shape:
+            problems.append(f"sample {key!r}: .{ext} has shape {arr.shape}, expected {ndim} non-empty dimensions")
+            continue
+        if not np.isfinite(arr).all():
+            problems.append(f"sample {key!r}: .{ext} has non-finite values")
+        found[ext] = (tuple(arr.shape), str(arr.dtype))
+    return problems, found
+
+
+def check_shard(path: str | Path, stats_id: str | None = None, pre_encoded: bool = False) -> ShardCheck:
+    """Read one shard end to end, in memory; collect its complete sample keys and problems
+    (and, in a pre-encoded folder, check every sample's latent and text states)."""
     path = fs.location(path)
     res = ShardCheck(path.name)
     res.sha256 = fs.sha256_file(path)
@@ -128,6 +164,9 @@ def check_shard(path: str | Path, stats_id: str | None = None) -> ShardCheck:
         if key is None:
             return
         res.problems.extend(f"{path.name}: {p}" for p in check_sample(key, members, stats_id))
+        if pre_encoded or any(ext in members for ext in ARRAY_DIMS):
+            problems, res.arrays[key] = check_arrays(key, members, pre_encoded)
+            res.problems.extend(f"{path.name}: {p}" for p in problems)
         if S.AUDIO_EXT in members and S.JSON_EXT in members:
             res.keys.append(key)
 
@@ -205,7 +244,8 @@ def _read_checksums(path: Path, problems: list[str]) -> dict[str, str]:
 
 
 def main(cfg: VerifyConfig, input_dir: str | Path | None = None, output_dir: str | Path | None = None) -> VerifyResult:
-    """Verify every shard in `cfg.shards_dir` against sizes.json, index.parquet and SHA256SUMS.
+    """Verify every shard in `cfg.shards_dir` against sizes.json, index.parquet and SHA256SUMS
+    (and encode_info.json in a folder `mosaiq encode` wrote).
 
     As a curate stage (`input_dir` given: the shards folder; verify writes nothing, so
     `output_dir` is not used) it verifies `input_dir` and raises VerifyError on any problem.
@@ -248,16 +288,26 @@ def verify_folder(shards_dir: str | Path) -> VerifyResult:
     else:
         problems.append(f"{S.INDEX_FILE} is missing")
     problems += [f"temporary file {p.name} of an interrupted run is left" for p in sorted(folder.glob(f".*{fs.TMP_MARK}*"))]
+    pre_encoded = (folder / S.ENCODE_INFO_FILE).is_file()
+    if pre_encoded:
+        info = _read_json(folder / S.ENCODE_INFO_FILE, problems)
+        if info is not None and (not isinstance(info, dict) or info.get(S.ENCODE_COMPLETE) is not True):
+            problems.append(f"{S.ENCODE_INFO_FILE}: the encode run did not finish ({S.ENCODE_COMPLETE!r} is "
+                            f"{info.get(S.ENCODE_COMPLETE) if isinstance(info, dict) else info!r}); run `mosaiq encode` again")
 
     on_disk = sorted(p.name for p in folder.glob(f"*{S.SHARD_EXT}") if p.is_file())
     declared = sorted(sizes) if sizes is not None else on_disk
     problems += [f"{name} is in {S.SIZES_FILE} but missing" for name in declared if name not in on_disk]
     problems += [f"{name} is not in {S.SIZES_FILE}" for name in on_disk if sizes is not None and name not in sizes]
     found: dict[str, tuple[str, int]] = {}  # clip -> (shard, position)
+    arrays: dict[str, list[tuple[str, str, tuple, str]]] = {ext: [] for ext in ARRAY_DIMS}  # (shard, key, shape, dtype)
     samples = 0
     for name in on_disk:
-        res = check_shard(folder / name, stats_id)
+        res = check_shard(folder / name, stats_id, pre_encoded)
         problems += res.problems
+        for key, found_arrays in res.arrays.items():
+            for ext, (shape, dtype) in found_arrays.items():
+                arrays[ext].append((name, key, shape, dtype))
         samples += len(res.keys)
         if sizes is not None and name in sizes and sizes[name] != len(res.keys):
             problems.append(f"{name}: {len(res.keys)} complete sample(s), {S.SIZES_FILE} says {sizes[name]}")
@@ -272,6 +322,8 @@ def verify_folder(shards_dir: str | Path) -> VerifyResult:
     problems += [f"{name} is in {S.CHECKSUMS_FILE} but missing" for name in sorted(sums) if name not in on_disk]
     if index is not None:
         problems += _check_index(index, found)
+    problems += _check_same_shape(arrays[S.LATENT_EXT], S.LATENT_EXT, "shape", lambda shape: shape)
+    problems += _check_same_shape(arrays[S.TEXT_EXT], S.TEXT_EXT, "width", lambda shape: shape[-1])
     log.info("verify: %d shard(s), %d sample(s), %d problem(s)", len(on_disk), samples, len(problems))
     verdict = "ok" if not problems else f"{len(problems)} problem(s)"
     return VerifyResult("verify", len(on_disk), 0, 0, time.perf_counter() - t0, {},
@@ -296,9 +348,23 @@ def _check_index(index, found: dict[str, tuple[str, int]]) -> list[str]:
     return problems
 
 
+def _check_same_shape(arrays: list[tuple[str, str, tuple, str]], ext: str, what: str, measure) -> list[str]:
+    """Every sample's `ext` array against the folder's most common (measure(shape), dtype):
+    a latent's whole shape, text states' width (their length follows the prompt)."""
+    counts = Counter((measure(shape), dtype) for _, _, shape, dtype in arrays)
+    if len(counts) < 2:
+        return []
+    (want, want_dtype), n = counts.most_common(1)[0]
+    return [f"{shard}: sample {key!r}: .{ext} has shape {shape} {dtype}; the folder's "
+            f"other samples have {what} {want} {want_dtype} ({n} of {len(arrays)})"
+            for shard, key, shape, dtype in arrays if (measure(shape), dtype) != (want, want_dtype)]
+
+
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mosaiq verify", description="re-read shards and check counts, keys, audio and JSON")
-    p.add_argument("shards_dir", help="folder written by `mosaiq export`")
+    p = argparse.ArgumentParser(prog="mosaiq verify",
+                                description="re-read shards and check counts, keys, audio and JSON (and, in a folder "
+                                            "`mosaiq encode` wrote, every latent and text-state member)")
+    p.add_argument("shards_dir", help="folder written by `mosaiq export` or `mosaiq encode`")
     p.add_argument("--max-problems-shown", type=int, default=None)
     args = p.parse_args(argv)
     try:

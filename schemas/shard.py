@@ -1,8 +1,10 @@
 """A mosaiq shards folder: the sample JSON beside each audio file in a WebDataset shard
 (stable-audio-tools layout), the key pattern, and the files written beside the shards.
 
-A sample is `<key>.flac` + `<key>.json` (optionally `<key>.latent.npy`); keys have no dots.
-`pipeline/export.py` writes the folder, `pipeline/verify.py` checks it, `model/` reads it.
+A sample is `<key>.flac` + `<key>.json`; keys have no dots. `pipeline/export.py` writes the
+folder, `pipeline/verify.py` checks it, `model/` reads it. `mosaiq encode` (model/encode.py,
+layout in model/preencoded.py) writes the same folder with `<key>.latent.npy` and
+`<key>.text.npy` added to every sample and its `encode_info.json` beside the shards.
 """
 
 from __future__ import annotations
@@ -40,7 +42,13 @@ INDEX_SCHEMA = pa.schema(
 
 AUDIO_EXT = "flac"
 JSON_EXT = "json"
-LATENT_EXT = "latent.npy"
+LATENT_EXT = "latent.npy"  # pre-encoded: the unscaled latent (C, T', F')
+TEXT_EXT = "text.npy"  # pre-encoded: the text encoder's states (S, E) for the prompt
+
+# --- a pre-encoded folder (`mosaiq encode`) ------------------------------------------------
+
+ENCODE_INFO_FILE = "encode_info.json"  # what encoded the shards (model/preencoded.py)
+ENCODE_COMPLETE = "complete"  # its field that is true once every shard is written
 
 # field -> python type(s) it must have in the JSON
 PROMPT = "prompt"  # "<quality_prefix>, <caption>": what the trainer conditions on

@@ -18,6 +18,7 @@ from model.encode import EncodeConfig, main as encode
 from model.text import TextEncoderConfig
 from model.train import CHECKPOINT_DIR, RESOLVED_CONFIG, SAMPLES_DIR, main as train
 from pipeline import fs
+from pipeline.verify import verify_folder
 from schemas import shard as S
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -131,15 +132,18 @@ def _tars(folder) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_encode_from_and_to_a_bucket(local_shards, bucket_shards, text_encoder_dir, tiny_train_config, tmp_path):
-    """The same bytes as an encode on local disk; a re-run skips every shard; the trainer finds
-    the bucket's encode_info.json and trains on the latents there."""
+    """The same bytes as an encode on local disk (index files too), verified in the bucket; a
+    re-run skips every shard; the trainer finds the bucket's encode_info.json and trains on the
+    latents there."""
     ref = encode(_encode_cfg(text_encoder_dir), local_shards, tmp_path / "encoded", local=True)
     out = f"{bucket_shards.rsplit('/', 1)[0]}/encoded"
     report = encode(_encode_cfg(text_encoder_dir), bucket_shards, out, local=True)
     assert report["samples"] == ref["samples"] == 8 and report["input"] == bucket_shards
     assert _tars(out) == _tars(tmp_path / "encoded")  # same inputs, same bytes
-    for name in (P.EMPTY_TEXT_FILE, S.SIZES_FILE, "quality_stats.json"):
+    for name in (P.EMPTY_TEXT_FILE, S.SIZES_FILE, S.INDEX_FILE, S.CHECKSUMS_FILE, "quality_stats.json"):
         assert fs.location(f"{out}/{name}").read_bytes() == (tmp_path / "encoded" / name).read_bytes()
+    # `mosaiq verify` reads the encoded bucket folder (the fixture's stand-in stats JSON aside)
+    assert [p for p in verify_folder(out).problems if not p.startswith("quality_stats.json: ")] == []
     names = sorted(p.name for p in fs.location(f"{out}/{P.STATE_DIR}").iterdir())
     assert names == sorted(f"{n}.json" for n in _tars(out))
     again = encode(_encode_cfg(text_encoder_dir), bucket_shards, out, local=True)
