@@ -31,7 +31,6 @@ if not __package__:  # run as a script (`ray job submit ... -- python pipeline/q
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from jobs import config as jobconfig
 from pipeline import backend, fs
