@@ -12,7 +12,7 @@ OUT ?= out/demo
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile requirements/llm-cpu.txt requirements/llm-nodeps.txt
+$(VENV)/.installed: pyproject.toml Makefile requirements/llm-cpu.txt requirements/llm-nodeps.txt requirements/dev-nodeps.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# CPU torch first, so nothing later pulls a CUDA build
@@ -22,8 +22,10 @@ $(VENV)/.installed: pyproject.toml Makefile requirements/llm-cpu.txt requirement
 	$(BIN)/pip freeze | grep -iE '^(numpy|torch|torchaudio|transformers|ray|tokenizers|huggingface.hub|protobuf|pydantic|safetensors|pyarrow|pandas|scipy|setuptools|fsspec|s3fs|gcsfs|botocore|aiobotocore)==' > $(VENV)/keep.txt
 	$(PIP) install -q -c $(VENV)/keep.txt -r requirements/llm-cpu.txt
 	$(PIP) install -q --no-deps -c $(VENV)/keep.txt -r requirements/llm-nodeps.txt
+	# the upstream AudioLDM code the tests compare model/audioldm.py with (see the file for why --no-deps)
+	$(PIP) install -q --no-deps -r requirements/dev-nodeps.txt
 	$(BIN)/mosaiq-fixup
-	$(BIN)/python -c "import importlib.util, torchaudio, transformers, ray, webdataset, distillmos, vllm, s3fs, gcsfs, upath; assert importlib.util.find_spec('laion_clap'); print('mosaiq install ok')"
+	$(BIN)/python -c "import importlib.util, torchaudio, transformers, ray, webdataset, distillmos, vllm, s3fs, gcsfs, upath; assert importlib.util.find_spec('laion_clap') and importlib.util.find_spec('audioldm'); print('mosaiq install ok')"
 	touch $@
 
 demo: install

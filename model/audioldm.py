@@ -6,7 +6,9 @@ Written from the structure of haoheliu/AudioLDM (`variational_autoencoder/module
 (`audioldm-s-full.ckpt` and QA-MDT's) keep the autoencoder under `first_stage_model.`, its
 vocoder under `first_stage_model.vocoder.` (weight norm already removed) and the latent scale
 as `scale_factor`. Shapes: log-mel (N, 1, 1024, 64) <-> latent (N, 8, 256, 16); the vocoder
-maps (N, 64, T) natural-log mel to (N, 160 T) samples at 16 kHz.
+maps (N, 64, T) natural-log mel to (N, 160 T + 32) samples at 16 kHz (its transposed
+convolutions add 32, as upstream's do). tests/model/test_audioldm_upstream.py checks both
+against the upstream code on the same weights.
 """
 
 from __future__ import annotations
@@ -240,7 +242,7 @@ class HiFiResBlock(nn.Module):
 
 
 class HiFiGANGenerator(nn.Module):
-    """log-mel (N, num_mels, T) -> wave (N, 1, hop T) in [-1, 1]; weight norm removed (plain weights)."""
+    """log-mel (N, num_mels, T) -> wave (N, 1, about hop T) in [-1, 1]; weight norm removed (plain weights)."""
 
     def __init__(self, cfg: HiFiGANConfig):
         super().__init__()
@@ -262,9 +264,9 @@ class HiFiGANGenerator(nn.Module):
         nk = len(self.cfg.resblock_kernel_sizes)
         x = self.conv_pre(mel)  # (N, C0, T)
         for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, LRELU_SLOPE))  # (N, C_i, T * prod(rates[:i+1]))
+            x = up(F.leaky_relu(x, LRELU_SLOPE))  # (N, C_i, about T * prod(rates[:i+1]))
             x = sum(self.resblocks[i * nk + j](x) for j in range(nk)) / nk  # (N, C_i, ...)
-        return torch.tanh(self.conv_post(F.leaky_relu(x)))  # (N, 1, hop T)
+        return torch.tanh(self.conv_post(F.leaky_relu(x)))  # (N, 1, about hop T); slope 0.01 here, as upstream
 
 
 #################################################################################
