@@ -38,8 +38,8 @@ def encoded_clean(tmp_path_factory, text_encoder_dir, shard_writer):
 
 
 @pytest.fixture
-def copy(encoded_clean, tmp_path) -> Path:
-    """A copy of the encoded folder for a test to damage."""
+def work_copy(encoded_clean, tmp_path) -> Path:
+    """A work_copy of the encoded folder for a test to damage."""
     return Path(shutil.copytree(encoded_clean, tmp_path / "encoded"))
 
 
@@ -100,45 +100,45 @@ def test_resumed_encode_leaves_index_files_byte_identical(encoded_clean, text_en
     (S.TEXT_EXT, np.zeros((3, 16), np.float32), r"\.text\.npy has shape \(3, 16\) float32; the folder's "
                                                r"other samples have width 32 float32 \(5 of 6\)"),
 ])
-def test_verify_names_the_sample_whose_member_is_wrong(copy, ext, arr_or_bytes, says):
-    shard, key = _second_sample(copy)
+def test_verify_names_the_sample_whose_member_is_wrong(work_copy, ext, arr_or_bytes, says):
+    shard, key = _second_sample(work_copy)
     data = arr_or_bytes if isinstance(arr_or_bytes, bytes) else _npy(arr_or_bytes)
     _replace_member(shard, f"{key}.{ext}", data)
-    problems = verify_folder(copy).problems
+    problems = verify_folder(work_copy).problems
     named = [p for p in problems if p.startswith(f"{shard.name}: sample {key!r}: ")]
     assert len(named) == 1, problems
     assert re.search(says, named[0]), named[0]
     # the only other problem: the rewritten shard's bytes are not the recorded ones
     assert [p for p in problems if p not in named] == [
-        f"{shard.name}: sha256 {fs.sha256_file(shard)} differs from {S.CHECKSUMS_FILE} ({_recorded_sha(copy, shard.name)})"]
+        f"{shard.name}: sha256 {fs.sha256_file(shard)} differs from {S.CHECKSUMS_FILE} ({_recorded_sha(work_copy, shard.name)})"]
 
 
 def _recorded_sha(folder: Path, name: str) -> str:
     return dict(reversed(line.split("  ")) for line in (folder / S.CHECKSUMS_FILE).read_text().splitlines())[name]
 
 
-def test_verify_reports_a_missing_pre_encoded_member(copy):
-    shard, key = _second_sample(copy)
+def test_verify_reports_a_missing_pre_encoded_member(work_copy):
+    shard, key = _second_sample(work_copy)
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar if m.name != f"{key}.{S.TEXT_EXT}"]
     with tarfile.open(shard, "w") as tar:
         for m, data in members:
             tar.addfile(m, io.BytesIO(data))
-    assert f"{shard.name}: sample {key!r} has no .{S.TEXT_EXT} member" in verify_folder(copy).problems
+    assert f"{shard.name}: sample {key!r} has no .{S.TEXT_EXT} member" in verify_folder(work_copy).problems
 
 
-def test_verify_reports_a_checksum_mismatch(copy):
-    name = sorted(copy.glob("*.tar"))[1].name
-    lines = (copy / S.CHECKSUMS_FILE).read_text().splitlines()
+def test_verify_reports_a_checksum_mismatch(work_copy):
+    name = sorted(work_copy.glob("*.tar"))[1].name
+    lines = (work_copy / S.CHECKSUMS_FILE).read_text().splitlines()
     wrong = "0" * 64
-    (copy / S.CHECKSUMS_FILE).write_text("".join(f"{wrong}  {name}\n" if line.endswith(f"  {name}") else line + "\n"
+    (work_copy / S.CHECKSUMS_FILE).write_text("".join(f"{wrong}  {name}\n" if line.endswith(f"  {name}") else line + "\n"
                                                  for line in lines))
-    assert verify_folder(copy).problems == [f"{name}: sha256 {fs.sha256_file(copy / name)} differs from {S.CHECKSUMS_FILE} ({wrong})"]
+    assert verify_folder(work_copy).problems == [f"{name}: sha256 {fs.sha256_file(work_copy / name)} differs from {S.CHECKSUMS_FILE} ({wrong})"]
 
 
-def test_verify_refuses_an_unfinished_encode(copy):
-    info = json.loads((copy / P.INFO_FILE).read_text())
-    (copy / P.INFO_FILE).write_text(json.dumps({**info, P.COMPLETE: False}))
-    problems = verify_folder(copy).problems
+def test_verify_refuses_an_unfinished_encode(work_copy):
+    info = json.loads((work_copy / P.INFO_FILE).read_text())
+    (work_copy / P.INFO_FILE).write_text(json.dumps({**info, P.COMPLETE: False}))
+    problems = verify_folder(work_copy).problems
     assert len(problems) == 1 and "encode run did not finish" in problems[0], problems
-    assert verify_cli([str(copy)]) == 1
+    assert verify_cli([str(work_copy)]) == 1
