@@ -106,7 +106,8 @@ def _rate_of(path: str) -> int:
 
 def main(cfg: AnalyzeConfig, input_dir: str | Path, output_dir: str | Path) -> StageReport:
     """Analyze every pending part of `input_dir` into `output_dir` on Ray (the caller starts it)."""
-    report = backend.map_parts(AnalyzeStage, {"cfg": cfg}, input_dir, output_dir, cfg.resources)
+    report = backend.map_parts(AnalyzeStage, {"cfg": cfg}, input_dir, output_dir, cfg.resources,
+                               params=backend.config_params(cfg))
     jobcfg.save_resolved(cfg, fs.location(output_dir) / CONFIG_FILE)
     flagged = Counter(d for v in backend.read_folder(output_dir, [F.DEFECTS]).column(F.DEFECTS).to_pylist() for d in v or [])
     report.detail = "defects flagged: " + (", ".join(f"{k}={v}" for k, v in sorted(flagged.items())) or "none")

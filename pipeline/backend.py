@@ -15,9 +15,11 @@ module imports `ray`.
 
 How `map_parts` goes:
 1. Output part `p` holds exactly the rows of input part `p`, in the same order. It records in
-   its Parquet metadata the digest of the input part it was made from (and of the stage's
-   `params`); a part whose output exists with the same digest is skipped, any other is
-   computed again (resume by content, not by name). Output parts with no input part any more
+   its Parquet metadata the digest of the input part it was made from, of the stage's output
+   schema and of its `params` (`config_params`: the stage's config less how it runs, and the
+   stamps of its model files); a part whose output exists with the same digest is skipped, any
+   other is computed again (resume by content, not by name: a changed config, model or mosaiq
+   version that writes other columns recomputes it). Output parts with no input part any more
    are removed.
 2. The rows of the pending parts stream through `map_batches`: the stage's `prepare` in CPU
    tasks (when it has one), then the stage class on a pool of actors (loaded once per actor),
@@ -253,6 +255,31 @@ def aggregate_parts(
 # --- shape 1: a row-wise stage over parts ------------------------------------------------------
 
 
+def config_params(cfg: Any, leave_out: Iterable[str] = ("resources",), files: Iterable[str | None] = ()) -> str:
+    """The `params` of a stage's parts: its resolved config without the keys (at any depth)
+    that only say how it runs, plus `fs.stamp` of each model file or folder in `files`."""
+    import json
+
+    from jobs.config import to_dict
+
+    leave_out = set(leave_out)
+
+    def strip(v: Any) -> Any:
+        return {k: strip(x) for k, x in v.items() if k not in leave_out} if isinstance(v, dict) else v
+
+    body = strip(to_dict(cfg))
+    stamps = [fs.stamp(f) for f in files if f]
+    if stamps:
+        body = {"config": body, "files": stamps}
+    return fs.text_digest(json.dumps(body, sort_keys=True, default=str))
+
+
+def stage_params(output_schema: pa.Schema, params: str = "") -> str:
+    """`params` with the stage's output schema: parts an older mosaiq wrote with other columns
+    are recomputed."""
+    return fs.text_digest(f"{output_schema.remove_metadata().to_string()}|{params}")
+
+
 def input_digest(part: str | Path, params: str = "") -> str:
     """What an output part is made from: the input part's bytes and the stage's params."""
     digest = fs.file_digest(part)
@@ -449,14 +476,14 @@ def map_parts(
     """Run a row-wise stage class over every pending input part (see the module docstring).
 
     `stage_cls(**stage_kwargs)` must be importable by reference and follow `pipeline.stage.Stage`.
-    `params` names whatever else the output depends on (quantize's stats id): a change in it
-    recomputes every part.
+    `params` names whatever else the output depends on (`config_params`; quantize's stats id):
+    a change in it, or in the stage's output schema, recomputes every part.
     """
     t0 = time.perf_counter()
     input_dir, output_dir = fs.absolute(input_dir), fs.absolute(output_dir)
     parts = fs.list_parts(input_dir)
     with fs.stage_output(stage_cls.name, input_dir, output_dir):
-        parts, digests, _ = plan_parts(input_dir, output_dir, params, stage_cls.name)
+        parts, digests, _ = plan_parts(input_dir, output_dir, stage_params(stage_cls.output_schema, params), stage_cls.name)
         pending = pending_parts(parts, digests, output_dir)
         rows = run_parts(stage_cls, stage_kwargs, pending, digests, output_dir, resources)
     report = StageReport(stage_cls.name, len(parts), len(parts) - len(pending), rows, time.perf_counter() - t0,

@@ -395,13 +395,18 @@ _THROUGHPUT_KNOBS = ("resources", "max_concurrent_batches", "max_pending_request
 
 
 def llm_fingerprint(cfg: L.LLMConfig) -> str:
-    """What every answer depends on: the LLM config less its throughput knobs."""
-    import json
+    """What every answer depends on: the LLM config less its throughput knobs, and the model
+    folder's files (or chat template) as they are now (`fs.stamp`)."""
+    local = [f for f in (cfg.model, cfg.chat_template) if f and cfg.backend == "vllm"]
+    return backend.config_params(cfg, _THROUGHPUT_KNOBS, files=local)
 
-    from jobs.config import to_dict
 
-    body = {k: v for k, v in to_dict(cfg).items() if k not in _THROUGHPUT_KNOBS}
-    return fs.text_digest(json.dumps(body, sort_keys=True, default=str))
+def caption_params(cfg: CaptionConfig) -> str:
+    """What a caption part depends on besides its input part: the LLM's fingerprint, every
+    other setting but how it runs, and the CLAP files as they are now."""
+    rest = dataclasses.replace(cfg, llm=L.LLMConfig())  # the LLM counts through its fingerprint
+    clap = [f for f in (cfg.clap.path, cfg.clap.text_model) if cfg.clap.backend != "none"]
+    return fs.text_digest(llm_fingerprint(cfg.llm) + "|" + backend.config_params(rest, ("resources", "device"), files=clap))
 
 
 def request_keys(table: pa.Table, fingerprint: str) -> list[str]:
@@ -518,7 +523,8 @@ def main(cfg: CaptionConfig, input_dir: str | Path, output_dir: str | Path) -> S
 
 
 def _run(cfg: CaptionConfig, input_dir: Path, output_dir: Path) -> StageReport:
-    parts, digests, _ = backend.plan_parts(input_dir, output_dir, stage=STAGE)
+    params = backend.stage_params(ClapSelectStage.output_schema, caption_params(cfg))
+    parts, digests, _ = backend.plan_parts(input_dir, output_dir, params, stage=STAGE)
     for p in parts:
         T.require_columns(fs.read_schema(p), QUALITY_INPUT, f"{STAGE} ({p.name})")
     save_resolved(cfg, output_dir / RESOLVED_CONFIG)

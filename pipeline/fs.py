@@ -232,6 +232,20 @@ def size_and_mtime(loc) -> tuple[int, int | None]:
     return int(info.get("size") or 0), ns
 
 
+def stamp(loc) -> str:
+    """A cheap identity of a file or folder as it is now: each file's name (relative to the
+    folder), size and modification time, digested; model weights replaced in place read as
+    changed, as audio does. What does not exist is stamped by its name alone."""
+    p = location(loc)
+    if p.is_file():
+        files = [(p.name, p)]
+    elif p.is_dir():
+        files = sorted((str(f.relative_to(p)), f) for f in p.rglob("*") if f.is_file())
+    else:
+        return f"{p}: missing"
+    return text_digest("|".join(f"{name}:{size}:{mtime}" for name, f in files for size, mtime in [size_and_mtime(f)]))
+
+
 def rmtree(loc) -> None:
     """Remove a folder and everything under it; nothing if it is not there."""
     p = location(loc)

@@ -121,9 +121,15 @@ class ScoreStage(Stage):
         return T.conform(out, self.output_schema)
 
 
+def params(cfg: ScoreConfig) -> str:
+    """What the scores depend on besides the clips: the config less how it runs (the device too:
+    CPU and GPU scores agree to float precision) and the model's files as they are now."""
+    return backend.config_params(cfg, leave_out=("resources", "device"), files=[cfg.model])
+
+
 def main(cfg: ScoreConfig, input_dir: str | Path, output_dir: str | Path) -> StageReport:
     """Score every pending part of `input_dir` into `output_dir` on Ray (the caller starts it)."""
-    report = backend.map_parts(ScoreStage, {"cfg": cfg}, input_dir, output_dir, cfg.resources)
+    report = backend.map_parts(ScoreStage, {"cfg": cfg}, input_dir, output_dir, cfg.resources, params=params(cfg))
     jobcfg.save_resolved(cfg, fs.location(output_dir) / CONFIG_FILE)
     return report
 

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
+from pipeline import facts as FX
 from pipeline import synth
 from pipeline.analyze import AnalyzeConfig, AnalyzeStage
 from schemas import facts as F
@@ -130,3 +131,61 @@ def test_main_on_ray_writes_the_facts_table_and_resumes(clips, tmp_path, ray_ses
     assert json.loads((out / analyze.CONFIG_FILE).read_text())["reject_defects"] == []
     again = analyze.main(AnalyzeConfig(), src, out)
     assert again.parts_skipped == 1
+
+
+@pytest.mark.slow
+def test_a_changed_config_recomputes_the_parts_and_a_changed_concurrency_does_not(clips, tmp_path, ray_session):
+    import dataclasses
+
+    from pipeline import analyze, backend
+
+    src = tmp_path / "clips"
+    src.mkdir()
+    pq.write_table(clips, src / "part-00000.parquet")
+    out = tmp_path / "facts"
+    analyze.main(AnalyzeConfig(), src, out)
+    part = out / "part-00000.parquet"
+    before = part.read_bytes()
+    busier = AnalyzeConfig(resources=dataclasses.replace(AnalyzeConfig().resources, concurrency=2, batch_size=3))
+    assert analyze.main(busier, src, out).parts_skipped == 1 and part.read_bytes() == before  # how it runs: same rows
+    # a threshold the user changed: the old flags must not stay under the new config
+    strict = AnalyzeConfig(thresholds=FX.DefectThresholds(noisy_snr_db=500.0))
+    report = analyze.main(strict, src, out)
+    assert report.parts_skipped == 0
+    rows = pq.read_table(part).to_pylist()
+    assert all(F.NOISY in r[F.DEFECTS] for r in rows if r[T.STATUS] == T.OK)
+    assert json.loads((out / analyze.CONFIG_FILE).read_text())["thresholds"]["noisy_snr_db"] == 500.0
+    rejecting = dataclasses.replace(strict, reject_defects=(F.NOISY,))
+    assert analyze.main(rejecting, src, out).parts_skipped == 0
+    assert {r[T.REASON] for r in pq.read_table(part).to_pylist() if r[F.LOUDNESS_LUFS] is not None} == {"defect:noisy"}
+
+
+def test_params_follow_what_the_rows_depend_on(tmp_path):
+    """Score's and caption's part params change with a model file or a setting that changes the
+    rows, and not with how the stage runs."""
+    import dataclasses
+    import os
+
+    from pipeline import caption, score
+    from pipeline.stage import Resources
+
+    model = tmp_path / "w2v"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights v1")
+    cfg = score.ScoreConfig(scorer="wav2vec2", model=str(model))
+    p0 = score.params(cfg)
+    assert score.params(dataclasses.replace(cfg, device="cuda", resources=Resources(batch_size=64, concurrency=4))) == p0
+    assert score.params(dataclasses.replace(cfg, scorer="distillmos", model=None)) != p0
+    (model / "model.safetensors").write_bytes(b"weights v2")  # replaced in place, same size
+    st = (model / "model.safetensors").stat()
+    os.utime(model / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert score.params(cfg) != p0
+
+    cap = caption.CaptionConfig(clap=caption.ClapConfig(backend="none"))
+    c0 = caption.caption_params(cap)
+    runs = dataclasses.replace(cap, llm=dataclasses.replace(cap.llm, requests_per_second=3.0))
+    assert caption.caption_params(runs) == c0
+    assert caption.caption_params(dataclasses.replace(cap, llm=dataclasses.replace(cap.llm, num_candidates=7))) != c0
+    assert caption.caption_params(dataclasses.replace(cap, append_facts=True)) != c0
+    assert caption.caption_params(dataclasses.replace(cap, facts=dataclasses.replace(cap.facts, key_min_confidence=0.9))) != c0

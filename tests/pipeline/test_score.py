@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -100,7 +101,7 @@ def test_actors_holding_every_cpu_are_warned_about(caplog):
 
 
 @pytest.mark.slow
-def test_ray_job_is_resumable_and_deterministic(sample_clips, tmp_path, ray_session):
+def test_ray_job_is_resumable_and_deterministic(sample_clips, tmp_path, ray_session, caplog):
     cfg = score.ScoreConfig()
     first = tmp_path / "s1"
     report = score.main(cfg, sample_clips, first)
@@ -121,12 +122,15 @@ def test_ray_job_is_resumable_and_deterministic(sample_clips, tmp_path, ray_sess
     shutil.copytree(first, second)
     (second / "part-00001.parquet").unlink()
     done = pq.read_table(first / "part-00001.parquet").slice(0, 5)
-    work = backend.work_folder(second, sample_clips / "part-00001.parquet")
+    work = backend.work_folder(second, sample_clips / "part-00001.parquet",
+                               backend.stage_params(T.SCORES_SCHEMA, score.params(cfg)))
     work.mkdir(parents=True)
     pq.write_table(done, work / "earlier_0.parquet")
     (work / "killed_1.parquet").write_bytes(b"PAR1 half a file")
-    resumed = score.main(cfg, sample_clips, second)
+    with caplog.at_level(logging.INFO, logger="pipeline.backend"):
+        resumed = score.main(cfg, sample_clips, second)
     assert resumed.parts_skipped == 2 and resumed.rows_written == 12
+    assert "resuming, 5 row(s) already computed" in caplog.text  # the earlier rows were found, not redone
     for name in parts:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     assert read_folder(second).num_rows == 33
