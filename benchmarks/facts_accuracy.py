@@ -9,6 +9,7 @@ analyze stage does (native rate and channels, the first 10.24 s), and prints:
 - key: exact; relative major/minor, fifth and parallel errors apart;
 - drums: the confident decision against the truth, and how many clips it decides (coverage);
 - for tempo and key too, the accuracy on the clips where the fact is confident and that coverage;
+  for tempo also where its octave is sure, so mosaiq states the BPM (to the LLM, in captions);
 - each degradation at each strength: the share flagged with its defect, and the share of
   clean clips flagged at all;
 - the caption check: lying captions caught (and abstained on, when the fact lied about is not
@@ -76,10 +77,13 @@ def tempo_table(d: pd.DataFrame, cfg: FC.FactCheckConfig) -> dict:
     ratio = d["m_tempo_bpm"].astype(float) / d["bpm"].astype(float)
     ok = (ratio - 1).abs() <= TEMPO_TOLERANCE
     octave = ((ratio - 2).abs() <= 2 * TEMPO_TOLERANCE) | ((ratio - 0.5).abs() <= TEMPO_TOLERANCE / 2)
-    sure = pd.Series([c.tempo_bpm is not None for c in _confident(d, cfg)], index=d.index)
+    confident = _confident(d, cfg)
+    sure = pd.Series([c.tempo_bpm is not None for c in confident], index=d.index)
+    stated = pd.Series([c.stated_bpm is not None for c in confident], index=d.index)  # the octave sure too
     return {"n": len(d), "accuracy": ok.mean(), "octave_errors": octave.mean(), "other_errors": 1 - ok.mean() - octave.mean(),
             "coverage": sure.mean(), "accuracy_when_sure": ok[sure].mean() if sure.any() else float("nan"),
-            "octave_ok_when_sure": (ok | octave)[sure].mean() if sure.any() else float("nan")}
+            "octave_ok_when_sure": (ok | octave)[sure].mean() if sure.any() else float("nan"),
+            "stated": stated.mean(), "accuracy_when_stated": ok[stated].mean() if stated.any() else float("nan")}
 
 
 def key_table(d: pd.DataFrame, cfg: FC.FactCheckConfig) -> dict:
@@ -165,7 +169,8 @@ def report(d: pd.DataFrame, cfg: FC.FactCheckConfig) -> dict:
         print(f"tempo  {name[6:]:5s} n={t['n']:3d}  within 4 %: {pct(t['accuracy'])}  octave errors: {pct(t['octave_errors'])}"
               f"  other: {pct(t['other_errors'])}  (with octaves: {pct(t['accuracy'] + t['octave_errors'])})"
               f"  | sure: coverage {pct(t['coverage'])}, within 4 % {pct(t['accuracy_when_sure'])},"
-              f" with octaves {pct(t['octave_ok_when_sure'])}")
+              f" with octaves {pct(t['octave_ok_when_sure'])} | stated (octave sure): {pct(t['stated'])},"
+              f" within 4 % {pct(t['accuracy_when_stated'])}")
     for name in ("key_clean", "key_all"):
         k = out[name]
         print(f"key    {name[4:]:5s} n={k['n']:3d}  exact: {pct(k['accuracy'])}  relative: {pct(k['relative_errors'])}"

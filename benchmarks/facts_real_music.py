@@ -52,13 +52,14 @@ def _fmt(v, spec: str) -> str:
 
 
 def report(rows: list[dict], cfg: FC.FactCheckConfig) -> dict:
-    print(f"{'file':24s} {'start':>5s}  {'tempo':>6s} {'conf':>5s}  {'key':9s} {'conf':>5s}  {'perc':>7s} {'drums':6s}"
+    print(f"{'file':24s} {'start':>5s}  {'tempo':>6s} {'conf':>5s}  {'key':9s} {'conf':>5s}  {'perc':>7s} {'kick':>7s} {'drums':6s}"
           f"  {'LUFS':>6s} {'bw kHz':>6s} {'SNR':>5s}  defects / sure facts")
     for r in rows:
         c = FC.confident_facts(r, cfg)
         drums = "-" if c.drums is None else "yes" if c.drums else "no"
         print(f"{r['file'][:24]:24s} {r['start_s']:5.1f}  {_fmt(r[F.TEMPO_BPM], '6.1f')} {_fmt(r[F.TEMPO_CONFIDENCE], '5.2f')}"
               f"  {(r[F.KEY] + ' ' + r[F.MODE]):9s} {_fmt(r[F.KEY_CONFIDENCE], '5.2f')}  {_fmt(r[F.PERCUSSIVE_RATIO], '7.4f')}"
+              f" {_fmt(r[F.KICK_RATIO], '7.4f')}"
               f" {drums:6s}  {_fmt(r[F.LOUDNESS_LUFS], '6.1f')} {_fmt(r[F.BANDWIDTH_HZ] / 1000, '6.1f')}"
               f" {_fmt(r[F.SNR_DB], '5.1f')}  {','.join(r[F.DEFECTS]) or '-'} / {FC.facts_sentence(r, cfg) or '-'}")
     conf = [FC.confident_facts(r, cfg) for r in rows]

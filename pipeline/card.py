@@ -33,7 +33,7 @@ PLOT_CLAP = "clap.png"
 PLOT_FACTS = "facts.png"
 # the measured-facts columns the card shows when the table has them (analyze ran)
 FACT_COLUMNS = [F.TEMPO_BPM, F.TEMPO_CONFIDENCE, F.KEY, F.MODE, F.KEY_CONFIDENCE, F.LOUDNESS_LUFS, F.BANDWIDTH_HZ,
-                F.PERCUSSIVE_RATIO, F.DEFECTS, T.CAPTION_CONTRADICTS, T.CANDIDATE_REJECTS]
+                F.PERCUSSIVE_RATIO, F.KICK_RATIO, F.DEFECTS, T.CAPTION_CONTRADICTS, T.CANDIDATE_REJECTS]
 CELL_CHARS = 160  # longest caption shown in a table cell
 NO_REASON = "(none)"
 STATUS_COLORS = {T.OK: "#3a7d44", T.REJECTED: "#d08c00", T.ERROR: "#b03030"}
@@ -215,8 +215,9 @@ def facts_section(rows: list[dict], ok: list[dict], examples: int) -> list[str]:
     for r in sorted(wrong, key=lambda r: r[T.CLIP_ID])[:examples]:
         tempo = f"{r[F.TEMPO_BPM]:.0f} BPM" if r.get(F.TEMPO_BPM) else "?"
         key = f"{r.get(F.KEY)} {r.get(F.MODE)}".strip() or "?"
-        drums = r.get(F.PERCUSSIVE_RATIO)
-        measured = f"{tempo}, {key}, percussive {drums:.4f}" if drums is not None else f"{tempo}, {key}"
+        drums = [f"{name} {r[col]:.4f}" for name, col in (("percussive", F.PERCUSSIVE_RATIO), ("kick", F.KICK_RATIO))
+                 if r.get(col) is not None]
+        measured = ", ".join([tempo, key, *drums])
         lines.append(f"| `{r[T.CLIP_ID][:12]}` | {md_cell(r[T.CAPTION_ORIGINAL])} | {', '.join(r[T.CAPTION_CONTRADICTS])} | {measured} |")
     return lines + [""]
 

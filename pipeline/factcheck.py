@@ -9,7 +9,9 @@ and captions written from the facts themselves.
   `contradicts_drums`) why `text` contradicts the confident facts; [] when it does not.
   A stated tempo agrees with the measured one, its half or its double (tempo estimators and
   listeners disagree by octaves); a stated key agrees with the measured key or, by default,
-  its relative major/minor (they share every note, and profiles confuse them).
+  its relative major/minor (they share every note, and profiles confuse them). A BPM is only
+  *stated* (to the LLM, in the facts sentence or a caption made from the facts) when its
+  octave is sure too (`tempo_octave_confidence`), so mosaiq does not write half-time BPMs.
 - `facts_sentence(facts, cfg)`: a short sentence of confident facts to append to a prompt, as
   MusicBench does ("The bpm is 120. The key is A minor. It has drums.").
 - `fallback_caption(facts, cfg, tags)`: a caption from the confident facts for a clip with no
@@ -32,12 +34,17 @@ class FactCheckConfig:
     """Which facts count as confident, and how far a claim may be from a measurement."""
 
     tempo_min_confidence: float = 0.3  # pulse clarity (facts.tempo): right up to an octave, 0..1
+    # a BPM is *stated* (to the LLM, in a facts sentence or a caption made from the facts) only
+    # when the octave is sure too; checking a caption's BPM needs no octave (half/double agree)
+    tempo_octave_min_confidence: float = 0.7
     key_min_confidence: float = 0.7  # correlation with the best key profile, 0..1 (r >= 0.7: about half the chroma's variance)
-    # the percussive ratio is the energy share of broadband percussive transients (snare, hats,
-    # claps; docs/facts.md); a plucked or struck instrument leaves a little of it, so only the
-    # ends of the range count as sure
+    # the percussive ratio is the energy share of noise-like percussive transients (snare, hats,
+    # claps), the kick ratio that of low ones (a kick drum; docs/facts.md); a plucked or struck
+    # instrument, or a bass line, leaves a little of each, so only the ends of the ranges are sure
     drums_present_ratio: float = 0.002  # percussive ratio at or above: drums, confidently
-    drums_absent_ratio: float = 0.0005  # at or below: no drums, confidently (between: not sure)
+    drums_absent_ratio: float = 0.0005  # at or below, with the kick ratio at or below kick_absent_ratio: no drums
+    kick_present_ratio: float = 0.01  # kick ratio at or above: drums (a kick drum), confidently
+    kick_absent_ratio: float = 0.003  # (between the two pairs: not sure)
     # defects that hide or fake broadband transients: with any of them, drums are not sure; a
     # band-limited clip keeps little of a snare's spread, so there only "drums" can be sure
     drums_unsure_defects: tuple[str, ...] = (F.NOISY, F.CLIPPING)
@@ -52,11 +59,11 @@ class FactCheckConfig:
     fast_bpm: tuple[float, float] = (115.0, 240.0)  # "fast", "uptempo", "allegro", ...
 
     def __post_init__(self):
-        if not 0 <= self.drums_absent_ratio < self.drums_present_ratio <= 1:
-            raise ValueError(
-                f"need 0 <= drums_absent_ratio < drums_present_ratio <= 1, got "
-                f"{self.drums_absent_ratio}, {self.drums_present_ratio}"
-            )
+        if not 0 <= self.tempo_octave_min_confidence <= 1:
+            raise ValueError(f"tempo_octave_min_confidence must be in [0, 1], got {self.tempo_octave_min_confidence}")
+        for lo, hi in (("drums_absent_ratio", "drums_present_ratio"), ("kick_absent_ratio", "kick_present_ratio")):
+            if not 0 <= getattr(self, lo) < getattr(self, hi) <= 1:
+                raise ValueError(f"need 0 <= {lo} < {hi} <= 1, got {getattr(self, lo)}, {getattr(self, hi)}")
         if not 0 < self.tempo_tolerance < 0.5:
             raise ValueError(f"tempo_tolerance must be in (0, 0.5), got {self.tempo_tolerance}")
         for name in ("slow_bpm", "mid_bpm", "fast_bpm"):
@@ -80,10 +87,16 @@ class Claims:
 class Confident:
     """The measured facts that are sure enough to use (None: not measured or not sure)."""
 
-    tempo_bpm: float | None = None
+    tempo_bpm: float | None = None  # sure up to an octave: what a caption is checked against
     key: int | None = None
     mode: str | None = None
     drums: bool | None = None
+    tempo_octave_sure: bool = False  # the octave too: `tempo_bpm` may be stated as the beat
+
+    @property
+    def stated_bpm(self) -> float | None:
+        """The BPM to state as the beat (None when its octave is a guess)."""
+        return self.tempo_bpm if self.tempo_octave_sure else None
 
     @property
     def key_name(self) -> str | None:
@@ -177,21 +190,28 @@ def _num(facts: Mapping, name: str) -> float | None:
 
 def confident_facts(facts: Mapping, cfg: FactCheckConfig = FactCheckConfig()) -> Confident:
     tempo, t_conf = _num(facts, F.TEMPO_BPM), _num(facts, F.TEMPO_CONFIDENCE)
+    t_octave = _num(facts, F.TEMPO_OCTAVE_CONFIDENCE)
     key_name, mode, k_conf = facts.get(F.KEY) or "", facts.get(F.MODE) or "", _num(facts, F.KEY_CONFIDENCE)
-    ratio = _num(facts, F.PERCUSSIVE_RATIO)
+    ratio, kick = _num(facts, F.PERCUSSIVE_RATIO), _num(facts, F.KICK_RATIO)
     drums = None
     defects = facts.get(F.DEFECTS)
     defects = [] if defects is None else list(defects)  # a list, or an array from a pandas row
     hidden = any(d in cfg.drums_unsure_defects for d in defects)
     absence_hidden = any(d in cfg.drums_absence_unsure_defects for d in defects)
-    if ratio is not None and not hidden:
-        drums = True if ratio >= cfg.drums_present_ratio else False if ratio <= cfg.drums_absent_ratio and not absence_hidden else None
+    if not hidden:
+        if (ratio is not None and ratio >= cfg.drums_present_ratio) or (kick is not None and kick >= cfg.kick_present_ratio):
+            drums = True
+        elif (ratio is not None and ratio <= cfg.drums_absent_ratio and not absence_hidden
+              and (kick is None or kick <= cfg.kick_absent_ratio)):
+            drums = False
     key_ok = key_name in F.KEY_NAMES and mode in (F.MAJOR, F.MINOR) and k_conf is not None and k_conf >= cfg.key_min_confidence
+    tempo_sure = bool(tempo) and t_conf is not None and t_conf >= cfg.tempo_min_confidence
     return Confident(
-        tempo_bpm=tempo if tempo and t_conf is not None and t_conf >= cfg.tempo_min_confidence else None,
+        tempo_bpm=tempo if tempo_sure else None,
         key=F.KEY_NAMES.index(key_name) if key_ok else None,
         mode=mode if key_ok else None,
         drums=drums,
+        tempo_octave_sure=tempo_sure and t_octave is not None and t_octave >= cfg.tempo_octave_min_confidence,
     )
 
 
@@ -200,8 +220,8 @@ def grounding(facts: Mapping, cfg: FactCheckConfig = FactCheckConfig()) -> dict:
     "drums": "yes"}; a fact that is not confident is left out."""
     c = confident_facts(facts, cfg)
     out: dict = {}
-    if c.tempo_bpm is not None:
-        out["tempo_bpm"] = int(round(c.tempo_bpm))
+    if c.stated_bpm is not None:
+        out["tempo_bpm"] = int(round(c.stated_bpm))
     if c.key_name:
         out["key"] = c.key_name
     if c.drums is not None:
@@ -269,8 +289,8 @@ def facts_sentence(facts: Mapping, cfg: FactCheckConfig = FactCheckConfig()) -> 
     """A short sentence of the confident facts, MusicBench-style; "" when none is confident."""
     c = confident_facts(facts, cfg)
     parts = []
-    if c.tempo_bpm is not None:
-        parts.append(f"The bpm is {int(round(c.tempo_bpm))}.")
+    if c.stated_bpm is not None:
+        parts.append(f"The bpm is {int(round(c.stated_bpm))}.")
     if c.key_name:
         parts.append(f"The key is {c.key_name}.")
     if c.drums is not None:
@@ -283,14 +303,15 @@ def fallback_caption(facts: Mapping, cfg: FactCheckConfig = FactCheckConfig(), t
     is missing and whose LLM candidates all failed; "" when there is nothing to say."""
     c = confident_facts(facts, cfg)
     tags = [t.strip() for t in tags if t and t.strip() and not check(t, c, cfg)]  # no tag that contradicts
-    if c.tempo_bpm is None and c.key is None and c.drums is None and not tags:
+    bpm = c.stated_bpm
+    if bpm is None and c.key is None and c.drums is None and not tags:
         return ""
     text = "A"
-    if c.tempo_bpm is not None:
-        text += f" {_tempo_word(c.tempo_bpm, cfg)}"
+    if bpm is not None:
+        text += f" {_tempo_word(bpm, cfg)}"
     text += " piece of music"
-    if c.tempo_bpm is not None:
-        text += f" at about {int(round(c.tempo_bpm))} bpm"
+    if bpm is not None:
+        text += f" at about {int(round(bpm))} bpm"
     if c.key_name:
         text += f" in {c.key_name}"
     if c.drums is not None:

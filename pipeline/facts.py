@@ -277,25 +277,42 @@ def key_from_chroma(chroma: np.ndarray) -> tuple[int, str, float]:
     return best
 
 
+def _transient_frames(perc_band: np.ndarray) -> np.ndarray:
+    """Frames where a band's percussive power (B, N) rises over 4 times its median over the
+    clip: a hit, not a stationary sound."""
+    e = perc_band.sum(axis=0)  # (N,)
+    return e > 4.0 * np.median(e) + _EPS
+
+
 def drum_transient_share(perc: np.ndarray, power: np.ndarray, freqs: np.ndarray,
                          top_hz: float = 10_000.0) -> float | None:
-    """Share of the clip's energy in broadband percussive transients: frames whose percussive
-    power (HPSS, margin 2) between 200 Hz and 10 kHz is over 4 times its median over the clip
-    (a transient, not a stationary noise) and spread evenly over that band (spectral flatness
-    over 0.3, about half a white noise's: a snare, a hat, a clap; not the attack of a pitched
-    note, whose percussive part is still a comb of partials). A kick alone is not broadband and
-    does not count. The band stops at `top_hz` (the clip's bandwidth: a lowpass must not make a
+    """Share of the clip's energy in noise-like percussive transients (a snare, hats, cymbals, a
+    clap, a shaker): frames whose percussive power (HPSS, margin 2) from 1 kHz up is a transient
+    (`_transient_frames`) and spread evenly over that band (spectral flatness over 0.25, about
+    half a white noise's), not the comb of partials a pitched note's attack leaves. The band
+    stops at `top_hz` (10 kHz, or 90 % of the clip's bandwidth, so a lowpass does not make a
     snare look pitched); None when under 2 kHz is left. (K, N) powers."""
     total = float(power.sum())
     top = min(10_000.0, top_hz)
     if total <= 0 or top < 2_000.0:
         return None
-    band = (freqs >= 200.0) & (freqs <= top)
+    band = (freqs >= 1_000.0) & (freqs <= top)
     p = perc[band]  # (B, N)
-    e = p.sum(axis=0)  # (N,)
     flat = np.exp(np.mean(np.log(p + _EPS), axis=0)) / np.maximum(np.mean(p, axis=0), _EPS)  # (N,)
-    hits = (e > 4.0 * np.median(e)) & (flat > 0.3)
+    hits = _transient_frames(p) & (flat > 0.25)
     return float(perc[:, hits].sum() / total)
+
+
+def kick_transient_share(perc: np.ndarray, power: np.ndarray, freqs: np.ndarray) -> float | None:
+    """Share of the clip's energy in low percussive transients: the HPSS percussive part under
+    150 Hz in its transient frames (`_transient_frames`), summed over that band. A kick drum
+    (an 808's too, which has no noise to count in `drum_transient_share`) and low toms; the
+    attacks of a plucked bass add a little. None for a silent clip. (K, N) powers."""
+    total = float(power.sum())
+    if total <= 0:
+        return None
+    low = perc[freqs < 150.0]  # (B, N)
+    return float(low[:, _transient_frames(low)].sum() / total)
 
 
 def chroma_novelty(chroma: np.ndarray, half: int) -> np.ndarray:
@@ -356,8 +373,9 @@ def _chord_period(change_env: np.ndarray, frame_rate: float) -> tuple[float | No
 
 
 def tempo(onset_env: np.ndarray, frame_rate: float, cfg: MeasureConfig,
-          change_env: np.ndarray | None = None, onset_rate_hz: float | None = None) -> tuple[float | None, float]:
-    """(BPM, confidence 0..1) from an onset-strength envelope sampled at `frame_rate` Hz.
+          change_env: np.ndarray | None = None, onset_rate_hz: float | None = None) -> tuple[float | None, float, float]:
+    """(BPM, confidence 0..1, octave confidence 0..1) from an onset-strength envelope sampled
+    at `frame_rate` Hz.
 
     1. Periodicity: the envelope's autocorrelation; a beat period L scores its own peak plus
        half its subdivision (L/2) and its grouping (2L) peaks, which also keeps a dotted period
@@ -371,11 +389,14 @@ def tempo(onset_env: np.ndarray, frame_rate: float, cfg: MeasureConfig,
        caption check accepts): the share of the candidates' total score held by the chosen
        one's octave family (against the 3:2 relatives), times the periodicity at the beat
        period, so a weak pulse or a duple/triple ambiguity reads unsure. Which octave is the
-       beat stays a guess on about one clip in four (docs/facts.md)."""
+       beat stays a guess on about one clip in four (docs/facts.md);
+    4. the octave confidence says how sure that guess is: the chosen level's share of the
+       evidence against its stronger octave rival (half or double; 1 when neither is in range).
+       On the benchmark, >= 0.7 is right within 4 % on about 94 % of those clips."""
     x = np.asarray(onset_env, dtype=np.float64)
     n = len(x)
     if n < 8 or not np.any(x - x.mean()):
-        return None, 0.0
+        return None, 0.0, 0.0
     ac = _acf(x)
     max_lag = 0.6 * n  # beyond this, too few products for a stable estimate
     bpm = cfg.tempo_min_bpm * 2 ** np.arange(0, math.log2(cfg.tempo_max_bpm / cfg.tempo_min_bpm), 0.0025)
@@ -389,7 +410,7 @@ def tempo(onset_env: np.ndarray, frame_rate: float, cfg: MeasureConfig,
 
     score = pulse(lags)
     if not np.any(score > 0):
-        return None, 0.0
+        return None, 0.0, 0.0
     grid = float(bpm[np.argmax(score * prior(bpm, cfg.tempo_prior_octaves))])
     period, strength = _chord_period(change_env, frame_rate) if change_env is not None else (None, 0.0)
     factors = [f for f in (0.5, 2 / 3, 1.0, 1.5, 2.0) if cfg.tempo_min_bpm <= grid * f <= cfg.tempo_max_bpm]
@@ -414,9 +435,12 @@ def tempo(onset_env: np.ndarray, frame_rate: float, cfg: MeasureConfig,
         per_beat = onset_rate_hz * 60.0 / cands
         evidence *= np.exp(-0.5 * (np.log2(per_beat / 1.5)) ** 2)  # 1-2 onsets a beat, one octave either way
     if not evidence.sum() > 0:  # no candidate has any support: the grid, unsure
-        return grid, 0.0
+        return grid, 0.0, 0.0
     best = int(np.argmax(evidence))
     share = float(evidence[binary == binary[best]].sum() / evidence.sum())  # octaves pooled: the check accepts them
+    ratio = cands / cands[best]
+    rivals = evidence[(np.abs(ratio - 2) < 0.1) | (np.abs(ratio - 0.5) < 0.05)]
+    octave = float(evidence[best] / (evidence[best] + rivals.max())) if rivals.size else 1.0
     at_beat = float(np.clip(_at(ac, 60.0 * frame_rate / cands[best], max_lag), 0.0, 1.0))
     # sub-grid precision: a parabola through the periodicity around the chosen tempo
     i = int(np.argmin(np.abs(bpm - cands[best])))
@@ -426,7 +450,7 @@ def tempo(onset_env: np.ndarray, frame_rate: float, cfg: MeasureConfig,
         den = y0 - 2 * y1 + y2
         if den < 0:
             result = float(bpm[i] * 2 ** (0.0025 * 0.5 * (y0 - y2) / den))
-    return result, share * at_beat
+    return result, share * at_beat, octave
 
 
 def musical_facts(mono: np.ndarray, sr: int, cfg: MeasureConfig, bandwidth_hz: float | None = None) -> dict:
@@ -441,8 +465,9 @@ def musical_facts(mono: np.ndarray, sr: int, cfg: MeasureConfig, bandwidth_hz: f
     hop = 512
     stft = librosa.stft(y, n_fft=2048, hop_length=hop)
     harm, perc = librosa.decompose.hpss(stft, margin=(1.0, 2.0))  # a strict percussive part
-    perc_ratio = drum_transient_share(np.abs(perc) ** 2, np.abs(stft) ** 2, librosa.fft_frequencies(sr=sr, n_fft=2048),
-                                      0.9 * bandwidth_hz if bandwidth_hz else 10_000.0)
+    perc_power, power, freqs = np.abs(perc) ** 2, np.abs(stft) ** 2, librosa.fft_frequencies(sr=sr, n_fft=2048)
+    perc_ratio = drum_transient_share(perc_power, power, freqs, 0.9 * bandwidth_hz if bandwidth_hz else 10_000.0)
+    kick_ratio = kick_transient_share(perc_power, power, freqs)
 
     y_harm = librosa.istft(harm, hop_length=hop, length=len(y))
     with warnings.catch_warnings():  # a clip with no pitched content: no tuning, flat chroma
@@ -459,14 +484,16 @@ def musical_facts(mono: np.ndarray, sr: int, cfg: MeasureConfig, bandwidth_hz: f
     onsets = librosa.onset.onset_detect(onset_envelope=onset_env, sr=sr, hop_length=tempo_hop)
     onset_rate = len(onsets) / (len(y) / sr)
     change = np.repeat(chroma_novelty(chroma, max(1, int(round(0.25 * sr / hop)))), 2)[: len(onset_env)]  # (N,) at the tempo hop
-    bpm, t_conf = tempo(onset_env, sr / tempo_hop, cfg, change, onset_rate)
+    bpm, t_conf, t_octave = tempo(onset_env, sr / tempo_hop, cfg, change, onset_rate)
     return {
         F.TEMPO_BPM: _finite(bpm),
         F.TEMPO_CONFIDENCE: t_conf,
+        F.TEMPO_OCTAVE_CONFIDENCE: t_octave,
         F.KEY: F.KEY_NAMES[tonic],
         F.MODE: mode,
         F.KEY_CONFIDENCE: float(max(0.0, r)),
         F.PERCUSSIVE_RATIO: perc_ratio,
+        F.KICK_RATIO: kick_ratio,
         F.ONSET_RATE_HZ: onset_rate,
     }
 

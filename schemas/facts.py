@@ -26,10 +26,12 @@ STEREO_CORRELATION = "stereo_correlation"  # Pearson correlation of the first tw
 # --- musical facts ---------------------------------------------------------------------------
 TEMPO_BPM = "tempo_bpm"  # beats per minute
 TEMPO_CONFIDENCE = "tempo_confidence"  # 0..1: pulse clarity, right up to half/double time
+TEMPO_OCTAVE_CONFIDENCE = "tempo_octave_confidence"  # 0..1: that the BPM is the beat, not its half or double
 KEY = "key"  # tonic pitch class: "C", "C#", ..., "B" ("" when not measured)
 MODE = "mode"  # "major" or "minor" ("" when not measured)
 KEY_CONFIDENCE = "key_confidence"  # 0..1: correlation of the chroma with the best key profile
-PERCUSSIVE_RATIO = "percussive_ratio"  # energy share of broadband percussive transients (HPSS), 0..1
+PERCUSSIVE_RATIO = "percussive_ratio"  # energy share of noise-like percussive transients from 1 kHz up (snare, hats), 0..1
+KICK_RATIO = "kick_ratio"  # energy share of percussive transients under 150 Hz (kick drum), 0..1
 ONSET_RATE_HZ = "onset_rate_hz"  # detected onsets per second
 SPECTRAL_CENTROID_HZ = "spectral_centroid_hz"  # energy-weighted mean of the frames' centroids, Hz
 
@@ -54,7 +56,7 @@ CONTRADICTS_KEY = "contradicts_key"
 CONTRADICTS_DRUMS = "contradicts_drums"
 CHECK_REASONS = (CONTRADICTS_TEMPO, CONTRADICTS_KEY, CONTRADICTS_DRUMS)
 
-FACTS_VERSION = 1
+FACTS_VERSION = 2
 
 FACT_FIELDS = [
     pa.field(LOUDNESS_LUFS, pa.float64()),
@@ -69,10 +71,12 @@ FACT_FIELDS = [
     pa.field(STEREO_CORRELATION, pa.float64()),
     pa.field(TEMPO_BPM, pa.float64()),
     pa.field(TEMPO_CONFIDENCE, pa.float64()),
+    pa.field(TEMPO_OCTAVE_CONFIDENCE, pa.float64()),
     pa.field(KEY, pa.string(), nullable=False),
     pa.field(MODE, pa.string(), nullable=False),
     pa.field(KEY_CONFIDENCE, pa.float64()),
     pa.field(PERCUSSIVE_RATIO, pa.float64()),
+    pa.field(KICK_RATIO, pa.float64()),
     pa.field(ONSET_RATE_HZ, pa.float64()),
     pa.field(SPECTRAL_CENTROID_HZ, pa.float64()),
     pa.field(DEFECTS, pa.list_(pa.string()), nullable=False),

@@ -8,8 +8,8 @@ from pipeline import factcheck as FC
 from schemas import facts as F
 
 # A minor at 120 bpm, no drums, every fact confident
-FACTS = {F.TEMPO_BPM: 120.0, F.TEMPO_CONFIDENCE: 0.8, F.KEY: "A", F.MODE: F.MINOR, F.KEY_CONFIDENCE: 0.8,
-         F.PERCUSSIVE_RATIO: 0.0}
+FACTS = {F.TEMPO_BPM: 120.0, F.TEMPO_CONFIDENCE: 0.8, F.TEMPO_OCTAVE_CONFIDENCE: 0.9, F.KEY: "A", F.MODE: F.MINOR,
+         F.KEY_CONFIDENCE: 0.8, F.PERCUSSIVE_RATIO: 0.0, F.KICK_RATIO: 0.0}
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -95,6 +95,27 @@ def test_sentence_grounding_and_fallback_caption_agree_with_the_facts():
         assert FC.check(FC.fallback_caption(facts), facts) == []
 
 
+def test_a_bpm_whose_octave_is_a_guess_is_checked_but_never_stated():
+    """Sure of the pulse but not of the octave (the beat may be 60 or 120): a caption's 60 or 120
+    BPM agrees, but mosaiq states no BPM and no slow/fast word, so it never writes half time."""
+    guess = {**FACTS, F.TEMPO_OCTAVE_CONFIDENCE: 0.55}
+    c = FC.confident_facts(guess)
+    assert c.tempo_bpm == 120.0 and c.stated_bpm is None
+    assert FC.check("a slow song at 60 bpm", guess) == [] and FC.check("at 90 bpm", guess) == [F.CONTRADICTS_TEMPO]
+    assert FC.facts_sentence(guess) == "The key is A minor. It has no drums."
+    assert "tempo_bpm" not in FC.grounding(guess)
+    assert FC.fallback_caption(guess) == "A piece of music in A minor, without drums."
+    assert FC.confident_facts({**FACTS, F.TEMPO_OCTAVE_CONFIDENCE: None}).stated_bpm is None  # not measured: not stated
+    assert FC.confident_facts(guess, FC.FactCheckConfig(tempo_octave_min_confidence=0.5)).stated_bpm == 120.0
+
+
+def test_a_kick_drum_alone_is_drums_and_a_bass_lines_attacks_keep_no_drums_unsure():
+    assert FC.confident_facts({F.PERCUSSIVE_RATIO: 0.0, F.KICK_RATIO: 0.03}).drums is True
+    assert FC.confident_facts({F.PERCUSSIVE_RATIO: 0.0, F.KICK_RATIO: 0.005}).drums is None
+    assert FC.confident_facts({F.PERCUSSIVE_RATIO: 0.0, F.KICK_RATIO: 0.001}).drums is False
+    assert FC.confident_facts({F.PERCUSSIVE_RATIO: 0.0, F.KICK_RATIO: 0.03, F.DEFECTS: [F.NOISY]}).drums is None
+
+
 def test_fallback_caption_is_empty_when_there_is_nothing_to_say():
     assert FC.fallback_caption({}) == ""
     assert FC.facts_sentence({}) == ""
@@ -104,5 +125,9 @@ def test_fallback_caption_is_empty_when_there_is_nothing_to_say():
 def test_config_is_checked():
     with pytest.raises(ValueError, match="drums"):
         FC.FactCheckConfig(drums_absent_ratio=0.3, drums_present_ratio=0.2)
+    with pytest.raises(ValueError, match="kick_absent_ratio"):
+        FC.FactCheckConfig(kick_absent_ratio=0.02)
+    with pytest.raises(ValueError, match="tempo_octave_min_confidence"):
+        FC.FactCheckConfig(tempo_octave_min_confidence=1.5)
     with pytest.raises(ValueError, match="slow_bpm"):
         FC.FactCheckConfig(slow_bpm=(100.0, 50.0))
