@@ -21,7 +21,9 @@ How each fact is found (docs/facts.md has the reasoning and the limits):
   floor has no cliff. No cliff: Nyquist.
 - noise floor and SNR: minimum statistics; per frequency bin a low percentile of the frame
   powers (bias-corrected for an exponential distribution), then a running median across
-  frequency so that sustained partials do not count as noise.
+  frequency so that sustained partials do not count as noise; the noise is that floor's mean
+  in dB over the clip's band, as a white noise filling the band (the low bins of a dense mix,
+  which never go quiet, count by their share of the spectrum, not by their power).
 - tempo: SuperFlux onset envelope (vibrato-proof); its autocorrelation gives a metrical grid
   under a broad log-normal prior; the beat is chosen among the grid's octaves and 3:2
   relatives by periodicity, a tighter prior, the harmonic rhythm (chroma novelty: a chord most
@@ -49,6 +51,7 @@ from schemas import tables as T
 
 ANALYSIS_SR = 22_050  # rate of the mono copy the musical facts are measured on
 _EPS = 1e-20  # power floor (-200 dB) for logarithms
+_QUANT_16BIT = (2.0 / 2**16) ** 2 / 12  # 16-bit PCM's quantization noise: -101.1 dB re full-scale white noise density
 
 
 @dataclass(frozen=True)
@@ -219,13 +222,25 @@ def _edge(centre: np.ndarray, power_b: np.ndarray, top: int) -> float:
     return float(centre[top])
 
 
-def noise_floor(power: np.ndarray, percentile: float) -> float:
-    """Power of the stationary noise: per bin a low percentile of the frame powers, divided by
-    that percentile of an exponential distribution (a noise bin's power), then a running median
-    over 31 bins so sustained partials are not taken for noise."""
+def noise_floor(power: np.ndarray, percentile: float, freqs: np.ndarray, bandwidth_hz: float) -> float:
+    """Power of the stationary noise, (K, N) `power` and its (K,) `freqs`: per bin a low
+    percentile of the frame powers, divided by that percentile of an exponential distribution
+    (a noise bin's power), a running median over 31 bins so sustained partials are not taken
+    for noise; then the mean in dB (geometric mean) of that floor over the bins under
+    `bandwidth_hz`, each held at least at 16-bit quantization noise, times the share of the
+    spectrum they cover: the power of a white noise filling the clip's band at that level.
+
+    The mean in dB, not in power: a dense mix never goes quiet in its low and mid bins, so
+    their low percentile is the music itself, tens of dB over the floor of the treble; a mean
+    in power would be that music, while in dB each bin counts by its share of the spectrum,
+    where hiss is heard. White noise reads its own power (the SNR is the true one within
+    ~1 dB), also under an encoder's lowpass; a noise falling with frequency reads low (pink
+    noise by ~6 dB), and hum or rumble under the bass is not seen."""
     q = np.percentile(power, percentile, axis=1) / -math.log(1 - percentile / 100.0)  # (K,)
-    smooth = np.exp(ndimage.median_filter(np.log(np.maximum(q, _EPS)), size=31, mode="nearest"))
-    return float(smooth[1:].mean())  # without the DC bin
+    log_q = np.log(np.maximum(q, _QUANT_16BIT))  # (K,); digital silence counts as 16-bit noise
+    smooth = ndimage.median_filter(log_q, size=31, mode="nearest")  # (K,)
+    top = max(2, int(np.searchsorted(freqs, bandwidth_hz, side="right")))  # bins 1..top-1: the band, DC left out
+    return float(np.exp(smooth[1:top].mean()) * (top - 1) / (len(freqs) - 1))
 
 
 def silence_fraction(a: np.ndarray, sr: int, silence_dbfs: float) -> float:
@@ -513,7 +528,7 @@ def measure(audio: np.ndarray, sr: int, cfg: MeasureConfig = MeasureConfig()) ->
     freqs, power = _power_spectrogram(mono, sr)  # (K,), (K, N)
     mean_power = power.mean(axis=1)
     bw = bandwidth(freqs, mean_power, sr, cfg)
-    noise = noise_floor(power, cfg.noise_percentile)
+    noise = noise_floor(power, cfg.noise_percentile, freqs, bw)
     total = float(mean_power[1:].mean())
     facts = {
         F.LOUDNESS_LUFS: loudness_lufs(a, sr),

@@ -17,7 +17,7 @@ TRUE_PEAK_DBTP = "true_peak_dbtp"  # 4x-oversampled peak, dB true peak (0 = full
 CLIPPED_FRACTION = "clipped_fraction"  # share of samples in runs of >= 3 at the clip's peak level, 0..1
 BANDWIDTH_HZ = "bandwidth_hz"  # effective bandwidth: the spectral cliff's edge, or Nyquist when none
 BANDWIDTH_RATIO = "bandwidth_ratio"  # bandwidth_hz / Nyquist, 0..1
-NOISE_FLOOR_DBFS = "noise_floor_dbfs"  # RMS level of the stationary noise estimate, dBFS
+NOISE_FLOOR_DBFS = "noise_floor_dbfs"  # RMS level of the stationary noise estimate (a white noise at the floor's dB-mean level over the band), dBFS
 SNR_DB = "snr_db"  # signal power over the noise estimate, dB
 SILENCE_FRACTION = "silence_fraction"  # share of 50 ms frames under the silence level, 0..1
 DC_OFFSET = "dc_offset"  # largest per-channel mean, in full-scale units (signed)
