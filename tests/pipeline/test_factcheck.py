@@ -126,7 +126,7 @@ def test_config_is_checked():
     with pytest.raises(ValueError, match="drums"):
         FC.FactCheckConfig(drums_absent_ratio=0.3, drums_present_ratio=0.2)
     with pytest.raises(ValueError, match="kick_absent_ratio"):
-        FC.FactCheckConfig(kick_absent_ratio=0.02)
+        FC.FactCheckConfig(kick_absent_ratio=0.05)
     with pytest.raises(ValueError, match="tempo_octave_min_confidence"):
         FC.FactCheckConfig(tempo_octave_min_confidence=1.5)
     with pytest.raises(ValueError, match="slow_bpm"):
