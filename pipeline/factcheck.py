@@ -40,13 +40,13 @@ class FactCheckConfig:
     key_min_confidence: float = 0.7  # correlation with the best key profile, 0..1 (r >= 0.7: about half the chroma's variance)
     # the percussive ratio is the energy share of noise-like percussive transients (snare, hats,
     # claps), the kick ratio that of low ones (a kick drum; docs/facts.md); a plucked or struck
-    # instrument, or a bass line, leaves a little of each, so only the ends of the ranges are sure
-    # (docs/facts.md: on four generated seeds, a Karplus-Strong pluck's noise attack reaches a
-    # percussive ratio of 0.0034 and a loud plucked bass a kick ratio of 0.019 with no kit)
+    # instrument leaves a little of the first, so only its ends are sure (on five generated
+    # seeds a Karplus-Strong pluck's noise attack reaches 0.0034 with no kit). A loud plucked
+    # bass reaches a kick ratio of 0.025 with no kit, as much as a real 808 loop's 0.035, so
+    # the kick ratio never makes drums sure; it only keeps "no drums" from being sure
     drums_present_ratio: float = 0.004  # percussive ratio at or above: drums, confidently
     drums_absent_ratio: float = 0.0005  # at or below, with the kick ratio at or below kick_absent_ratio: no drums
-    kick_present_ratio: float = 0.025  # kick ratio at or above: drums (a kick drum), confidently
-    kick_absent_ratio: float = 0.003  # (between the two pairs: not sure)
+    kick_absent_ratio: float = 0.003  # (in between: not sure)
     # defects that hide or fake broadband transients: with any of them, drums are not sure; a
     # band-limited clip keeps little of a snare's spread, so there only "drums" can be sure
     drums_unsure_defects: tuple[str, ...] = (F.NOISY, F.CLIPPING)
@@ -63,9 +63,11 @@ class FactCheckConfig:
     def __post_init__(self):
         if not 0 <= self.tempo_octave_min_confidence <= 1:
             raise ValueError(f"tempo_octave_min_confidence must be in [0, 1], got {self.tempo_octave_min_confidence}")
-        for lo, hi in (("drums_absent_ratio", "drums_present_ratio"), ("kick_absent_ratio", "kick_present_ratio")):
-            if not 0 <= getattr(self, lo) < getattr(self, hi) <= 1:
-                raise ValueError(f"need 0 <= {lo} < {hi} <= 1, got {getattr(self, lo)}, {getattr(self, hi)}")
+        if not 0 <= self.drums_absent_ratio < self.drums_present_ratio <= 1:
+            raise ValueError(f"need 0 <= drums_absent_ratio < drums_present_ratio <= 1, got "
+                             f"{self.drums_absent_ratio}, {self.drums_present_ratio}")
+        if not 0 <= self.kick_absent_ratio <= 1:
+            raise ValueError(f"kick_absent_ratio must be in [0, 1], got {self.kick_absent_ratio}")
         if not 0 < self.tempo_tolerance < 0.5:
             raise ValueError(f"tempo_tolerance must be in (0, 0.5), got {self.tempo_tolerance}")
         for name in ("slow_bpm", "mid_bpm", "fast_bpm"):
@@ -200,11 +202,10 @@ def confident_facts(facts: Mapping, cfg: FactCheckConfig = FactCheckConfig()) ->
     defects = [] if defects is None else list(defects)  # a list, or an array from a pandas row
     hidden = any(d in cfg.drums_unsure_defects for d in defects)
     absence_hidden = any(d in cfg.drums_absence_unsure_defects for d in defects)
-    if not hidden:
-        if (ratio is not None and ratio >= cfg.drums_present_ratio) or (kick is not None and kick >= cfg.kick_present_ratio):
+    if not hidden and ratio is not None:
+        if ratio >= cfg.drums_present_ratio:
             drums = True
-        elif (ratio is not None and ratio <= cfg.drums_absent_ratio and not absence_hidden
-              and (kick is None or kick <= cfg.kick_absent_ratio)):
+        elif ratio <= cfg.drums_absent_ratio and not absence_hidden and (kick is None or kick <= cfg.kick_absent_ratio):
             drums = False
     key_ok = key_name in F.KEY_NAMES and mode in (F.MAJOR, F.MINOR) and k_conf is not None and k_conf >= cfg.key_min_confidence
     tempo_sure = bool(tempo) and t_conf is not None and t_conf >= cfg.tempo_min_confidence
