@@ -243,7 +243,11 @@ def stamp(loc) -> str:
         files = sorted((str(f.relative_to(p)), f) for f in p.rglob("*") if f.is_file())
     else:
         return f"{p}: missing"
-    return text_digest("|".join(f"{name}:{size}:{mtime}" for name, f in files for size, mtime in [size_and_mtime(f)]))
+    entries = []
+    for name, f in files:
+        size, mtime = size_and_mtime(f)
+        entries.append(f"{name}:{size}:{mtime}")
+    return text_digest("|".join(entries))
 
 
 def rmtree(loc) -> None:
