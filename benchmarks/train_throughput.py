@@ -148,7 +148,7 @@ def time_trainer(args, device) -> tuple[float, float]:
     if device.type == "cuda":  # as the trainer: TF32 for what stays fp32, fused AdamW
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.compile:
-        model.compile()
+        model.compile_blocks()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     diff = GaussianDiffusion(DiffusionConfig())
     wave = torch.randn(args.batch_size, int(CLIP_SECONDS * SAMPLE_RATE), device=device) * 0.1
@@ -198,7 +198,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--loader-batches", type=int, default=24)
+    p.add_argument("--loader-batches", type=int, default=24, help="batches the loader is timed on (0: trainer only)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--text-len", type=int, default=32)
     p.add_argument("--text-dim", type=int, default=1024)
@@ -217,17 +217,20 @@ def main() -> None:
         if shards is None:
             write_shards(Path(tmp), n=64, seconds=CLIP_SECONDS)
             shards = tmp
-        loader_sps = time_loader(args, shards)
+        loader_sps = time_loader(args, shards) if args.loader_batches else None
         train_sps, step_s, flops_s = time_trainer(args, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}")
-    print(f"trainer  {args.preset}: {train_sps:8.2f} samples/s  ({step_s * 1000:.0f} ms/step, batch {args.batch_size}, 10.24 s clips)")
-    print(f"loader ({args.num_workers} workers): {loader_sps:8.2f} samples/s")
-    print(f"ratio loader/trainer: {loader_sps / train_sps:.1f}  (target >= 3)")
+    how = f"adaLN-{args.adaln}{', compiled' if args.compile else ''}"
+    print(f"trainer  {args.preset} ({how}): {train_sps:8.2f} samples/s  ({step_s * 1000:.0f} ms/step, batch {args.batch_size}, 10.24 s clips)")
+    if loader_sps is not None:
+        print(f"loader ({args.num_workers} workers): {loader_sps:8.2f} samples/s")
+        print(f"ratio loader/trainer: {loader_sps / train_sps:.1f}  (target >= 3)")
     if device.type == "cuda":
         peak = peak_tflops(name)
         mfu = f"{100 * flops_s / (peak * 1e12):.1f}%" if peak else "unknown peak"
-        print(f"model FLOP/s (bf16): {flops_s / 1e12:.1f} TFLOP/s, MFU {mfu}")
+        gib = torch.cuda.max_memory_allocated(device) / 2**30
+        print(f"model FLOP/s (bf16): {flops_s / 1e12:.1f} TFLOP/s, MFU {mfu}, peak memory {gib:.1f} GiB")
 
 
 if __name__ == "__main__":

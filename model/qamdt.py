@@ -306,6 +306,16 @@ class QAMDT(nn.Module):
     def blocks(self) -> list[QAMDTBlock]:
         return [*self.en_inblocks, *self.en_outblocks, self.sideblock, *self.de_blocks]
 
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """torch.compile each transformer block in place (regional compilation): every block runs
+        the same code, so a handful of graphs (with or without a long skip, encoder or decoder
+        length) serve all of them, and compiling takes about as long for xl as for tiny; the
+        whole model as one graph took over two minutes for xl on an H200. Parameter names
+        (checkpoints, EMA) stay as they are. The rest of the forward (embedders, gathers, the
+        final layer) runs eagerly; it is a small share of the FLOPs."""
+        for block in self.blocks():
+            block.compile(backend=backend)
+
     def sample_mask_ratio(self) -> float:
         """A training mask ratio: mask_ratio + U(0, jitter), from torch's global RNG."""
         return self.mask_ratio_at(torch.rand(()).item())

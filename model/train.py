@@ -288,7 +288,7 @@ def train_loop(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: tor
 
     # 4. DDP and the data stream, started where the last run stopped
     if cfg.compile:
-        model.compile(backend=cfg.compile_backend)  # in place: parameter names (checkpoints, EMA) stay as they are
+        model.compile_blocks(backend=cfg.compile_backend)
     net = model
     if world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
