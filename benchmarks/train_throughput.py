@@ -176,8 +176,26 @@ def time_trainer(args, device) -> tuple[float, float]:
     if amp:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
+    if args.profile:
+        print_profile(step, device, rows=args.profile)
     tokens = model.patchifier.patchify(torch.zeros(1, 1, T, F)).shape[1]
     return args.batch_size / dt, dt, flops_per_sample(cfg, tokens, args.text_len) * args.batch_size / dt
+
+
+def print_profile(step, device, rows: int, steps: int = 2) -> None:
+    """The `rows` operators that take the most device time (CPU time on a CPU) over `steps`
+    more steps, from torch.profiler: where a step's time goes, for the next optimisation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
 
 
 def time_loader(args, shards: str) -> float:
@@ -204,6 +222,8 @@ def main() -> None:
     p.add_argument("--text-dim", type=int, default=1024)
     p.add_argument("--adaln", choices=["zero", "single"], default="zero")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="after timing, print the ROWS operators taking the most device time over two more steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--per-clip", action="store_true", help="only time the loader per clip by kind of shard")
     args = p.parse_args()

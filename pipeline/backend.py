@@ -548,13 +548,12 @@ def run_parts(
                 batch_size=resources.batch_size,
                 batch_format="pyarrow",
                 num_cpus=resources.prepare_num_cpus,
-                # spread over the nodes; and a strategy other than the actors' keeps Ray Data from
-                # fusing this step into them (the decoding would then run in the model actors)
-                scheduling_strategy="SPREAD",
+                # Ray Data fuses a task step into the actors that follow it when their remote
+                # args match, and the decoding would then run in the model actors. max_calls=0
+                # is a task's default (a worker is reused without limit); named, it is an arg
+                # the actors do not have, so the two never match (checked in tests/pipeline/test_score.py)
+                max_calls=0,
             )
-            actor_args = {"scheduling_strategy": "DEFAULT"}
-        else:
-            actor_args = {}
         ds = ds.map_batches(
             _StageActor,
             fn_constructor_kwargs={"stage_cls": stage_cls, "stage_kwargs": stage_kwargs, "done_ids": done_ids,
@@ -564,7 +563,6 @@ def run_parts(
             compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
             num_cpus=resources.num_cpus,
             num_gpus=resources.num_gpus,
-            **actor_args,
         )
         todo = rows_pending - (len(done_ids) if done_ids is not None else 0)
         _drain(ds, _Progress(name, max(todo, 0), "row"))

@@ -100,11 +100,35 @@ def test_actors_holding_every_cpu_are_warned_about(caplog):
     assert not _warn_if_no_cpu_left("score", Resources(concurrency=4, num_cpus=0.0, num_gpus=1.0), 2.0)
 
 
+class _Plans(logging.Handler):
+    """Ray Data's "Execution plan of Dataset ..." lines, which mosaiq keeps out of its log."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.plans = []
+
+    def emit(self, record):
+        if "Execution plan" in record.getMessage():
+            self.plans.append(record.getMessage())
+
+
 @pytest.mark.slow
-def test_ray_job_is_resumable_and_deterministic(sample_clips, tmp_path, ray_session, caplog):
+def test_ray_job_is_resumable_and_deterministic(sample_clips, tmp_path, ray_session, caplog, monkeypatch):
     cfg = score.ScoreConfig()
     first = tmp_path / "s1"
-    report = score.main(cfg, sample_clips, first)
+    plans, quiet = _Plans(), backend.quiet_ray_data
+    ray_data_log = logging.getLogger("ray.data")
+    # (after Ray Data has set up its logging, which replaces the handlers of "ray.data")
+    monkeypatch.setattr(backend, "quiet_ray_data",
+                        lambda: (quiet(), ray_data_log.setLevel(logging.INFO), ray_data_log.addHandler(plans)))
+    try:
+        report = score.main(cfg, sample_clips, first)
+    finally:
+        ray_data_log.removeHandler(plans)
+    # the decoding runs in its own CPU tasks: Ray Data fuses it into the model actors unless
+    # their remote args differ ("ActorPoolMapOperator[MapBatches(_prepare_batch)->...]")
+    assert plans.plans and all("TaskPoolMapOperator[MapBatches(_prepare_batch)] -> ActorPoolMapOperator" in p
+                               for p in plans.plans), plans.plans
     assert report.rows_written == 33 and report.status_counts == {T.OK: 30, T.ERROR: 3}
     assert not (first / WORK_DIR).exists()
     parts = sorted(p.name for p in first.glob("part-*.parquet"))
