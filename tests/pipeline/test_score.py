@@ -198,3 +198,12 @@ def test_ray_job_submit_scores_the_sample(sample_clips, tmp_path, ray_head):
     wins = sum(clean > degraded for clean, degraded in pairs)
     assert len(pairs) == 24
     assert wins / len(pairs) >= 0.75, f"clean ranked above degraded in only {wins}/{len(pairs)} pairs: {by_pair}"
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+@pytest.mark.parametrize("tf32", [True, False])
+def test_a_gpu_scorer_runs_tf32_unless_told_not_to(tf32):
+    import torch
+
+    score.ScoreStage(score.ScoreConfig(device="cuda", tf32=tf32))
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
