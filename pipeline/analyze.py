@@ -75,6 +75,7 @@ class AnalyzeStage(Stage):
         if r[T.STATUS] != T.OK:
             return out
         try:
+            audio.check_unchanged(r[T.AUDIO_PATH], r[T.SOURCE_SIZE_BYTES], r[T.SOURCE_MTIME_NS], r[T.SOURCE_DIGEST])
             wav = audio.load_clip(r[T.AUDIO_PATH], r[T.START_S], r[T.DURATION_S], None, mono=False,
                                   expected_sr=r.get(T.SOURCE_SAMPLE_RATE))  # (C, T) at the native rate
         except audio.AudioError as e:

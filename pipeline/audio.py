@@ -166,18 +166,36 @@ def read_sequential(f: sf.SoundFile, start: int, n: int | None, block: int = 1 <
     return np.concatenate(out) if out else np.zeros((0, f.channels), np.float32)
 
 
-def check_unchanged(path: str | Path, size: int | None, mtime_ns: int | None) -> None:
-    """Raise AudioError "changed since ingest" when the file's size or modification time is not
-    what ingest recorded (a cheap identity check before every decode; None skips it)."""
+# (path, size, mtime) -> content digest, for files whose modification time moved: one read a
+# file per process, however many of its clips a batch holds
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def check_unchanged(path: str | Path, size: int | None, mtime_ns: int | None, digest: str | None = None) -> None:
+    """Raise AudioError "changed since ingest" when the file is not the one ingest saw (a check
+    before every decode; None skips it). Size and modification time as ingest recorded them
+    pass at once. A file of the same size with another time (touched, or copied without its
+    times) passes when its content still has ingest's `digest` (`fs.file_digest`)."""
     if size is None or mtime_ns is None:
         return
     try:
         now_size, now_mtime = fs.size_and_mtime(path)
+        if (now_size, now_mtime) == (size, mtime_ns):
+            return
+        if now_size == size and digest:
+            key = (str(path), now_size, now_mtime)
+            if key not in _DIGESTS:
+                if len(_DIGESTS) > 4096:
+                    _DIGESTS.clear()
+                _DIGESTS[key] = fs.file_digest(path)
+            if _DIGESTS[key] == digest:
+                return
+            raise AudioError(f"{T.CHANGED_SINCE_INGEST}: content digest {_DIGESTS[key]} is not {digest} "
+                             f"(same size, modified {mtime_ns} -> {now_mtime} ns)")
     except OSError as e:
         raise AudioError(f"unreadable: {e.strerror or e}") from e
-    if (now_size, now_mtime) != (size, mtime_ns):
-        raise AudioError(f"{T.CHANGED_SINCE_INGEST}: size {size} -> {now_size} bytes, "
-                         f"modified {mtime_ns} -> {now_mtime} ns")
+    raise AudioError(f"{T.CHANGED_SINCE_INGEST}: size {size} -> {now_size} bytes, "
+                     f"modified {mtime_ns} -> {now_mtime} ns")
 
 
 def _decoder_message(e: Exception) -> str:

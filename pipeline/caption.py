@@ -330,14 +330,15 @@ class ClapSelectStage(Stage):
         from pipeline.audio import AudioError, check_unchanged, load_clip
 
         T.require_columns(table, CANDIDATES_SCHEMA.names, STAGE)
-        cols = (T.STATUS, T.REASON, T.AUDIO_PATH, T.START_S, T.DURATION_S, T.SOURCE_SIZE_BYTES, T.SOURCE_MTIME_NS)
+        cols = (T.STATUS, T.REASON, T.AUDIO_PATH, T.START_S, T.DURATION_S, T.SOURCE_SIZE_BYTES, T.SOURCE_MTIME_NS,
+                T.SOURCE_DIGEST)
         status, reason, *rest = (table.column(c).to_pylist() for c in cols)
         waves = [None] * table.num_rows
-        for i, (path, start, dur, size, mtime) in enumerate(zip(*rest)):
+        for i, (path, start, dur, size, mtime, digest) in enumerate(zip(*rest)):
             if clap.backend == "none" or status[i] != T.OK:
                 continue
             try:
-                check_unchanged(path, size, mtime)
+                check_unchanged(path, size, mtime, digest)
                 waves[i] = load_clip(path, start, dur, T.CLAP_SAMPLE_RATE, mono=True)
             except AudioError as e:
                 status[i], reason[i] = T.ERROR, f"clap: {e.reason}"

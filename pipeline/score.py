@@ -86,13 +86,13 @@ class ScoreStage(Stage):
         ScoreStage.check_input(table.schema)
         checks = audio.SignalChecks(silence_dbfs=cfg.silence_dbfs)
         cols = [table.column(c).to_pylist() for c in (T.STATUS, T.REASON, T.AUDIO_PATH, T.START_S, T.DURATION_S,
-                                                      T.SOURCE_SIZE_BYTES, T.SOURCE_MTIME_NS)]
+                                                      T.SOURCE_SIZE_BYTES, T.SOURCE_MTIME_NS, T.SOURCE_DIGEST)]
         status, reason, waves = cols[0], cols[1], []
-        for i, (_, _, path, start, dur, size, mtime) in enumerate(zip(*cols)):
+        for i, (_, _, path, start, dur, size, mtime, digest) in enumerate(zip(*cols)):
             wav = None
             if status[i] == T.OK:
                 try:
-                    audio.check_unchanged(path, size, mtime)
+                    audio.check_unchanged(path, size, mtime, digest)
                     wav = audio.load_clip(path, start, dur, T.PMOS_SAMPLE_RATE)
                     bad = checks.reason(wav)
                     if bad:

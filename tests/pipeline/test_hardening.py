@@ -233,6 +233,40 @@ def test_check_unchanged_names_what_changed(tmp_path):
     audio.check_unchanged(tmp_path / "a.wav", st.st_size, st.st_mtime_ns)
     with pytest.raises(audio.AudioError, match=f"{T.CHANGED_SINCE_INGEST}: size {st.st_size} -> "):
         audio.check_unchanged(tmp_path / "a.wav", st.st_size, st.st_mtime_ns + 1)
+    # with ingest's content digest, a new time alone is the same file; new bytes are not
+    digest = fs.file_digest(tmp_path / "a.wav")
+    audio.check_unchanged(tmp_path / "a.wav", st.st_size, st.st_mtime_ns + 1, digest)
+    sf.write(tmp_path / "a.wav", tone(1, seed=3), SR)  # same size, other samples
+    with pytest.raises(audio.AudioError, match=f"{T.CHANGED_SINCE_INGEST}: content digest .* is not {digest} "
+                                               r"\(same size"):
+        audio.check_unchanged(tmp_path / "a.wav", st.st_size, st.st_mtime_ns, digest)
+
+
+def test_files_touched_or_copied_without_their_times_are_still_used(tmp_path, scorer, ingest_to):
+    """A backup restore, `cp` without -p or `touch` changes only the modification time: the
+    content digest shows it is the same file, so no stage turns it into an error row; a file
+    rewritten after ingest is an error row from analyze on, before any fact is measured."""
+    from pipeline.analyze import AnalyzeStage
+
+    music = tmp_path / "music"
+    music.mkdir()
+    sf.write(music / "touched.wav", tone(3), SR)
+    sf.write(music / "copied.wav", tone(3, f=330.0), SR)
+    sf.write(music / "edited.wav", tone(3, f=440.0), SR)
+    table = ingest_to(music, tmp_path / "clips")
+    os.utime(music / "touched.wav", ns=(0, 2_000_000_000))
+    data = (music / "copied.wav").read_bytes()
+    (music / "copied.wav").unlink()
+    (music / "copied.wav").write_bytes(data)  # a new file, a new time, the same bytes
+    sf.write(music / "edited.wav", tone(3, seed=9), SR)
+    scored, analyzed = by_name(scorer(table)), by_name(AnalyzeStage()(table))
+    for name in ("touched.wav", "copied.wav"):
+        assert scored[name][T.STATUS] == T.OK and 1 <= scored[name][T.PMOS] <= 5, scored[name]
+        assert analyzed[name][T.STATUS] == T.OK and analyzed[name]["loudness_lufs"] is not None, analyzed[name]
+    for rows in (scored, analyzed):
+        assert rows["edited.wav"][T.STATUS] == T.ERROR, rows["edited.wav"]
+        assert rows["edited.wav"][T.REASON].startswith(T.CHANGED_SINCE_INGEST)
+    assert analyzed["edited.wav"]["loudness_lufs"] is None
 
 
 def test_export_never_writes_audio_that_changed_since_ingest(tmp_path, make_captions, export_to, in_process_tasks,
