@@ -25,7 +25,10 @@ How `map_parts` goes:
    tasks (when it has one), then the stage class on a pool of actors (loaded once per actor),
    which writes each batch's rows to `<output>/_work/`, one folder per part and input digest,
    and hands back only a count (the driver's progress display). Rows already there from a
-   killed run are not computed again.
+   killed run are not computed again. A stage that names `reuse_on` (score) first takes the
+   result of each `ok` row from the part's previous output when that output was made under the
+   same params and holds an `ok` row with the same values in those columns: a changed earlier
+   setting (an analyze threshold) then re-runs no model on clips it scored before.
 3. One Ray task per pending part gathers that part's rows from `_work/`, puts them in input
    order, checks the count, and writes the output part atomically.
 4. `_work/` is removed once every part is final.
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 
 WORK_DIR = "_work"
 INPUT_DIGEST_KEY = b"mosaiq.input_digest"  # output part metadata: what it was made from
+PARAMS_KEY = b"mosaiq.params"  # output part metadata: the stage params alone (row reuse)
 _PART_COL = "__mosaiq_part"  # which input part (and digest) a row came from (work files only)
 _RAY_PATH_COL = "path"  # what read_parquet(include_paths=True) adds
 _COUNT_COL = "__mosaiq_rows"  # what the writing steps hand back to the driver: a row count
@@ -296,11 +300,52 @@ def recorded_digest(part: str | Path) -> str | None:
     return value.decode() if value else None
 
 
-def with_digest(table: pa.Table, digest: str) -> pa.Table:
-    """`table` with the input digest in its schema metadata (kept beside the table's own)."""
+def with_digest(table: pa.Table, digest: str, params: str | None = None) -> pa.Table:
+    """`table` with the input digest (and the stage params) in its schema metadata, kept beside
+    the table's own."""
     meta = dict(table.schema.metadata or {})
     meta[INPUT_DIGEST_KEY] = digest.encode()
+    if params is not None:
+        meta[PARAMS_KEY] = params.encode()
     return table.replace_schema_metadata(meta)
+
+
+def _row_keys(table: pa.Table, columns: Sequence[str]) -> pa.Array:
+    """One text key a row from the values of `columns` (a unit separator between them)."""
+    cols = [pc.fill_null(pc.cast(table.column(c), pa.string()), "\x00") for c in columns]
+    return pc.binary_join_element_wise(*cols, "\x1f") if len(cols) > 1 else cols[0]
+
+
+def _reuse_previous(stage_cls, stage_kwargs: dict, input_part: str, previous: str, params: str, work_dir: str,
+                    tag: str) -> int:
+    """Write into the part's work folder, as if an earlier run had computed them, the rows that
+    need no model: the `ok` input rows whose result the part's previous output already holds
+    (made under the same `params`, `ok` there, equal in `stage_cls.reuse_on`), and the rows that
+    are not `ok` (passed through). Returns (`ok` rows reused, rows written); (0, 0) when there
+    is no such output."""
+    try:
+        meta = fs.read_schema(previous).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return 0, 0
+    if meta.get(PARAMS_KEY) != params.encode():
+        return 0, 0
+    key = list(stage_cls.reuse_on)
+    own = [c for c in stage_cls.output_schema.names if c not in stage_cls.input_schema.names]
+    before = fs.read_table(previous, columns=[*key, T.STATUS, *own])
+    before = before.filter(pc.equal(before.column(T.STATUS), T.OK))
+    rows = fs.read_table(input_part)
+    ok = pc.equal(rows.column(T.STATUS), T.OK)
+    at = pc.index_in(_row_keys(rows, key), value_set=_row_keys(before, key))  # (rows,) position in `before`
+    at = pc.if_else(ok, at, pa.scalar(None, at.type))  # only `ok` rows take an earlier result
+    found = pc.sum(pc.is_valid(at)).as_py() or 0
+    if not found:
+        return 0, 0
+    take = pc.or_(pc.is_valid(at), pc.invert(ok))
+    rows, at = rows.filter(take), at.filter(take)
+    out = T.conform(stage_cls.reuse(rows, before.select(own).take(at), **stage_kwargs), stage_cls.output_schema)
+    name = fs.text_digest("|".join(out.column(T.CLIP_ID).to_pylist()))
+    fs.atomic_write_table(out, _part_work_dir(fs.location(work_dir), tag) / f"reused-{name}.parquet")
+    return found, out.num_rows
 
 
 def plan_parts(input_dir: str | Path, output_dir: str | Path, params: str = "", stage: str = "stage") -> tuple[list[Path], dict[str, str], int]:
@@ -421,12 +466,13 @@ def readable_work_files(folders: Iterable[Path]) -> list[Path]:
     return good
 
 
-def _finalize_part(input_part: str, work_dir: str, tag: str, output_part: str, schema: pa.Schema, digest: str) -> int:
+def _finalize_part(input_part: str, work_dir: str, tag: str, output_part: str, schema: pa.Schema, digest: str,
+                   params: str | None = None) -> int:
     """Gather one part's rows from the work folder, in input order, and write it atomically."""
     ids = fs.read_table(input_part, columns=[T.CLIP_ID]).column(T.CLIP_ID)
     name = fs.location(input_part).name
     if len(ids) == 0:
-        fs.atomic_write_table(with_digest(schema.empty_table(), digest), output_part)
+        fs.atomic_write_table(with_digest(schema.empty_table(), digest, params), output_part)
         return 0
     files = sorted(str(f) for f in _part_work_dir(fs.location(work_dir), tag).glob("*.parquet"))
     if not files:
@@ -440,7 +486,7 @@ def _finalize_part(input_part: str, work_dir: str, tag: str, output_part: str, s
         missing = ids.filter(pc.is_null(order)).to_pylist()[:5]
         raise RuntimeError(f"{name}: {order.null_count} row(s) missing from the stage output, e.g. {missing}")
     table = T.conform(rows.take(order), schema)  # exact types and table metadata
-    fs.atomic_write_table(with_digest(table, digest), output_part)
+    fs.atomic_write_table(with_digest(table, digest, params), output_part)
     return len(ids)
 
 
@@ -483,9 +529,10 @@ def map_parts(
     input_dir, output_dir = fs.absolute(input_dir), fs.absolute(output_dir)
     parts = fs.list_parts(input_dir)
     with fs.stage_output(stage_cls.name, input_dir, output_dir):
-        parts, digests, _ = plan_parts(input_dir, output_dir, stage_params(stage_cls.output_schema, params), stage_cls.name)
+        params = stage_params(stage_cls.output_schema, params)
+        parts, digests, _ = plan_parts(input_dir, output_dir, params, stage_cls.name)
         pending = pending_parts(parts, digests, output_dir)
-        rows = run_parts(stage_cls, stage_kwargs, pending, digests, output_dir, resources)
+        rows = run_parts(stage_cls, stage_kwargs, pending, digests, output_dir, resources, params=params)
     report = StageReport(stage_cls.name, len(parts), len(parts) - len(pending), rows, time.perf_counter() - t0,
                          status_counts(output_dir))
     log.info("%s", report.line())
@@ -499,9 +546,12 @@ def run_parts(
     digests: dict[str, str],
     output_dir: str | Path,
     resources: Resources,
+    params: str | None = None,
 ) -> int:
     """Run a row-wise stage class over these input parts into `output_dir` (same part names),
-    each output part recording `digests[name]`; returns the rows written."""
+    each output part recording `digests[name]` and `params`; returns the rows written. With
+    `params` and a stage that names `reuse_on`, rows the previous output parts hold under the
+    same params are taken from there (`_reuse_previous`)."""
     name = stage_cls.name
     output_dir = fs.location(fs.absolute(output_dir))
     if not fs.is_remote(output_dir):
@@ -522,17 +572,28 @@ def run_parts(
         for d in work_dir.iterdir():
             if d.is_dir() and d.name not in keep:
                 fs.rmtree(d)
+    reused = written = 0
+    if params is not None and getattr(stage_cls, "reuse_on", None):
+        calls = [(stage_cls, stage_kwargs, str(p), str(output_dir / p.name), params, str(work_dir), tags[p.name])
+                 for p in pending if fs.location(output_dir / p.name).exists()]
+        got = run_tasks(_reuse_previous, calls, f"{name} (reuse)", num_cpus=0.5, unit="part", show=False)
+        reused, written = sum(g[0] for g in got), sum(g[1] for g in got)
+        if reused:
+            log.info("%s: %d row(s) taken from the previous output (same %s, same settings)", name, reused,
+                     ", ".join(stage_cls.reuse_on))
     work_files = readable_work_files(_part_work_dir(work_dir, t) for t in tags.values())
     done_ids = None
     if work_files:
         done_ids = pa.concat_tables([fs.read_table(f, columns=[T.CLIP_ID]) for f in work_files]).column(T.CLIP_ID)
         done_ids = pc.unique(done_ids.combine_chunks())
-        log.info("%s: resuming, %d row(s) already computed by an earlier run", name, len(done_ids))
+        if len(done_ids) > written:
+            log.info("%s: resuming, %d row(s) already computed by an earlier run", name, len(done_ids) - written)
 
     counts = {p.name: fs.read_metadata(p).num_rows for p in pending}
     with_rows = [p for p in pending if counts[p.name] > 0]
     storage = fs.storage_state()
-    if with_rows:
+    todo = sum(counts.values()) - (len(done_ids) if done_ids is not None else 0)
+    if with_rows and todo > 0:
         # about one block per model batch: the progress display moves batch by batch and every
         # actor of the pool gets work even when there are fewer parts than actors
         rows_pending = sum(counts[p.name] for p in with_rows)
@@ -564,11 +625,10 @@ def run_parts(
             num_cpus=resources.num_cpus,
             num_gpus=resources.num_gpus,
         )
-        todo = rows_pending - (len(done_ids) if done_ids is not None else 0)
-        _drain(ds, _Progress(name, max(todo, 0), "row"))
+        _drain(ds, _Progress(name, todo, "row"))
 
-    calls = [(str(p), str(work_dir), tags[p.name], str(output_dir / p.name), stage_cls.output_schema, digests[p.name])
-             for p in pending]
+    calls = [(str(p), str(work_dir), tags[p.name], str(output_dir / p.name), stage_cls.output_schema, digests[p.name],
+              params) for p in pending]
     rows = sum(run_tasks(_finalize_part, calls, f"{name} (write)", num_cpus=0.5, unit="part", show=False))
     fs.rmtree(work_dir)
     return rows

@@ -118,12 +118,37 @@ class ScoreStage(Stage):
                     pmos[i] = float(s)
                 else:
                     status[i], reason[i] = T.ERROR, f"scorer returned {s}"
+        return self._rows(batch, status, reason, pmos, [self.scorer.name] * batch.num_rows)
+
+    # a clip's p-MOS depends on its audio alone (and the params): map_parts takes it from the
+    # previous output when an earlier setting changed but the clip did not
+    reuse_on = (T.CLIP_ID, T.SOURCE_DIGEST, T.START_S, T.DURATION_S)
+
+    @classmethod
+    def reuse(cls, rows: pa.Table, previous: pa.Table, cfg: ScoreConfig) -> pa.Table:
+        """The output of `rows` with the p-MOS their clips got before (`previous`, aligned; null
+        for rows that are not `ok`, which pass through); a file that changed since ingest is an
+        `error` row here too, as it would be when decoded."""
+        status, reason = rows.column(T.STATUS).to_pylist(), rows.column(T.REASON).to_pylist()
+        pmos = previous.column(T.PMOS).to_pylist()
+        cols = [rows.column(c).to_pylist() for c in (T.AUDIO_PATH, T.SOURCE_SIZE_BYTES, T.SOURCE_MTIME_NS, T.SOURCE_DIGEST)]
+        for i, (path, size, mtime, digest) in enumerate(zip(*cols)):
+            if status[i] != T.OK:
+                continue
+            try:
+                audio.check_unchanged(path, size, mtime, digest)
+            except audio.AudioError as e:
+                status[i], reason[i], pmos[i] = e.status, e.reason, None
+        return cls._rows(rows, status, reason, pmos, [cfg.scorer] * rows.num_rows)
+
+    @classmethod
+    def _rows(cls, batch: pa.Table, status: list, reason: list, pmos: list, scorer: list) -> pa.Table:
         out = T.with_facts(batch)  # the clip and its measured facts (null when analyze did not run)
         out = out.set_column(out.schema.get_field_index(T.STATUS), T.STATUS, pa.array(status, pa.string()))
         out = out.set_column(out.schema.get_field_index(T.REASON), T.REASON, pa.array(reason, pa.string()))
         out = out.append_column(T.PMOS, pa.array(pmos, pa.float64()))
-        out = out.append_column(T.SCORER, pa.array([self.scorer.name] * batch.num_rows, pa.string()))
-        return T.conform(out, self.output_schema)
+        out = out.append_column(T.SCORER, pa.array(scorer, pa.string()))
+        return T.conform(out, cls.output_schema)
 
 
 def params(cfg: ScoreConfig) -> str:

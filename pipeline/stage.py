@@ -82,6 +82,18 @@ class Stage:
     name: ClassVar[str]
     input_schema: ClassVar[pa.Schema]
     output_schema: ClassVar[pa.Schema]
+    # the input columns a row's result depends on (with the stage's params): when a part is
+    # computed again, its `ok` rows equal in these to an `ok` row of the part's previous output
+    # (made under the same params) take that row's result through `reuse` (backend.map_parts);
+    # None: every row of a changed part is computed again
+    reuse_on: ClassVar[tuple[str, ...] | None] = None
+
+    @classmethod
+    def reuse(cls, rows: pa.Table, previous: pa.Table, **stage_kwargs) -> pa.Table:  # pragma: no cover - the contract
+        """The output rows of `rows` (input rows) given `previous`, the stage's own columns of the
+        matching rows of the previous output, aligned with `rows` (null for input rows that are
+        not `ok`, which the stage passes through); one out per in."""
+        raise NotImplementedError
 
     def __call__(self, table: pa.Table) -> pa.Table:  # pragma: no cover - the contract
         raise NotImplementedError

@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -207,3 +208,36 @@ def test_a_gpu_scorer_runs_tf32_unless_told_not_to(tf32):
 
     score.ScoreStage(score.ScoreConfig(device="cuda", tf32=tf32))
     assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+
+
+@pytest.mark.slow
+def test_a_changed_analyze_setting_reuses_the_scores_of_unchanged_clips(sample_clips, tmp_path, ray_session, caplog):
+    """An analyze threshold changes every facts part, so score computes every part again; the
+    p-MOS of a clip depends on its audio alone, so it comes from the previous output, under the
+    new facts, and no model runs. Under other score params nothing is taken."""
+    from pipeline import analyze
+    from pipeline import facts as FX
+    from pipeline.analyze import AnalyzeConfig
+    from schemas import facts as F
+
+    facts, scores = tmp_path / "facts", tmp_path / "scores"
+    analyze.main(AnalyzeConfig(), sample_clips, facts)
+    cfg = score.ScoreConfig()
+    score.main(cfg, facts, scores)
+    before = {r[T.CLIP_ID]: r for r in read_folder(scores).to_pylist()}
+    analyze.main(AnalyzeConfig(thresholds=FX.DefectThresholds(noisy_snr_db=500.0)), sample_clips, facts)
+    with caplog.at_level(logging.INFO, logger="pipeline.backend"):
+        report = score.main(cfg, facts, scores)
+    assert report.parts_skipped == 0 and report.rows_written == 33
+    assert "score: 30 row(s) taken from the previous output" in caplog.text
+    assert "resuming" not in caplog.text
+    assert not re.search(r"score: \d+/\d+ row\(s\)", caplog.text)  # no rows went through the scorer actors
+    after = read_folder(scores).to_pylist()
+    assert {r[T.CLIP_ID]: (r[T.STATUS], r[T.PMOS]) for r in after} == {k: (r[T.STATUS], r[T.PMOS]) for k, r in before.items()}
+    assert all(F.NOISY in r[F.DEFECTS] for r in after if r[T.STATUS] == T.OK)  # the new facts, not the old rows
+    # the parts record their params; under other params (another silence level) nothing is reused
+    part, work = sorted(facts.glob("part-*.parquet"))[0], tmp_path / "work"
+    other = backend.stage_params(T.SCORES_SCHEMA, score.params(score.ScoreConfig(silence_dbfs=-95.0)))
+    assert backend._reuse_previous(score.ScoreStage, {"cfg": cfg}, str(part), str(scores / part.name), other, str(work), "t") == (0, 0)
+    same = backend.stage_params(T.SCORES_SCHEMA, score.params(cfg))
+    assert backend._reuse_previous(score.ScoreStage, {"cfg": cfg}, str(part), str(scores / part.name), same, str(work), "t")[0] > 0
