@@ -6,7 +6,8 @@ Every location mosaiq reads or writes (stage folders, audio, shards, cards) goes
 other fsspec) URL becomes a `upath.UPath` with the same methods (`/`, `.name`, `.open()`,
 `.glob()`, `.exists()`...), built with the storage options of `set_storage_options` (a job
 YAML's `storage_options:`) over what the usual environment variables give (AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION; GOOGLE_APPLICATION_CREDENTIALS).
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION; GOOGLE_APPLICATION_CREDENTIALS,
+STORAGE_EMULATOR_HOST).
 
 Every file mosaiq writes appears under its final name only once it is complete. On a disk it is
 written under a hidden temporary name in the same folder (`.<name>.tmp-<pid>`) and renamed;
@@ -77,7 +78,9 @@ def storage_options() -> dict[str, dict[str, Any]]:
     return _storage
 
 
-_CREDENTIAL_ENV = ("AWS_", "GOOGLE_", "GCSFS_", "FSSPEC_")  # what S3 and GCS clients read
+# what S3 and GCS clients read; STORAGE_EMULATOR_HOST is gcsfs's endpoint for gs:// (a GCS
+# emulator or another JSON API server): without it a task would open storage.googleapis.com
+_CREDENTIAL_ENV = ("AWS_", "GOOGLE_", "GCSFS_", "FSSPEC_", "STORAGE_EMULATOR_HOST")
 
 
 def storage_state() -> dict[str, Any]:
@@ -119,6 +122,11 @@ def _options_for(proto: str) -> dict[str, Any]:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:  # botocore reads it too; s3fs's own HEAD/list calls need it explicitly
             opts["endpoint_url"] = endpoint
+    if proto in ("gs", "gcs") and "endpoint_url" not in opts:
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
+        if emulator not in ("", "default"):  # gcsfs reads it too; a filesystem pickled to Ray Data's
+            # read tasks (arrow_filesystem) needs it explicitly: they run without this environment
+            opts["endpoint_url"] = emulator if "://" in emulator else f"http://{emulator}"
     return opts
 
 
@@ -277,7 +285,8 @@ def check_reachable(loc, what: str = "location") -> None:
                               "or storage_options)") from None
     except Exception as e:  # noqa: BLE001 - connection errors come in many types
         raise ValueError(f"{what} {str(p)!r}: cannot reach the object store ({type(e).__name__}: {e}); "
-                         "check AWS_ENDPOINT_URL / storage_options.endpoint_url and the network") from None
+                         "check AWS_ENDPOINT_URL (STORAGE_EMULATOR_HOST for gs://) / storage_options.endpoint_url "
+                         "and the network") from None
 
 
 @contextlib.contextmanager

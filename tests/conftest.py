@@ -12,6 +12,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60 clusters use token a
 # a loaded 2-core machine can starve a raylet's heartbeats for a while: wait instead of failing
 os.environ.setdefault("RAY_health_check_failure_threshold", "100")
 os.environ.setdefault("RAY_health_check_timeout_ms", "60000")
+# gs:// is tested against a local emulator (gcs_server below). gcsfs's experimental zonal and
+# hierarchical bucket support asks each bucket's type over gRPC, which an emulator does not serve
+# (a minute of retries per bucket with anonymous access); gcsfs reads this when it is imported, so
+# it is set before any process (this one, the embedded Ray's workers) imports it
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import contextlib
 import importlib.util
@@ -197,3 +202,49 @@ def s3_bucket(s3_server, request):
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
     fsspec.filesystem("s3", skip_instance_cache=True).mkdir(name)
     return f"s3://{name}"
+
+
+# --- a GCS emulator (gcp-storage-emulator, in this process) on 127.0.0.1 -----------------------
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A GCS (JSON API) emulator on 127.0.0.1 for the session, objects in memory;
+    STORAGE_EMULATOR_HOST, which gcsfs reads, points at it (this process and those it starts later)."""
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    saved = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    try:
+        yield os.environ["STORAGE_EMULATOR_HOST"]
+    finally:
+        if saved is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = saved
+        server.stop()  # shuts its HTTP server down: its thread ends, the port is closed
+
+
+@pytest.fixture()
+def gcs_bucket(gcs_server, request):
+    """A new, empty bucket on the session's GCS emulator: its `gs://` URL. Anonymous access
+    (`token: anon`) is set as a job YAML's `storage_options` would set it, for this test: the
+    driver and every task it starts open gs:// with it, never looking for Google credentials."""
+    import re
+    import uuid
+
+    import fsspec
+
+    from pipeline import fs
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    fsspec.filesystem("gs", token="anon", skip_instance_cache=True).mkdir(name)
+    saved = {k: dict(v) for k, v in fs.storage_options().items()}
+    fs.set_storage_options({**saved, "gs": {**saved.get("gs", {}), "token": "anon"}})
+    try:
+        yield f"gs://{name}"
+    finally:
+        fs.set_storage_options(saved)
