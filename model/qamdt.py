@@ -312,7 +312,16 @@ class QAMDT(nn.Module):
         length) serve all of them, and compiling takes about as long for xl as for tiny; the
         whole model as one graph took over two minutes for xl on an H200. Parameter names
         (checkpoints, EMA) stay as they are. The rest of the forward (embedders, gathers, the
-        final layer) runs eagerly; it is a small share of the FLOPs."""
+        final layer) runs eagerly; it is a small share of the FLOPs.
+
+        All blocks share one code object, and with bucketed mask ratios a training run makes 8
+        graphs of it (static and then dynamic lengths, with and without the skip), torch's
+        default recompile limit; one more shape (a smaller batch) and a block would fall back
+        to eager with only a log line, so the limit is raised to 32."""
+        import torch._dynamo.config as dynamo_config
+
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, name, max(getattr(dynamo_config, name), 32))
         for block in self.blocks():
             block.compile(backend=backend)
 

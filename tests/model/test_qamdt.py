@@ -227,3 +227,24 @@ def test_compile_blocks_compiles_every_block_in_place_and_computes_the_same():
     assert [n for n, _ in model.named_parameters()] == names  # checkpoints and EMA keep the plain names
     torch.manual_seed(3)
     torch.testing.assert_close(model(x, t, q, y, m, mask_ratio=0.5), eager)
+
+
+def test_compiled_blocks_cover_every_mask_bucket_without_falling_back_to_eager():
+    """A training run sees 8 visible-token counts (mask_ratio_buckets), a smaller last batch,
+    then the full length in validation: more graphs of the one block code object than torch's
+    default recompile limit (8); past the limit a block runs eagerly with only a log line."""
+    from torch._dynamo.utils import counters
+
+    model = _tiny().train()
+    x, t, q, y, m = _inputs()
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_blocks(backend="eager")
+    for b in range(8):
+        model(x, t, q, y, m, mask_ratio=model.mask_ratio_at((b + 0.5) / 8, buckets=8)).sum().backward()
+    last = [v[:1] for v in (x, t, q, y, m)]  # the epoch's last, smaller batch
+    model(*last, mask_ratio=model.mask_ratio_at(0.5, buckets=8)).sum().backward()
+    with torch.no_grad():
+        model.eval()(x, t, q, y, m)
+    assert not [k for k in counters["unimplemented"] if "recompile limit" in k.lower()]
+    assert counters["stats"]["unique_graphs"] >= 5  # skip / no skip, encoder / decoder lengths: really compiled
