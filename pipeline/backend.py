@@ -317,7 +317,7 @@ def _row_keys(table: pa.Table, columns: Sequence[str]) -> pa.Array:
 
 
 def _reuse_previous(stage_cls, stage_kwargs: dict, input_part: str, previous: str, params: str, work_dir: str,
-                    tag: str) -> int:
+                    tag: str) -> tuple[int, int]:
     """Write into the part's work folder, as if an earlier run had computed them, the rows that
     need no model: the `ok` input rows whose result the part's previous output already holds
     (made under the same `params`, `ok` there, equal in `stage_cls.reuse_on`), and the rows that
@@ -343,8 +343,7 @@ def _reuse_previous(stage_cls, stage_kwargs: dict, input_part: str, previous: st
     take = pc.or_(pc.is_valid(at), pc.invert(ok))
     rows, at = rows.filter(take), at.filter(take)
     out = T.conform(stage_cls.reuse(rows, before.select(own).take(at), **stage_kwargs), stage_cls.output_schema)
-    name = fs.text_digest("|".join(out.column(T.CLIP_ID).to_pylist()))
-    fs.atomic_write_table(out, _part_work_dir(fs.location(work_dir), tag) / f"reused-{name}.parquet")
+    _write_work(out, fs.location(work_dir), tag)
     return found, out.num_rows
 
 
@@ -416,9 +415,7 @@ class _StageActor:
         if out.num_rows != batch.num_rows:
             raise RuntimeError(f"stage {type(self.stage).__name__} returned {out.num_rows} rows for {batch.num_rows}")
         for tag in pc.unique(names).to_pylist():
-            rows = out.filter(pc.equal(names, tag))
-            name = fs.text_digest("|".join(rows.column(T.CLIP_ID).to_pylist()))  # same rows, same name
-            fs.atomic_write_table(rows, _part_work_dir(self.work_dir, tag) / f"{name}.parquet")
+            _write_work(out.filter(pc.equal(names, tag)), self.work_dir, tag)
         return _count(out.num_rows)
 
 
@@ -449,6 +446,13 @@ def work_folder(output_dir: str | Path, input_part: str | Path, params: str = ""
 def _part_work_dir(work_dir: Path, tag: str) -> Path:
     """Where Ray writes one input part's rows (hive-style partition by the part tag)."""
     return work_dir / f"{_PART_COL}={tag}"
+
+
+def _write_work(rows: pa.Table, work_dir: Path, tag: str) -> None:
+    """Computed rows of one input part into its work folder, named by their clip ids (the same
+    rows written again, by a retried task, land under the same name)."""
+    name = fs.text_digest("|".join(rows.column(T.CLIP_ID).to_pylist()))
+    fs.atomic_write_table(rows, _part_work_dir(work_dir, tag) / f"{name}.parquet")
 
 
 def readable_work_files(folders: Iterable[Path]) -> list[Path]:
@@ -575,7 +579,7 @@ def run_parts(
     reused = written = 0
     if params is not None and getattr(stage_cls, "reuse_on", None):
         calls = [(stage_cls, stage_kwargs, str(p), str(output_dir / p.name), params, str(work_dir), tags[p.name])
-                 for p in pending if fs.location(output_dir / p.name).exists()]
+                 for p in pending if (output_dir / p.name).exists()]
         got = run_tasks(_reuse_previous, calls, f"{name} (reuse)", num_cpus=0.5, unit="part", show=False)
         reused, written = sum(g[0] for g in got), sum(g[1] for g in got)
         if reused:
@@ -592,11 +596,11 @@ def run_parts(
     counts = {p.name: fs.read_metadata(p).num_rows for p in pending}
     with_rows = [p for p in pending if counts[p.name] > 0]
     storage = fs.storage_state()
-    todo = sum(counts.values()) - (len(done_ids) if done_ids is not None else 0)
+    rows_pending = sum(counts.values())
+    todo = rows_pending - (len(done_ids) if done_ids is not None else 0)
     if with_rows and todo > 0:
         # about one block per model batch: the progress display moves batch by batch and every
         # actor of the pool gets work even when there are fewer parts than actors
-        rows_pending = sum(counts[p.name] for p in with_rows)
         blocks = max(len(with_rows), min(_MAX_BLOCKS, -(-rows_pending // resources.batch_size)))
         arrow_fs, _ = fs.arrow_filesystem(with_rows[0])
         ds = ray.data.read_parquet([fs.arrow_filesystem(p)[1] for p in with_rows], filesystem=arrow_fs,
