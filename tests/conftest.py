@@ -191,15 +191,20 @@ def s3_server():
         server.stop()
 
 
-@pytest.fixture()
-def s3_bucket(s3_server, request):
-    """A new, empty bucket on the session's S3 server: its `s3://` URL."""
+def bucket_name(request) -> str:
+    """A new bucket name for this test: its name in the characters buckets allow, and a nonce."""
     import re
     import uuid
 
+    return re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture()
+def s3_bucket(s3_server, request):
+    """A new, empty bucket on the session's S3 server: its `s3://` URL."""
     import fsspec
 
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    name = bucket_name(request)
     fsspec.filesystem("s3", skip_instance_cache=True).mkdir(name)
     return f"s3://{name}"
 
@@ -233,14 +238,11 @@ def gcs_bucket(gcs_server, request):
     """A new, empty bucket on the session's GCS emulator: its `gs://` URL. Anonymous access
     (`token: anon`) is set as a job YAML's `storage_options` would set it, for this test: the
     driver and every task it starts open gs:// with it, never looking for Google credentials."""
-    import re
-    import uuid
-
     import fsspec
 
     from pipeline import fs
 
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    name = bucket_name(request)
     fsspec.filesystem("gs", token="anon", skip_instance_cache=True).mkdir(name)
     saved = {k: dict(v) for k, v in fs.storage_options().items()}
     fs.set_storage_options({**saved, "gs": {**saved.get("gs", {}), "token": "anon"}})
