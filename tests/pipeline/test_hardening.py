@@ -291,3 +291,21 @@ def test_export_never_writes_audio_that_changed_since_ingest(tmp_path, make_capt
     assert result.ok, result.problems
     keys = {k for k in pq.read_table(out / "index.parquet").column(T.CLIP_ID).to_pylist()}
     assert keys.isdisjoint(r[T.CLIP_ID] for r in from_src0)
+
+
+def test_a_reused_score_is_not_kept_for_a_file_that_changed_since_ingest(tmp_path, ingest_to):
+    """score's reuse path (an earlier p-MOS taken for an unchanged clip) checks the file as the
+    decode path does: a file rewritten after ingest is an error row, not the old score."""
+    import pyarrow as pa
+
+    music = tmp_path / "music"
+    music.mkdir()
+    sf.write(music / "same.wav", tone(3), SR)
+    sf.write(music / "edited.wav", tone(3, f=330.0), SR)
+    rows = ingest_to(music, tmp_path / "clips")
+    sf.write(music / "edited.wav", tone(3, seed=4), SR)  # same size, other samples
+    previous = pa.table({T.PMOS: [3.5] * rows.num_rows})
+    out = by_name(score.ScoreStage.reuse(rows, previous, score.ScoreConfig()))
+    assert (out["same.wav"][T.STATUS], out["same.wav"][T.PMOS], out["same.wav"][T.SCORER]) == (T.OK, 3.5, "distillmos")
+    assert out["edited.wav"][T.STATUS] == T.ERROR and out["edited.wav"][T.PMOS] is None
+    assert out["edited.wav"][T.REASON].startswith(T.CHANGED_SINCE_INGEST)
