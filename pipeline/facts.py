@@ -70,10 +70,30 @@ class MeasureConfig:
     tempo_prior_bpm: float = 120.0  # centre of the log-normal tempo prior (librosa's default)
     tempo_prior_octaves: float = 1.0  # its standard deviation, octaves, when finding the metrical grid
     tempo_beat_prior_octaves: float = 0.7  # ... and when choosing the beat among the grid's octaves
+    # the exponent of the periodicity there: it favours the slower of two octaves wherever the
+    # bar repeats (every beat level of a regular meter is periodic, the half bar the most), so
+    # it counts for less than the cues that name the beat
+    tempo_periodicity_weight: float = 0.5
+    # the backbeat (a kick, then a snare one beat later) names the beat among octaves in music
+    # with drums, from this percussive ratio up (factcheck's drums_present_ratio, where drums
+    # are sure); without a kit, a bass under a band's accents would pass for one and name the
+    # half bar, so below it the backbeat counts for nothing
+    tempo_backbeat_ratio: float = 0.004
+    tempo_backbeat_weight: float = 3.0  # the exponent of the kick-to-snare correlation
+    # ... and not in a clipped clip (more than this share of samples in flat tops, the
+    # `clipping` defect's default): clipped attacks are broadband bursts that pass for a kit
+    tempo_backbeat_max_clipped: float = 1e-4
 
     def __post_init__(self):
         if not 0 < self.noise_percentile < 50:
             raise ValueError(f"noise_percentile must be in (0, 50), got {self.noise_percentile}")
+        if not 0 <= self.tempo_periodicity_weight <= 1:
+            raise ValueError(f"tempo_periodicity_weight must be in [0, 1], got {self.tempo_periodicity_weight}")
+        if not 0 <= self.tempo_backbeat_max_clipped <= 1:
+            raise ValueError(f"tempo_backbeat_max_clipped must be in [0, 1], got {self.tempo_backbeat_max_clipped}")
+        if not self.tempo_backbeat_ratio > 0 or self.tempo_backbeat_weight < 0:
+            raise ValueError(f"need tempo_backbeat_ratio > 0 and tempo_backbeat_weight >= 0, got "
+                             f"{self.tempo_backbeat_ratio}, {self.tempo_backbeat_weight}")
         if not 0 < self.tempo_min_bpm < self.tempo_max_bpm:
             raise ValueError(f"need 0 < tempo_min_bpm < tempo_max_bpm, got {self.tempo_min_bpm}, {self.tempo_max_bpm}")
         if self.clip_run < 2:
@@ -387,8 +407,24 @@ def _chord_period(change_env: np.ndarray, frame_rate: float) -> tuple[float | No
     return float(lo + first), float(min(1.0, seg[first]))
 
 
+def lagged_correlation(low: np.ndarray, high: np.ndarray, lags: np.ndarray) -> np.ndarray:
+    """Pearson correlation of `low` with `high` shifted later by each lag (frames, rounded; the
+    best of a frame either way, for a performer's timing); 0 where too few frames overlap."""
+    n = min(len(low), len(high))
+    a, b = low[:n] - low[:n].mean(), high[:n] - high[:n].mean()
+    norm = a.std() * b.std()
+    out = np.zeros(len(lags))
+    if norm <= 0:
+        return out
+    for i, lag in enumerate(np.rint(lags).astype(int)):
+        vals = [np.dot(a[: n - l], b[l:]) / (n - l) for l in (lag - 1, lag, lag + 1) if 0 <= l < n - 8]
+        out[i] = max(vals, default=0.0) / norm
+    return out
+
+
 def tempo(onset_env: np.ndarray, frame_rate: float, cfg: MeasureConfig,
-          change_env: np.ndarray | None = None, onset_rate_hz: float | None = None) -> tuple[float | None, float, float]:
+          change_env: np.ndarray | None = None, onset_rate_hz: float | None = None,
+          backbeat: tuple[np.ndarray, np.ndarray, float] | None = None) -> tuple[float | None, float, float]:
     """(BPM, confidence 0..1, octave confidence 0..1) from an onset-strength envelope sampled
     at `frame_rate` Hz.
 
@@ -397,17 +433,21 @@ def tempo(onset_env: np.ndarray, frame_rate: float, cfg: MeasureConfig,
        (3 subdivisions) from passing for the beat.
     2. The best-scoring period under a broad log-normal prior gives the metrical grid; the beat
        is chosen among its octave neighbours (x1/2, x1, x2) and the 3:2 relatives by the
-       periodicity, a tighter tempo prior, the harmonic rhythm (from `change_env`, a chroma
-       change envelope at the same rate: a chord most often lasts 4 beats, `_BEATS_PER_CHORD`)
-       and the onset density (1-2 detected onsets a beat is the common case).
+       periodicity (softened, `tempo_periodicity_weight`: it favours the slower octave wherever
+       the bar repeats), a tighter tempo prior and the cues that name the beat: the harmonic
+       rhythm (from `change_env`, a chroma change envelope at the same rate: a chord most
+       often lasts 4 beats, `_BEATS_PER_CHORD`), the onset density (1-2 detected onsets a beat
+       is the common case) and, with drums, the backbeat (`backbeat`: the onset envelopes
+       under and over 120 Hz and the percussive ratio): a kick, then a snare a beat later, so
+       the low band correlates with the high one a beat later, not half a beat or two.
     3. Confidence that the tempo is right up to an octave (half or double time, which the
        caption check accepts): the share of the candidates' total score held by the chosen
        one's octave family (against the 3:2 relatives), times the periodicity at the beat
-       period, so a weak pulse or a duple/triple ambiguity reads unsure. Which octave is the
-       beat stays a guess on about one clip in four (docs/facts.md);
-    4. the octave confidence says how sure that guess is: the chosen level's share of the
-       evidence against its stronger octave rival (half or double; 1 when neither is in range).
-       On the benchmark, >= 0.7 is right within 4 % on about 94 % of those clips."""
+       period, so a weak pulse or a duple/triple ambiguity reads unsure.
+    4. The octave confidence: the chosen level's share of the beat-naming cues alone (not the
+       periodicity, not the prior) against its strongest octave rival (half or double; 1 when
+       neither is in range, 0.5 when no cue tells them apart). Which octave is the beat stays
+       a guess on some clips without drums (docs/facts.md); this says which."""
     x = np.asarray(onset_env, dtype=np.float64)
     n = len(x)
     if n < 8 or not np.any(x - x.mean()):
@@ -438,24 +478,42 @@ def tempo(onset_env: np.ndarray, frame_rate: float, cfg: MeasureConfig,
         fine.append(float(near[np.argmax(pulse(60.0 * frame_rate / near))]) if near.size else float(c))
     cands = np.array(fine)
     cl = 60.0 * frame_rate / cands
-    # a beat: its own periodicity and its subdivision's (the grouping above it is as periodic
-    # at every level of a regular meter, so it does not tell the beat from the half-bar)
-    evidence = (_at(ac, cl, max_lag) + 0.5 * _at(ac, cl / 2, max_lag)) * prior(cands, cfg.tempo_beat_prior_octaves)
+    # the cues that name the beat among octaves, apart: the periodicity favours the slower level
+    # wherever the bar repeats, and the prior is no evidence, so neither may make the octave sure
+    cues = np.ones(len(cands))
     if period is not None:
         beats = period / (60.0 * frame_rate / cands)  # beats per chord under each candidate
         fit = np.array([max((w for k, w in _BEATS_PER_CHORD.items() if abs(b / k - 1) <= 0.08), default=0.15)
                         for b in beats])
-        evidence *= (1 - strength) + strength * fit
+        cues *= (1 - strength) + strength * fit
     if onset_rate_hz:
         per_beat = onset_rate_hz * 60.0 / cands
-        evidence *= np.exp(-0.5 * (np.log2(per_beat / 1.5)) ** 2)  # 1-2 onsets a beat, one octave either way
+        cues *= np.exp(-0.5 * (np.log2(per_beat / 1.5)) ** 2)  # 1-2 onsets a beat, one octave either way
+    # a beat: its own periodicity and its subdivision's (the grouping above it is as periodic
+    # at every level of a regular meter, so it does not tell the beat from the half-bar)
+    periodicity = _at(ac, cl, max_lag) + 0.5 * _at(ac, cl / 2, max_lag)
+    tempo_prior = prior(cands, cfg.tempo_beat_prior_octaves)
+    evidence = periodicity ** cfg.tempo_periodicity_weight * tempo_prior * cues
     if not evidence.sum() > 0:  # no candidate has any support: the grid, unsure
         return grid, 0.0, 0.0
-    best = int(np.argmax(evidence))
-    share = float(evidence[binary == binary[best]].sum() / evidence.sum())  # octaves pooled: the check accepts them
+    # duple or triple: the periodicity's to tell, at full weight (no octave bias between them) ...
+    whole = periodicity * tempo_prior * cues
+    family = binary == binary[int(np.argmax(evidence))]
+    share = float(whole[family].sum() / max(whole.sum(), 1e-12))  # octaves pooled: the check accepts them
+    # ... and which octave of it is the beat: with a kit, the backbeat's call too
+    if backbeat is not None:
+        low, high, perc_ratio = backbeat
+        if perc_ratio is not None and perc_ratio >= cfg.tempo_backbeat_ratio:  # a kit, surely
+            kick_snare = np.clip(lagged_correlation(low, high, cl), 0.01, None) ** cfg.tempo_backbeat_weight
+            cues, evidence = cues * kick_snare, evidence * kick_snare
+    best = int(np.argmax(np.where(family, evidence, -1.0)))
     ratio = cands / cands[best]
-    rivals = evidence[(np.abs(ratio - 2) < 0.1) | (np.abs(ratio - 0.5) < 0.05)]
-    octave = float(evidence[best] / (evidence[best] + rivals.max())) if rivals.size else 1.0
+    rivals = np.flatnonzero((np.abs(ratio - 2) < 0.1) | (np.abs(ratio - 0.5) < 0.05))
+    if rivals.size:
+        rival = rivals[np.argmax(evidence[rivals])]
+        octave = float(cues[best] / (cues[best] + cues[rival]))
+    else:  # a 3:2 relative or the edge of the range: sure only when no octave of it is a tempo at all
+        octave = 0.5 if cfg.tempo_min_bpm <= cands[best] / 2 or cands[best] * 2 <= cfg.tempo_max_bpm else 1.0
     at_beat = float(np.clip(_at(ac, 60.0 * frame_rate / cands[best], max_lag), 0.0, 1.0))
     # sub-grid precision: a parabola through the periodicity around the chosen tempo
     i = int(np.argmin(np.abs(bpm - cands[best])))
@@ -468,9 +526,11 @@ def tempo(onset_env: np.ndarray, frame_rate: float, cfg: MeasureConfig,
     return result, share * at_beat, octave
 
 
-def musical_facts(mono: np.ndarray, sr: int, cfg: MeasureConfig, bandwidth_hz: float | None = None) -> dict:
+def musical_facts(mono: np.ndarray, sr: int, cfg: MeasureConfig, bandwidth_hz: float | None = None,
+                  clipped: float = 0.0) -> dict:
     """Tempo, key, mode, percussive ratio and onset rate of a mono signal (any rate);
-    `bandwidth_hz`, the clip's effective bandwidth, bounds the band drums are looked for in."""
+    `bandwidth_hz`, the clip's effective bandwidth, bounds the band drums are looked for in;
+    `clipped`, its clipped fraction, says whether its transients may be taken for a kit's."""
     import librosa
 
     y = mono.astype(np.float32)
@@ -494,12 +554,16 @@ def musical_facts(mono: np.ndarray, sr: int, cfg: MeasureConfig, bandwidth_hz: f
     # SuperFlux (Boeck & Widmer 2013): log-magnitude flux on a fine log-frequency scale, against the
     # frame two hops back and a frequency max-filter, so vibrato and tremolo do not read as onsets
     mel = librosa.feature.melspectrogram(y=y, sr=sr, n_fft=2048, hop_length=tempo_hop, n_mels=138, fmin=27.5, fmax=sr / 2)
-    onset_env = librosa.onset.onset_strength(S=librosa.power_to_db(mel, ref=np.max), sr=sr, hop_length=tempo_hop,
-                                             lag=2, max_size=3)
+    mel_db = librosa.power_to_db(mel, ref=np.max)
+    onset_env = librosa.onset.onset_strength(S=mel_db, sr=sr, hop_length=tempo_hop, lag=2, max_size=3)
+    low = librosa.mel_frequencies(n_mels=mel.shape[0] + 2, fmin=27.5, fmax=sr / 2)[1:-1] < 120.0  # a kick, a bass
+    low_env, high_env = (librosa.onset.onset_strength(S=mel_db[band], sr=sr, hop_length=tempo_hop, lag=2, max_size=3)
+                         for band in (low, ~low))
     onsets = librosa.onset.onset_detect(onset_envelope=onset_env, sr=sr, hop_length=tempo_hop)
     onset_rate = len(onsets) / (len(y) / sr)
     change = np.repeat(chroma_novelty(chroma, max(1, int(round(0.25 * sr / hop)))), 2)[: len(onset_env)]  # (N,) at the tempo hop
-    bpm, t_conf, t_octave = tempo(onset_env, sr / tempo_hop, cfg, change, onset_rate)
+    kit = (low_env, high_env, perc_ratio) if clipped <= cfg.tempo_backbeat_max_clipped else None
+    bpm, t_conf, t_octave = tempo(onset_env, sr / tempo_hop, cfg, change, onset_rate, kit)
     return {
         F.TEMPO_BPM: _finite(bpm),
         F.TEMPO_CONFIDENCE: t_conf,
@@ -543,7 +607,7 @@ def measure(audio: np.ndarray, sr: int, cfg: MeasureConfig = MeasureConfig()) ->
         F.STEREO_CORRELATION: stereo_correlation(a),
         F.SPECTRAL_CENTROID_HZ: spectral_centroid(freqs, power),
     }
-    facts.update(musical_facts(mono, sr, cfg, bw))
+    facts.update(musical_facts(mono, sr, cfg, bw, facts[F.CLIPPED_FRACTION]))
     return facts
 
 

@@ -182,11 +182,58 @@ def test_tempo_picks_the_beat_among_octaves_from_the_harmonic_rhythm(bpm):
     rate = SR / 256
     onsets = pulses(bpm, 10.0, rate, 2, (1.0, 0.6))
     chords = pulses(bpm / 4, 10.0, rate, 1, (1.0,))
-    found, conf, _ = FX.tempo(onsets, rate, FX.MeasureConfig(), chords, onset_rate_hz=2 * bpm / 60)
+    found, conf, octave = FX.tempo(onsets, rate, FX.MeasureConfig(), chords, onset_rate_hz=2 * bpm / 60)
     assert found == pytest.approx(bpm, rel=0.04)
     assert conf > 0.3
-    plain, _, _ = FX.tempo(onsets, rate, FX.MeasureConfig())  # no harmonic rhythm: right up to an octave
+    assert octave >= 0.7  # the harmonic rhythm names the octave
+    plain, _, plain_octave = FX.tempo(onsets, rate, FX.MeasureConfig())  # no harmonic rhythm: right up to an octave
     assert min(abs(plain / bpm - r) for r in (0.5, 1.0, 2.0)) < 0.04
+    assert plain_octave == 0.5  # no cue tells the octaves apart, however periodic: the octave is a guess
+
+
+def test_the_backbeat_names_the_beat_in_music_with_drums():
+    """A rock groove: kick on 1 and 3 (under 120 Hz), snare on 2 and 4 and hi-hats (over it) in
+    sixteenths, the band's accents on 1 and 3, at a slow tempo. Kick to snare is one beat, which
+    neither half nor double time keeps; with the percussive ratio of a kit, that names the beat
+    where the tempo prior and the onset density alone pick double time (nearer 120 BPM).
+    Without drums the cue has no weight."""
+    rate, bpm, hats = SR / 256, 66.0, 4
+    kick = pulses(bpm / 2, 10.0, rate, 1, (1.0,))  # beats 1 and 3
+    snare_hats = np.roll(pulses(bpm / 2, 10.0, rate, 1, (0.8,)), int(round(rate * 60 / bpm)))  # beats 2 and 4
+    snare_hats += pulses(bpm, 10.0, rate, hats, (0.25,) + (0.15,) * (hats - 1))
+    upper = snare_hats + pulses(bpm / 2, 10.0, rate, 1, (0.8,))  # and a band's accents on 1 and 3
+    both, rate_hz = kick + upper, hats * bpm / 60
+    found, _, octave = FX.tempo(both, rate, FX.MeasureConfig(), onset_rate_hz=rate_hz, backbeat=(kick, upper, 0.01))
+    assert found == pytest.approx(bpm, rel=0.04) and octave >= 0.7
+    plain, _, _ = FX.tempo(both, rate, FX.MeasureConfig(), onset_rate_hz=rate_hz)
+    assert plain != pytest.approx(bpm, rel=0.04)  # the cue is what names it: half or double time without it
+    no_drums, _, _ = FX.tempo(both, rate, FX.MeasureConfig(), onset_rate_hz=rate_hz, backbeat=(kick, upper, 0.0))
+    assert no_drums == pytest.approx(plain)
+
+
+def test_a_fast_generated_rock_track_reads_its_beat_not_half_time():
+    """Played by the generator at 170 BPM (bass and lead accents on 1 and 3 over a rock kit): the
+    periodicity and the tempo prior read 85, the backbeat 170."""
+    y = synth.render_track(np.random.default_rng(3), synth.Track(9, True, 170, "saw lead", "organ", True), 10.0, SR)
+    assert FX.measure(y, SR)[F.TEMPO_BPM] == pytest.approx(170, rel=0.04)
+    no_cue = FX.measure(y, SR, FX.MeasureConfig(tempo_backbeat_weight=0.0))[F.TEMPO_BPM]
+    assert no_cue == pytest.approx(85, rel=0.04)
+
+
+@pytest.mark.parametrize("bad, shown", [(dict(tempo_periodicity_weight=1.5), "1.5"), (dict(tempo_backbeat_ratio=0.0), "0.0"),
+                                        (dict(tempo_backbeat_weight=-1.0), "-1.0")])
+def test_tempo_settings_out_of_range_are_refused_with_the_value(bad, shown):
+    with pytest.raises(ValueError, match=shown):
+        FX.MeasureConfig(**bad)
+
+
+def test_lagged_correlation_finds_what_follows_what():
+    a = np.zeros(400)
+    a[::40] = 1.0
+    b = np.roll(a, 10)  # b follows a by 10 frames
+    corr = FX.lagged_correlation(a, b, np.array([0.0, 10.0, 20.0, 30.0]))
+    assert int(np.argmax(corr)) == 1 and corr[1] > 0.9
+    assert not FX.lagged_correlation(np.ones(400), b, np.array([10.0])).any()  # a flat envelope: no correlation
 
 
 def test_chroma_novelty_peaks_where_the_chord_changes_not_where_the_melody_moves():
