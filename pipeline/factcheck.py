@@ -44,7 +44,7 @@ class FactCheckConfig:
     # seeds a Karplus-Strong pluck's noise attack reaches 0.0034 with no kit). A loud plucked
     # bass reaches a kick ratio of 0.025 with no kit, as much as a real 808 loop's 0.035, so
     # the kick ratio never makes drums sure; it only keeps "no drums" from being sure
-    drums_present_ratio: float = 0.004  # percussive ratio at or above: drums, confidently
+    drums_present_ratio: float = F.DRUMS_SURE_RATIO  # percussive ratio at or above: drums, confidently
     drums_absent_ratio: float = 0.0005  # at or below, with the kick ratio at or below kick_absent_ratio: no drums
     kick_absent_ratio: float = 0.003  # (in between: not sure)
     # defects that hide or fake broadband transients: with any of them, drums are not sure; a

@@ -51,6 +51,7 @@ from schemas import tables as T
 
 ANALYSIS_SR = 22_050  # rate of the mono copy the musical facts are measured on
 _EPS = 1e-20  # power floor (-200 dB) for logarithms
+_CLIPPED_FRACTION = 1e-4  # the default clipped fraction of the `clipping` defect, and of the tempo's backbeat
 _QUANT_16BIT = (2.0 / 2**16) ** 2 / 12  # 16-bit PCM's quantization noise: -101.1 dB re full-scale white noise density
 
 
@@ -75,14 +76,14 @@ class MeasureConfig:
     # it counts for less than the cues that name the beat
     tempo_periodicity_weight: float = 0.5
     # the backbeat (a kick, then a snare one beat later) names the beat among octaves in music
-    # with drums, from this percussive ratio up (factcheck's drums_present_ratio, where drums
-    # are sure); without a kit, a bass under a band's accents would pass for one and name the
+    # with drums, from this percussive ratio up (where drums are sure, as in the caption
+    # check); without a kit, a bass under a band's accents would pass for one and name the
     # half bar, so below it the backbeat counts for nothing
-    tempo_backbeat_ratio: float = 0.004
+    tempo_backbeat_ratio: float = F.DRUMS_SURE_RATIO
     tempo_backbeat_weight: float = 3.0  # the exponent of the kick-to-snare correlation
     # ... and not in a clipped clip (more than this share of samples in flat tops, the
     # `clipping` defect's default): clipped attacks are broadband bursts that pass for a kit
-    tempo_backbeat_max_clipped: float = 1e-4
+    tempo_backbeat_max_clipped: float = _CLIPPED_FRACTION
 
     def __post_init__(self):
         if not 0 < self.noise_percentile < 50:
@@ -104,7 +105,7 @@ class MeasureConfig:
 class DefectThresholds:
     """When a technical fact becomes a defect flag (see docs/facts.md for the reasoning)."""
 
-    clipped_fraction: float = 1e-4  # clipping: more than 0.01 % of samples in flat-top runs (a few runs a second)
+    clipped_fraction: float = _CLIPPED_FRACTION  # clipping: more than 0.01 % of samples in flat-top runs (a few runs a second)
     band_limited_ratio: float = 0.85  # band_limited: a cliff under 85 % of Nyquist (CD anti-alias filters sit at ~0.9)
     noisy_snr_db: float = 15.0  # noisy: estimated SNR under 15 dB
     too_quiet_lufs: float = -40.0  # too_quiet: integrated loudness under -40 LUFS
@@ -553,12 +554,16 @@ def musical_facts(mono: np.ndarray, sr: int, cfg: MeasureConfig, bandwidth_hz: f
     tempo_hop = hop // 2
     # SuperFlux (Boeck & Widmer 2013): log-magnitude flux on a fine log-frequency scale, against the
     # frame two hops back and a frequency max-filter, so vibrato and tremolo do not read as onsets
-    mel = librosa.feature.melspectrogram(y=y, sr=sr, n_fft=2048, hop_length=tempo_hop, n_mels=138, fmin=27.5, fmax=sr / 2)
+    n_mels, fmin, fmax = 138, 27.5, sr / 2
+    mel = librosa.feature.melspectrogram(y=y, sr=sr, n_fft=2048, hop_length=tempo_hop, n_mels=n_mels, fmin=fmin, fmax=fmax)
     mel_db = librosa.power_to_db(mel, ref=np.max)
-    onset_env = librosa.onset.onset_strength(S=mel_db, sr=sr, hop_length=tempo_hop, lag=2, max_size=3)
-    low = librosa.mel_frequencies(n_mels=mel.shape[0] + 2, fmin=27.5, fmax=sr / 2)[1:-1] < 120.0  # a kick, a bass
-    low_env, high_env = (librosa.onset.onset_strength(S=mel_db[band], sr=sr, hop_length=tempo_hop, lag=2, max_size=3)
-                         for band in (low, ~low))
+
+    def superflux(bands: np.ndarray) -> np.ndarray:
+        return librosa.onset.onset_strength(S=bands, sr=sr, hop_length=tempo_hop, lag=2, max_size=3)
+
+    onset_env = superflux(mel_db)
+    low = librosa.mel_frequencies(n_mels=n_mels + 2, fmin=fmin, fmax=fmax)[1:-1] < 120.0  # band centres: a kick, a bass
+    low_env, high_env = superflux(mel_db[low]), superflux(mel_db[~low])
     onsets = librosa.onset.onset_detect(onset_envelope=onset_env, sr=sr, hop_length=tempo_hop)
     onset_rate = len(onsets) / (len(y) / sr)
     change = np.repeat(chroma_novelty(chroma, max(1, int(round(0.25 * sr / hop)))), 2)[: len(onset_env)]  # (N,) at the tempo hop

@@ -32,6 +32,9 @@ MODE = "mode"  # "major" or "minor" ("" when not measured)
 KEY_CONFIDENCE = "key_confidence"  # 0..1: correlation of the chroma with the best key profile
 PERCUSSIVE_RATIO = "percussive_ratio"  # energy share of noise-like percussive transients from 1 kHz up (snare, hats), 0..1
 KICK_RATIO = "kick_ratio"  # energy share of percussive transients under 150 Hz (kick drum), 0..1
+# the default percussive ratio from which drums are sure: the caption check's (drums_present_ratio)
+# and the tempo's (tempo_backbeat_ratio: the backbeat names the beat only with a kit)
+DRUMS_SURE_RATIO = 0.004
 ONSET_RATE_HZ = "onset_rate_hz"  # detected onsets per second
 SPECTRAL_CENTROID_HZ = "spectral_centroid_hz"  # energy-weighted mean of the frames' centroids, Hz
 
