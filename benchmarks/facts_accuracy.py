@@ -127,19 +127,20 @@ def defect_table(d: pd.DataFrame) -> list[dict]:
 
 def caption_table(d: pd.DataFrame, cfg: FC.FactCheckConfig) -> dict:
     """Lying originals caught, missed (the lied-about fact was confident and the check let the lie
-    through) and abstained on (that fact was not confident, so it could not be checked); truthful
-    originals wrongly contradicted."""
+    through) and abstained on (not caught, that fact not confident); truthful originals wrongly
+    contradicted."""
     clean = d[d["degradation"] == "none"]
     confident = _confident(clean, cfg)
     reasons = [FC.check(c, f, cfg) for c, f in zip(clean["caption"], confident)]
     lying = clean["caption_lie"] != ""
     which = {"tempo": lambda c: c.tempo_bpm, "key": lambda c: c.key, "drums": lambda c: c.drums}
-    caught, abstained = [], []
+    caught, sure = [], []
     for lie, r, c, is_lie in zip(clean["caption_lie"], reasons, confident, lying):
         if is_lie:
-            caught.append(REASON_OF[lie] in r)
-            abstained.append(which[lie](c) is None)
-    checked = [x for x, a in zip(caught, abstained) if not a]
+            caught.append(REASON_OF[lie] in r)  # a key lie may be refuted by the notes with no key sure
+            sure.append(which[lie](c) is not None)
+    abstained = [not (x or s) for x, s in zip(caught, sure)]
+    checked = [x for x, s in zip(caught, sure) if s]
     false_alarm = [bool(r) for r, is_lie in zip(reasons, lying) if not is_lie]
     by_reason = pd.Series([x for r, is_lie in zip(reasons, lying) if not is_lie for x in r]).value_counts()
     return {"lying": len(caught), "caught": sum(caught) / max(1, len(caught)),

@@ -9,7 +9,9 @@ and captions written from the facts themselves.
   `contradicts_drums`) why `text` contradicts the confident facts; [] when it does not.
   A stated tempo agrees with the measured one, its half or its double (tempo estimators and
   listeners disagree by octaves); a stated key agrees with the measured key or, by default,
-  its relative major/minor (they share every note, and profiles confuse them). A BPM is only
+  its relative major/minor (they share every note, and profiles confuse them); where no key
+  is sure but the music is tonal, a stated key is still refuted when no key it accepts fits
+  the notes that sound (the pitch-class profile). A BPM is only
   *stated* (to the LLM, in the facts sentence or a caption made from the facts) when its
   octave is sure too (`tempo_octave_confidence`), so mosaiq does not write half-time BPMs.
 - `facts_sentence(facts, cfg)`: a short sentence of confident facts to append to a prompt, as
@@ -26,6 +28,9 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import numpy as np
+
+from pipeline import facts as FX
 from schemas import facts as F
 
 
@@ -38,6 +43,11 @@ class FactCheckConfig:
     # when the octave is sure too; checking a caption's BPM needs no octave (half/double agree)
     tempo_octave_min_confidence: float = 0.7
     key_min_confidence: float = 0.7  # correlation with the best key profile, 0..1 (r >= 0.7: about half the chroma's variance)
+    # ... in tonal music: at least this share of the pitch-class profile on that key's seven
+    # notes. A correlation says nothing of how far the profile is from flat: noise and drum
+    # loops hold 7/12 (0.583) by chance, 0.57-0.61 measured, and white noise can correlate at
+    # 0.74 with some key; generated music holds 0.59-0.97 (docs/facts.md)
+    key_min_in_scale: float = 0.6
     # the percussive ratio is the energy share of noise-like percussive transients (snare, hats,
     # claps), the kick ratio that of low ones (a kick drum; docs/facts.md); a plucked or struck
     # instrument leaves a little of the first, so only its ends are sure (on five generated
@@ -56,6 +66,12 @@ class FactCheckConfig:
     relative_key: bool = True  # a stated key agrees with the measured key's relative major/minor
     fifth_keys: bool = True  # ... and with the keys a fifth above and below (and their relatives): the
     # key finder's most common confusions, so a truthful caption is not called wrong (docs/facts.md)
+    # a key claim is refuted by the notes themselves, even when no key is sure, where the music is
+    # tonal (key_min_in_scale, and some key correlates with the profile at least key_refute_min_fit)
+    # and no key the claim accepts (itself and, as configured, its relative and fifths) reaches
+    # key_refute_max_r: a claim a tritone off correlates at about -0.25, a true one at 0.4 or more
+    key_refute_max_r: float = 0.2
+    key_refute_min_fit: float = 0.5
     slow_bpm: tuple[float, float] = (40.0, 100.0)  # "slow", "downtempo", "adagio", ...
     mid_bpm: tuple[float, float] = (80.0, 135.0)  # "mid-tempo", "moderate tempo", "andante", ...
     fast_bpm: tuple[float, float] = (115.0, 240.0)  # "fast", "uptempo", "allegro", ...
@@ -68,6 +84,11 @@ class FactCheckConfig:
                              f"{self.drums_absent_ratio}, {self.drums_present_ratio}")
         if not 0 <= self.kick_absent_ratio <= 1:
             raise ValueError(f"kick_absent_ratio must be in [0, 1], got {self.kick_absent_ratio}")
+        if not 7 / 12 <= self.key_min_in_scale <= 1:
+            raise ValueError(f"key_min_in_scale must be in [7/12, 1] (7/12: any profile is tonal), got {self.key_min_in_scale}")
+        if not -1 <= self.key_refute_max_r < self.key_refute_min_fit <= 1:
+            raise ValueError(f"need -1 <= key_refute_max_r < key_refute_min_fit <= 1, got "
+                             f"{self.key_refute_max_r}, {self.key_refute_min_fit}")
         if not 0 < self.tempo_tolerance < 0.5:
             raise ValueError(f"tempo_tolerance must be in (0, 0.5), got {self.tempo_tolerance}")
         for name in ("slow_bpm", "mid_bpm", "fast_bpm"):
@@ -96,6 +117,10 @@ class Confident:
     mode: str | None = None
     drums: bool | None = None
     tempo_octave_sure: bool = False  # the octave too: `tempo_bpm` may be stated as the beat
+    # the pitch-class profile where the key is not sure but the music is tonal (`key_min_in_scale`,
+    # and some key fits it at least `key_refute_min_fit`): enough to refute a key claim no key it
+    # accepts fits
+    pitch_profile: tuple[float, ...] | None = None
 
     @property
     def stated_bpm(self) -> float | None:
@@ -207,15 +232,35 @@ def confident_facts(facts: Mapping, cfg: FactCheckConfig = FactCheckConfig()) ->
             drums = True
         elif ratio <= cfg.drums_absent_ratio and not absence_hidden and (kick is None or kick <= cfg.kick_absent_ratio):
             drums = False
-    key_ok = key_name in F.KEY_NAMES and mode in (F.MAJOR, F.MINOR) and k_conf is not None and k_conf >= cfg.key_min_confidence
+    profile = facts.get(F.PITCH_CLASS_PROFILE)
+    profile = None if profile is None or len(profile) != 12 else tuple(float(x) for x in profile)  # a list, or an array
+    best_fit, in_scale = _tonality(profile) if profile is not None else (float("nan"), 1.0)  # no profile: as measured
+    tonal = in_scale >= cfg.key_min_in_scale
+    key_ok = (key_name in F.KEY_NAMES and mode in (F.MAJOR, F.MINOR) and k_conf is not None
+              and k_conf >= cfg.key_min_confidence and tonal)
     tempo_sure = bool(tempo) and t_conf is not None and t_conf >= cfg.tempo_min_confidence
+    if key_ok or not tonal or not best_fit >= cfg.key_refute_min_fit:
+        profile = None
     return Confident(
         tempo_bpm=tempo if tempo_sure else None,
         key=F.KEY_NAMES.index(key_name) if key_ok else None,
         mode=mode if key_ok else None,
         drums=drums,
         tempo_octave_sure=tempo_sure and t_octave is not None and t_octave >= cfg.tempo_octave_min_confidence,
+        pitch_profile=profile,
     )
+
+
+_KEYS = [(k, m) for m in (F.MAJOR, F.MINOR) for k in range(12)]
+
+
+def _tonality(profile: Sequence[float]) -> tuple[float, float]:
+    """(the best key's correlation with a pitch-class profile, the profile's share on that
+    key's seven notes); (NaN, 7/12) for a flat profile."""
+    if not np.ptp(profile) > 0:
+        return float("nan"), 7 / 12
+    tonic, mode, r = FX.key_from_chroma(profile)
+    return r, FX.scale_share(profile, tonic, mode)
 
 
 def grounding(facts: Mapping, cfg: FactCheckConfig = FactCheckConfig()) -> dict:
@@ -262,6 +307,14 @@ def _key_agrees(claims: Claims, c: Confident, cfg: FactCheckConfig) -> bool:
     return (claims.key, claims.mode) in accepted
 
 
+def _key_refuted(claims: Claims, profile: Sequence[float], cfg: FactCheckConfig) -> bool:
+    """Whether no key that would agree with the claimed one, were it measured (the accepted
+    confusions included), fits the pitch-class profile at `key_refute_max_r` or more."""
+    fits = [r for k, m in _KEYS
+            if _key_agrees(claims, Confident(key=k, mode=m), cfg) and (r := FX.key_correlation(profile, k, m)) == r]
+    return bool(fits) and max(fits) < cfg.key_refute_max_r
+
+
 def check(text: str | Claims, facts: Mapping | Confident, cfg: FactCheckConfig = FactCheckConfig()) -> list[str]:
     """Why `text` contradicts the confident facts (reasons in `schemas.facts.CHECK_REASONS`
     order); [] when it does not, or when it claims nothing that was measured confidently."""
@@ -274,6 +327,8 @@ def check(text: str | Claims, facts: Mapping | Confident, cfg: FactCheckConfig =
     if c.key is not None and (claims.key is not None or claims.mode is not None):
         if not _key_agrees(claims, c, cfg):
             reasons.append(F.CONTRADICTS_KEY)
+    elif c.pitch_profile is not None and claims.key is not None and _key_refuted(claims, c.pitch_profile, cfg):
+        reasons.append(F.CONTRADICTS_KEY)
     if c.drums is not None and claims.drums is not None and claims.drums != c.drums:
         reasons.append(F.CONTRADICTS_DRUMS)
     return reasons

@@ -31,7 +31,8 @@ How each fact is found (docs/facts.md has the reasoning and the limits):
   check accepts half and double time).
 - key and mode: harmonic part (HPSS), CQT chroma (tuning estimated), mean over frames,
   correlated with the 24 rotations of the Krumhansl-Kessler profiles; confidence is the best
-  correlation.
+  correlation. The mean chroma is kept too (the pitch-class profile), so a key claimed in a
+  caption can be tested against the notes even when no key is sure.
 - percussive ratio: the energy share of broadband percussive transients (HPSS percussive part,
   frames over 4x its median and spectrally flat between 200 Hz and 10 kHz or the bandwidth):
   snares, hats, claps; not the attacks of pitched notes, not steady noise.
@@ -300,14 +301,34 @@ _KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66
 _KK_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
 
 
+def key_correlation(profile: np.ndarray, tonic: int, mode: str) -> float:
+    """Pearson correlation of a 12-bin pitch-class profile (C first) with the Krumhansl-Kessler
+    profile of the key `tonic` (0 = C) `mode`; NaN when the profile is flat."""
+    kk = _KK_MAJOR if mode == F.MAJOR else _KK_MINOR
+    p = np.asarray(profile, dtype=np.float64)
+    if not np.ptp(p) > 0:
+        return float("nan")
+    return float(np.corrcoef(p, np.roll(kk, tonic))[0, 1])
+
+
+_MAJOR_SCALE = np.array([0, 2, 4, 5, 7, 9, 11])
+
+
+def scale_share(profile: np.ndarray, tonic: int, mode: str) -> float:
+    """The share of a pitch-class profile (C first) on the seven notes of the key's scale (a
+    minor key: its natural minor, its relative major's notes); 7/12 for a flat profile."""
+    p = np.clip(np.asarray(profile, dtype=np.float64), 0.0, None)
+    root = tonic if mode == F.MAJOR else (tonic + 3) % 12
+    return float(p[(_MAJOR_SCALE + root) % 12].sum() / p.sum()) if p.sum() > 0 else 7 / 12
+
+
 def key_from_chroma(chroma: np.ndarray) -> tuple[int, str, float]:
     """(tonic pitch class, mode, correlation) of the best of the 24 key profiles for a
     12-bin pitch-class profile (C first)."""
-    c = np.asarray(chroma, dtype=np.float64)
     best = (0, F.MAJOR, -2.0)
-    for mode, profile in ((F.MAJOR, _KK_MAJOR), (F.MINOR, _KK_MINOR)):
+    for mode in (F.MAJOR, F.MINOR):
         for tonic in range(12):
-            r = float(np.corrcoef(c, np.roll(profile, tonic))[0, 1])
+            r = key_correlation(chroma, tonic, mode)
             if np.isfinite(r) and r > best[2]:
                 best = (tonic, mode, r)
     return best
@@ -549,7 +570,8 @@ def musical_facts(mono: np.ndarray, sr: int, cfg: MeasureConfig, bandwidth_hz: f
     with warnings.catch_warnings():  # a clip with no pitched content: no tuning, flat chroma
         warnings.simplefilter("ignore")
         chroma = librosa.feature.chroma_cqt(y=y_harm, sr=sr, hop_length=hop)  # (12, N)
-        tonic, mode, r = key_from_chroma(chroma.mean(axis=1))  # every note counts, by how long it sounds
+        profile = chroma.mean(axis=1)  # (12,): every note counts, by how long it sounds
+        tonic, mode, r = key_from_chroma(profile)
 
     tempo_hop = hop // 2
     # SuperFlux (Boeck & Widmer 2013): log-magnitude flux on a fine log-frequency scale, against the
@@ -576,6 +598,7 @@ def musical_facts(mono: np.ndarray, sr: int, cfg: MeasureConfig, bandwidth_hz: f
         F.KEY: F.KEY_NAMES[tonic],
         F.MODE: mode,
         F.KEY_CONFIDENCE: float(max(0.0, r)),
+        F.PITCH_CLASS_PROFILE: [float(x) for x in profile / profile.sum()] if profile.sum() > 0 else None,
         F.PERCUSSIVE_RATIO: perc_ratio,
         F.KICK_RATIO: kick_ratio,
         F.ONSET_RATE_HZ: onset_rate,

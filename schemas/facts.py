@@ -30,6 +30,9 @@ TEMPO_OCTAVE_CONFIDENCE = "tempo_octave_confidence"  # 0..1: that the BPM is the
 KEY = "key"  # tonic pitch class: "C", "C#", ..., "B" ("" when not measured)
 MODE = "mode"  # "major" or "minor" ("" when not measured)
 KEY_CONFIDENCE = "key_confidence"  # 0..1: correlation of the chroma with the best key profile
+# how much each pitch class sounds: the harmonic part's mean chroma, 12 shares summing to 1, C
+# first (the caption check refutes a key claim that no key it accepts fits, even when the key is not sure)
+PITCH_CLASS_PROFILE = "pitch_class_profile"
 PERCUSSIVE_RATIO = "percussive_ratio"  # energy share of noise-like percussive transients from 1 kHz up (snare, hats), 0..1
 KICK_RATIO = "kick_ratio"  # energy share of percussive transients under 150 Hz (kick drum), 0..1
 # the default percussive ratio from which drums are sure: the caption check's (drums_present_ratio)
@@ -59,7 +62,7 @@ CONTRADICTS_KEY = "contradicts_key"
 CONTRADICTS_DRUMS = "contradicts_drums"
 CHECK_REASONS = (CONTRADICTS_TEMPO, CONTRADICTS_KEY, CONTRADICTS_DRUMS)
 
-FACTS_VERSION = 2
+FACTS_VERSION = 3
 
 FACT_FIELDS = [
     pa.field(LOUDNESS_LUFS, pa.float64()),
@@ -78,6 +81,7 @@ FACT_FIELDS = [
     pa.field(KEY, pa.string(), nullable=False),
     pa.field(MODE, pa.string(), nullable=False),
     pa.field(KEY_CONFIDENCE, pa.float64()),
+    pa.field(PITCH_CLASS_PROFILE, pa.list_(pa.float64())),
     pa.field(PERCUSSIVE_RATIO, pa.float64()),
     pa.field(KICK_RATIO, pa.float64()),
     pa.field(ONSET_RATE_HZ, pa.float64()),

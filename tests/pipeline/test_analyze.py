@@ -128,6 +128,9 @@ def test_main_on_ray_writes_the_facts_table_and_resumes(clips, tmp_path, ray_ses
     table = backend.read_folder(out)
     assert table.num_rows == clips.num_rows and report.rows_written == clips.num_rows
     assert set(F.FACT_NAMES) <= set(table.column_names)
+    for row in table.to_pylist():  # a list column through Ray and Parquet: 12 shares, or null on a row not measured
+        profile = row[F.PITCH_CLASS_PROFILE]
+        assert (len(profile) == 12 and abs(sum(profile) - 1) < 1e-9) if row[T.STATUS] == T.OK else profile is None, row[T.REASON]
     assert json.loads((out / analyze.CONFIG_FILE).read_text())["reject_defects"] == []
     again = analyze.main(AnalyzeConfig(), src, out)
     assert again.parts_skipped == 1

@@ -73,6 +73,46 @@ def test_facts_that_are_not_confident_are_not_checked():
     assert FC.check("with drums", {F.PERCUSSIVE_RATIO: 0.4}) == []
 
 
+def _c_major_ish_profile() -> list[float]:
+    """The pitch classes of music between C major and A minor with chromatic passing notes:
+    tonal (66 % on the scale's notes; its best key fits at r = 0.625), but no key is sure."""
+    p = [0.6] * 12
+    for pc in (0, 2, 4, 5, 7, 9, 11):
+        p[pc] = 1.0
+    p[1] += 0.3
+    p[8] += 0.3
+    return [x / sum(p) for x in p]
+
+
+def test_a_key_the_notes_refute_is_caught_though_no_key_is_sure():
+    facts = {**FACTS, F.KEY: "A", F.MODE: F.MINOR, F.KEY_CONFIDENCE: 0.625, F.PITCH_CLASS_PROFILE: _c_major_ish_profile()}
+    c = FC.confident_facts(facts)
+    assert c.key is None and c.pitch_profile is not None  # not sure enough to state or to compare
+    assert FC.grounding(facts).get("key") is None
+    assert FC.check("a song in F# major", facts) == [F.CONTRADICTS_KEY]  # a tritone from C: its notes are not there
+    assert FC.check("in Eb minor", facts) == [F.CONTRADICTS_KEY]
+    for truthful in ("in C major", "in A minor", "in G major", "in E minor", "in D minor", "key of C", "a minor-key tune"):
+        assert FC.check(truthful, facts) == [], truthful
+    assert FC.check("a song in F# major", facts, FC.FactCheckConfig(key_refute_max_r=-1.0)) == []  # the refutation off
+    # only where some key fits the notes (noise and drum loops: test_facts.py)
+    stricter = FC.FactCheckConfig(key_refute_min_fit=0.65)
+    assert FC.confident_facts(facts, stricter).pitch_profile is None and FC.check("in F# major", facts, stricter) == []
+    # where the key is sure, the measured key decides, as before
+    assert FC.confident_facts({**facts, F.KEY_CONFIDENCE: 0.8}).pitch_profile is None
+
+
+def test_a_key_is_sure_only_in_tonal_music():
+    """A correlation is blind to how far from flat the profile is: a nearly flat one (noise)
+    shaped like a key profile correlates at 1 but holds 7/12 of its energy on the scale."""
+    flat_ish = [1 + 0.01 * w for w in (6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88)]
+    facts = {**FACTS, F.KEY: "C", F.MODE: F.MAJOR, F.KEY_CONFIDENCE: 1.0, F.PITCH_CLASS_PROFILE: flat_ish}
+    c = FC.confident_facts(facts)
+    assert c.key is None and c.pitch_profile is None
+    assert FC.check("in F# major", facts) == [] and FC.grounding(facts).get("key") is None
+    assert FC.confident_facts(facts, FC.FactCheckConfig(key_min_in_scale=7 / 12)).key == 0  # the gate off
+    assert FC.confident_facts({k: v for k, v in facts.items() if k != F.PITCH_CLASS_PROFILE}).key == 0  # no profile: as measured
+
+
 def test_drums_are_unsure_on_a_clip_whose_defects_hide_or_fake_transients():
     drums = {F.PERCUSSIVE_RATIO: 0.05, F.DEFECTS: []}
     assert FC.confident_facts(drums).drums is True
@@ -132,5 +172,9 @@ def test_config_is_checked():
         FC.FactCheckConfig(kick_absent_ratio=-0.1)
     with pytest.raises(ValueError, match="tempo_octave_min_confidence"):
         FC.FactCheckConfig(tempo_octave_min_confidence=1.5)
+    with pytest.raises(ValueError, match="key_min_in_scale.*0.5"):
+        FC.FactCheckConfig(key_min_in_scale=0.5)
+    with pytest.raises(ValueError, match="key_refute_max_r.*0.6, 0.5"):
+        FC.FactCheckConfig(key_refute_max_r=0.6, key_refute_min_fit=0.5)
     with pytest.raises(ValueError, match="slow_bpm"):
         FC.FactCheckConfig(slow_bpm=(100.0, 50.0))

@@ -305,6 +305,27 @@ def test_key_profiles_find_the_key_of_a_scale_weighted_profile():
             assert (k, m) == (tonic, mode) and r == pytest.approx(1.0)
 
 
+def test_the_pitch_class_profile_is_what_the_key_is_found_from():
+    f = FX.measure(music(seed=3, key=2, minor=False, bpm=100, drums=False), SR)
+    profile = f[F.PITCH_CLASS_PROFILE]
+    assert len(profile) == 12 and sum(profile) == pytest.approx(1.0) and min(profile) >= 0
+    tonic, mode = F.KEY_NAMES.index(f[F.KEY]), f[F.MODE]
+    assert FX.key_correlation(profile, tonic, mode) == pytest.approx(f[F.KEY_CONFIDENCE])
+    assert max(profile) == profile[2] or max(profile) in (profile[6], profile[9])  # the D major triad sounds most
+
+
+def test_noise_and_a_drum_loop_fit_no_key_so_no_key_claim_is_refuted_on_them():
+    rng = np.random.default_rng(0)
+    n = 8 * SR
+    clips = {"white noise": 0.1 * rng.standard_normal(n), "brown noise": 0.001 * np.cumsum(rng.standard_normal(n)),
+             "drum loop": synth._drums(n, SR, SR * 60 / 120, "rock", rng)}
+    for name, y in clips.items():
+        f = FX.musical_facts(y.astype(np.float32), SR, FX.MeasureConfig())
+        c = FC.confident_facts(f)
+        assert c.key is None and c.pitch_profile is None, (name, f[F.KEY_CONFIDENCE])
+        assert FC.check("in F# major", f) == FC.check("in C minor", f) == [], name
+
+
 def test_generated_tracks_tempo_key_and_drums():
     """A few generated tracks (loose: the benchmark measures the accuracy on hundreds)."""
     cases = [dict(key=9, minor=True, bpm=120, drums=True), dict(key=0, minor=False, bpm=100, drums=False),

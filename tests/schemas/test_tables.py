@@ -18,6 +18,7 @@ def _row(**over):
         T.CAPTION_SOURCE: "candidate", T.CAPTION_NOTE: "", T.PROMPT: "medium quality, c1",
         T.CAPTION_CONTRADICTS: ["contradicts_tempo"],
         **{name: 0.5 for name in F.FACT_NAMES}, F.KEY: "A", F.MODE: "minor", F.DEFECTS: ["noisy"],
+        F.PITCH_CLASS_PROFILE: [1 / 12] * 12,
     }
     r.update(over)
     return r
