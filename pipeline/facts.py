@@ -570,7 +570,7 @@ def musical_facts(mono: np.ndarray, sr: int, cfg: MeasureConfig, bandwidth_hz: f
     with warnings.catch_warnings():  # a clip with no pitched content: no tuning, flat chroma
         warnings.simplefilter("ignore")
         chroma = librosa.feature.chroma_cqt(y=y_harm, sr=sr, hop_length=hop)  # (12, N)
-        profile = chroma.mean(axis=1)  # (12,): every note counts, by how long it sounds
+        profile = chroma.mean(axis=1, dtype=np.float64)  # (12,): every note counts, by how long it sounds
         tonic, mode, r = key_from_chroma(profile)
 
     tempo_hop = hop // 2
