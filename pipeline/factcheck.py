@@ -28,8 +28,6 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-import numpy as np
-
 from pipeline import facts as FX
 from schemas import facts as F
 
@@ -234,12 +232,15 @@ def confident_facts(facts: Mapping, cfg: FactCheckConfig = FactCheckConfig()) ->
             drums = False
     profile = facts.get(F.PITCH_CLASS_PROFILE)
     profile = None if profile is None or len(profile) != 12 else tuple(float(x) for x in profile)  # a list, or an array
-    best_fit, in_scale = _tonality(profile) if profile is not None else (float("nan"), 1.0)  # no profile: as measured
-    tonal = in_scale >= cfg.key_min_in_scale
-    key_ok = (key_name in F.KEY_NAMES and mode in (F.MAJOR, F.MINOR) and k_conf is not None
-              and k_conf >= cfg.key_min_confidence and tonal)
+    named = key_name in F.KEY_NAMES and mode in (F.MAJOR, F.MINOR) and k_conf is not None
+    # analyze found the key (the profile's best fit, r = k_conf) from this profile: its scale share says how tonal
+    if profile is None:
+        tonal = True  # a row measured before the profile existed: as measured
+    else:
+        tonal = named and FX.scale_share(profile, F.KEY_NAMES.index(key_name), mode) >= cfg.key_min_in_scale
+    key_ok = named and k_conf >= cfg.key_min_confidence and tonal
     tempo_sure = bool(tempo) and t_conf is not None and t_conf >= cfg.tempo_min_confidence
-    if key_ok or not tonal or not best_fit >= cfg.key_refute_min_fit:
+    if key_ok or profile is None or not tonal or not k_conf >= cfg.key_refute_min_fit:
         profile = None
     return Confident(
         tempo_bpm=tempo if tempo_sure else None,
@@ -252,15 +253,6 @@ def confident_facts(facts: Mapping, cfg: FactCheckConfig = FactCheckConfig()) ->
 
 
 _KEYS = [(k, m) for m in (F.MAJOR, F.MINOR) for k in range(12)]
-
-
-def _tonality(profile: Sequence[float]) -> tuple[float, float]:
-    """(the best key's correlation with a pitch-class profile, the profile's share on that
-    key's seven notes); (NaN, 7/12) for a flat profile."""
-    if not np.ptp(profile) > 0:
-        return float("nan"), 7 / 12
-    tonic, mode, r = FX.key_from_chroma(profile)
-    return r, FX.scale_share(profile, tonic, mode)
 
 
 def grounding(facts: Mapping, cfg: FactCheckConfig = FactCheckConfig()) -> dict:
