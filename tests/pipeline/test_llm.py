@@ -123,6 +123,27 @@ def test_cpu_profile_keeps_the_vllm_cpu_workarounds():
     assert pcfg.runtime_env["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "2" and pcfg.accelerator_type is None
 
 
+def test_dtype_follows_the_device_and_the_cpus_native_bf16(tmp_path):
+    """Unset, the dtype is bfloat16 on GPU and on a CPU with a native bf16 unit, float32 on an
+    AVX2-only CPU (where vLLM-CPU's bfloat16 falls back to slow torch linear layers); a set
+    dtype always wins."""
+    epyc = tmp_path / "epyc"  # the flag line of an AVX2-only AMD EPYC (abridged)
+    epyc.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma bmi2 sha_ni\n\n")
+    sapphire = tmp_path / "spr"  # a Sapphire Rapids Xeon (abridged)
+    sapphire.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    arm = tmp_path / "arm"  # aarch64 names them Features
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert "avx2" in L.cpu_flags(str(epyc)) and L.cpu_flags(str(tmp_path / "none")) == frozenset()
+    assert L.default_dtype("cpu", L.cpu_flags(str(epyc))) == "float32"
+    assert L.default_dtype("cpu", L.cpu_flags(str(sapphire))) == "bfloat16"
+    assert L.default_dtype("cpu", L.cpu_flags(str(arm))) == "float32"
+    assert L.default_dtype("gpu", frozenset()) == "bfloat16"
+    assert L.engine_kwargs(L.LLMConfig(), "gpu")["dtype"] == "bfloat16"
+    assert L.engine_kwargs(L.LLMConfig(), "cpu")["dtype"] == L.default_dtype("cpu", L.cpu_flags())
+    for dtype in ("bfloat16", "float16", "auto"):
+        assert L.engine_kwargs(L.LLMConfig(dtype=dtype), "cpu")["dtype"] == dtype
+
+
 def test_auto_device_follows_the_ray_cluster(monkeypatch):
     import ray
 
