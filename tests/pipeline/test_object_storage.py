@@ -200,6 +200,24 @@ def test_an_object_that_vanishes_after_ingest_is_an_error_row_reason(s3_bucket):
         audio.load_clip(url, 0.0, 1.0, 16000)
 
 
+def test_an_m4a_in_a_bucket_is_probed_and_read_through_ffmpeg_as_on_disk(s3_bucket, tmp_path):
+    """FFmpeg reads an object through its fsspec file (ranges), as libsndfile does: the same
+    probe and the same samples as the file on disk, and a truncated object is the same row."""
+    pytest.importorskip("av", reason="PyAV (the ffmpeg extra) is not installed")
+    from tests.pipeline.test_ffmpeg import encode, signal
+
+    local = tmp_path / "song.m4a"
+    encode(local, signal(3.0), "aac", options={"movflags": "faststart"})
+    url = f"{s3_bucket}/audio/song.m4a"
+    s3fs_().put(str(local), fs.location(url).path)
+    assert audio.probe(url) == audio.probe(local)
+    np.testing.assert_array_equal(audio.load_clip(url, 1.1, 1.0, None, mono=False), audio.load_clip(local, 1.1, 1.0, None, mono=False))
+    cut = f"{s3_bucket}/audio/cut.m4a"
+    fs.atomic_write_bytes(cut, local.read_bytes()[: local.stat().st_size // 2])
+    with pytest.raises(audio.AudioError, match="truncated: the container declares"):
+        audio.probe(cut)
+
+
 # --- the demo in a bucket, end to end ----------------------------------------------------------
 
 

@@ -1,0 +1,152 @@
+"""Formats libsndfile cannot read (AAC and ALAC in .m4a, WMA, bare ADTS AAC), decoded by FFmpeg
+through PyAV. The files are written by FFmpeg's own encoders and muxers (PyAV's libavcodec and
+libavformat, what `ffmpeg -i in.wav out.m4a` runs), as users' files are."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from pipeline import audio, ingest
+from schemas import tables as T
+
+av = pytest.importorskip("av", reason="PyAV (the ffmpeg extra) is not installed")
+
+SR = 44100
+
+
+def signal(seconds: float, seed: int = 0) -> np.ndarray:
+    """(2, T) float32: two tones, a little noise, and clicks that pin the timing."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    x = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.3 * np.sin(2 * np.pi * 587 * t)])
+    x += 0.01 * rng.standard_normal(x.shape)
+    for at in (0.5, 1.25, 2.0):
+        x[:, int(at * SR): int(at * SR) + 30] = 0.9
+    return x.astype(np.float32)
+
+
+def encode(path, x: np.ndarray, codec: str, fmt: str | None = None, options: dict | None = None) -> None:
+    """Write (C, T) float32 `x` with FFmpeg's encoder `codec`, frame by frame, as ffmpeg does."""
+    with av.open(str(path), "w", format=fmt, options=options or {}) as out:
+        stream = out.add_stream(codec, rate=SR, layout="stereo")
+        if codec != "alac":
+            stream.bit_rate = 160_000
+        size, fmt_name = stream.codec_context.frame_size or 1024, stream.codec_context.format.name
+        for i in range(0, x.shape[1], size):
+            block = x[:, i: i + size]
+            if fmt_name.startswith("s16"):
+                block = np.round(block * 32767).astype(np.int16)
+            elif fmt_name.startswith("s32"):
+                block = np.round(block.astype(np.float64) * 2147483647).astype(np.int32)
+            if not fmt_name.endswith("p"):  # packed: one plane, channels interleaved
+                block = block.T.reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block), format=fmt_name, layout="stereo")
+            frame.sample_rate, frame.pts = SR, i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+
+
+def test_alac_in_m4a_is_read_sample_exact_from_any_offset(tmp_path):
+    x = signal(3.0)
+    path = tmp_path / "lossless.m4a"
+    encode(path, x, "alac")
+    assert audio.probe(path) == audio.Probe(SR, 2, x.shape[1], "FFMPEG:alac")
+    for start in (0.0, 0.7, 1.9):
+        clip = audio.load_clip(path, start, 1.0, None, mono=False)
+        i = int(round(start * SR))
+        np.testing.assert_allclose(clip, x[:, i: i + SR], atol=1e-6)
+    assert audio.load_clip(path, 0.0, 1.0, 16000).shape == (16000,)  # mono, resampled as every format is
+
+
+@pytest.mark.parametrize("name, codec, fmt, options", [
+    ("aac.m4a", "aac", None, None),
+    ("faststart.m4a", "aac", None, {"movflags": "faststart"}),
+    ("wma.wma", "wmav2", None, None),
+    ("adts.aac", "aac", "adts", None),
+])
+def test_lossy_files_give_the_same_samples_read_whole_or_from_an_offset(tmp_path, name, codec, fmt, options):
+    """A clip read from an offset (a seek to a key frame before a pre-roll, or for coarse
+    timestamps counting from the start) holds the samples of the same span read from the
+    beginning: exactly where the decoder is deterministic (WMA), within the codec's own error
+    where AAC fills bands with seeded noise (PNS) around the clicks. AAC in MP4 is gapless (its
+    encoder delay trimmed by the edit list), so the clicks land where they were written."""
+    x = signal(3.0)
+    path = tmp_path / name
+    encode(path, x, codec, fmt, options)
+    p = audio.probe(path)
+    assert (p.sample_rate, p.channels) == (SR, 2) and abs(p.frames - x.shape[1]) <= 2048
+    whole = audio.load_clip(path, 0.0, 2.9, None, mono=False)
+    for start in (0.4, 1.3, 1.9):
+        i = int(round(start * SR))
+        clip, same_span = audio.load_clip(path, start, 1.0, None, mono=False), whole[:, i: i + SR]
+        if codec == "wmav2":
+            np.testing.assert_array_equal(clip, same_span)
+        assert min(np.corrcoef(clip[c], same_span[c])[0, 1] for c in (0, 1)) > 0.999, start
+        assert np.sqrt(np.mean((clip - same_span) ** 2)) < 0.01, start  # one sample off, the tones alone differ by 0.016
+    if name.endswith(".m4a"):
+        assert p.frames == x.shape[1]
+        for at in (0.5, 1.25, 2.0):  # each click decodes within a few samples of where it was written
+            i = int(at * SR)
+            assert abs(int(np.argmax(whole[0, i - 500: i + 500] > 0.6)) - 500) <= 3
+        assert np.corrcoef(whole[0], x[0, : whole.shape[1]])[0, 1] > 0.99
+
+
+def test_bad_ffmpeg_files_become_rows_with_reasons(tmp_path, ingest_to):
+    d = tmp_path / "bad"
+    d.mkdir()
+    x = signal(4.0)
+    encode(d / "ok.m4a", x, "aac")
+    encode(tmp_path / "fast.m4a", x, "aac", options={"movflags": "faststart"})  # index first, then the audio
+    data = (tmp_path / "fast.m4a").read_bytes()
+    (d / "cut_faststart.m4a").write_bytes(data[: len(data) // 2])
+    data = (d / "ok.m4a").read_bytes()
+    (d / "cut.m4a").write_bytes(data[: len(data) // 2])  # the index (at the end) is gone
+    sf.write(tmp_path / "m.mp3", x.T, SR, format="MP3")
+    (d / "mp3_named.m4a").write_bytes((tmp_path / "m.mp3").read_bytes())
+    (d / "text.aac").write_text("not audio")
+    (d / "empty.wma").write_bytes(b"")
+    rows = {r[T.AUDIO_PATH].rsplit("/", 1)[-1]: r for r in ingest_to(d, tmp_path / "out").to_pylist()}
+    expect = {
+        "cut_faststart.m4a": (T.ERROR, "truncated: the container declares"),
+        "cut.m4a": (T.ERROR, "not decodable audio: Invalid data"),
+        "mp3_named.m4a": (T.ERROR, "wrong extension: .m4a file holds mp3 data"),
+        "text.aac": (T.ERROR, "not decodable audio"),
+        "empty.wma": (T.ERROR, "empty file (0 bytes)"),
+        "ok.m4a": (T.OK, ""),
+    }
+    assert set(rows) == set(expect)
+    for name, (status, reason) in expect.items():
+        assert rows[name][T.STATUS] == status, (name, rows[name][T.REASON])
+        assert reason in rows[name][T.REASON], (name, rows[name][T.REASON])
+    assert rows["ok.m4a"][T.SOURCE_SAMPLE_RATE] == SR and rows["ok.m4a"][T.SOURCE_CHANNELS] == 2
+    assert rows["ok.m4a"][T.SOURCE_DURATION_S] == pytest.approx(4.0)
+
+
+def test_without_pyav_an_m4a_is_listed_and_its_row_says_how_to_read_it(tmp_path):
+    """PyAV is installed here, so its absence is simulated (the one fake: `import av` made to
+    fail in a child process, as it fails where the extra was not installed)."""
+    d = tmp_path / "music"
+    d.mkdir()
+    encode(d / "song.m4a", signal(2.5), "aac")
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["av"] = None  # `import av` raises ImportError, as without the extra
+        from pipeline import audio, ingest
+        assert [r.path.rsplit("/", 1)[-1] for r in ingest.scan_folder({str(d)!r})] == ["song.m4a"]
+        try:
+            audio.probe({str(d / "song.m4a")!r})
+        except audio.AudioError as e:
+            print(e.status, e.reason)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(audio.__file__).parents[1])})
+    assert out.stdout.startswith("error not decodable audio: .m4a files are decoded by FFmpeg, which is not installed"), out.stdout
+    assert "pip install 'mosaiq[ffmpeg]'" in out.stdout
