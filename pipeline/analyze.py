@@ -105,10 +105,16 @@ def _rate_of(path: str) -> int:
     return audio.probe(path).sample_rate
 
 
+def params(cfg: AnalyzeConfig) -> str:
+    """The params of analyze's parts: the config that decides the rows, and the version of the
+    measurements (`FACTS_VERSION`), so a folder an older mosaiq measured is measured again."""
+    return f"{backend.config_params(cfg)}|facts v{F.FACTS_VERSION}"
+
+
 def main(cfg: AnalyzeConfig, input_dir: str | Path, output_dir: str | Path) -> StageReport:
     """Analyze every pending part of `input_dir` into `output_dir` on Ray (the caller starts it)."""
     report = backend.map_parts(AnalyzeStage, {"cfg": cfg}, input_dir, output_dir, cfg.resources,
-                               params=backend.config_params(cfg))
+                               params=params(cfg))
     jobcfg.save_resolved(cfg, fs.location(output_dir) / CONFIG_FILE)
     flagged = Counter(d for v in backend.read_folder(output_dir, [F.DEFECTS]).column(F.DEFECTS).to_pylist() for d in v or [])
     report.detail = "defects flagged: " + (", ".join(f"{k}={v}" for k, v in sorted(flagged.items())) or "none")

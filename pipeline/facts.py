@@ -107,7 +107,8 @@ class DefectThresholds:
     """When a technical fact becomes a defect flag (see docs/facts.md for the reasoning)."""
 
     clipped_fraction: float = _CLIPPED_FRACTION  # clipping: more than 0.01 % of samples in flat-top runs (a few runs a second)
-    band_limited_ratio: float = 0.85  # band_limited: a cliff under 85 % of Nyquist (CD anti-alias filters sit at ~0.9)
+    band_limited_ratio: float = 0.85  # band_limited: a cliff under 85 % of Nyquist (CD anti-alias filters sit at ~0.9) ...
+    band_limited_hz: float = 20_000.0  # ... and under 20 kHz: a 96 kHz file cut at 22 kHz (a CD master) lacks nothing heard
     noisy_snr_db: float = 15.0  # noisy: estimated SNR under 15 dB
     too_quiet_lufs: float = -40.0  # too_quiet: integrated loudness under -40 LUFS
     dc_offset: float = 0.01  # dc_offset: a channel mean beyond 1 % of full scale (-40 dBFS)
@@ -220,7 +221,10 @@ def bandwidth(freqs: np.ndarray, mean_power: np.ndarray, sr: int, cfg: MeasureCo
         j = np.searchsorted(centre, f * half)
         if j >= n_bands or below.size == 0:
             break
-        top, rest = float(np.median(below)), float(np.percentile(level_s[j:], 90))  # a few stray partials aside
+        # the level above: the octave after the span (a few stray partials aside), not all the way
+        # to Nyquist, which on a 96 or 192 kHz file is mostly empty and would hide music under it
+        above = level_s[j:max(j + 1, int(np.searchsorted(centre, f * half * 2, side="right")))]
+        top, rest = float(np.median(below)), float(np.percentile(above, 90))
         # a filter's stop band: a steep drop, and under the partials it lets through, another half
         # span up, digital silence (a recording's hiss would still be there)
         k = np.searchsorted(centre, f * half * half)
@@ -231,15 +235,30 @@ def bandwidth(freqs: np.ndarray, mean_power: np.ndarray, sr: int, cfg: MeasureCo
 
 
 def _edge(centre: np.ndarray, power_b: np.ndarray, top: int) -> float:
-    """The cliff's edge: going down from band `top`, the first band whose third-octave level is
-    within 30 dB of the loudest third-octave level of the two octaves below it."""
+    """The cliff's edge: the highest band, contiguous with band `top` (where the cliff was
+    found), whose third-octave level is within 30 dB of the loudest third-octave level of the
+    two octaves below it. From `top` it walks up while bands pass (the cliff test tolerates a
+    tenth of the bands above as stray partials, so it may fire up to a tenth below the edge)
+    and down while they fail."""
     lo = np.searchsorted(centre, centre * 2 ** (-1 / 6))
     hi = np.searchsorted(centre, centre * 2 ** (1 / 6), side="right")
     csum = np.concatenate([[0.0], np.cumsum(power_b)])
     smooth = _db((csum[hi] - csum[lo]) / np.maximum(hi - lo, 1))  # third-octave levels
-    for e in range(top, -1, -1):
-        below = smooth[(centre >= centre[e] / 4) & (centre <= centre[e])]
-        if smooth[e] >= below.max() - 30.0:
+    lo, hi = np.searchsorted(centre, centre * 2 ** (-1 / 24)), np.searchsorted(centre, centre * 2 ** (1 / 24), side="right")
+    own = _db((csum[hi] - csum[lo]) / np.maximum(hi - lo, 1))  # twelfth-octave: the band's own level, little spread
+
+    def passes(e: int) -> bool:
+        return bool(own[e] >= smooth[(centre >= centre[e] / 4) & (centre <= centre[e])].max() - 30.0)
+
+    if passes(top):  # up across gaps between partials narrower than a sixth of an octave
+        e = top
+        while True:
+            ahead = [k for k in range(e + 1, int(np.searchsorted(centre, centre[e] * 2 ** (1 / 6), side="right"))) if passes(k)]
+            if not ahead:
+                return float(centre[e])
+            e = ahead[-1]
+    for e in range(top - 1, -1, -1):
+        if passes(e):
             return float(centre[e])
     return float(centre[top])
 
@@ -652,7 +671,7 @@ def find_defects(facts: dict, th: DefectThresholds = DefectThresholds()) -> list
 
     found = {
         F.CLIPPING: over(F.CLIPPED_FRACTION, th.clipped_fraction),
-        F.BAND_LIMITED: under(F.BANDWIDTH_RATIO, th.band_limited_ratio),
+        F.BAND_LIMITED: under(F.BANDWIDTH_RATIO, th.band_limited_ratio) and not over(F.BANDWIDTH_HZ, th.band_limited_hz - 1e-9),
         F.NOISY: under(F.SNR_DB, th.noisy_snr_db),
         F.TOO_QUIET: under(F.LOUDNESS_LUFS, th.too_quiet_lufs),
         F.DC: facts.get(F.DC_OFFSET) is not None and abs(facts[F.DC_OFFSET]) > th.dc_offset,

@@ -62,7 +62,9 @@ CONTRADICTS_KEY = "contradicts_key"
 CONTRADICTS_DRUMS = "contradicts_drums"
 CHECK_REASONS = (CONTRADICTS_TEMPO, CONTRADICTS_KEY, CONTRADICTS_DRUMS)
 
-FACTS_VERSION = 3
+# what analyze measures, and how: part of its parts' params, so a folder analyzed by an older
+# mosaiq is measured again (3: the pitch-class profile; 4: the bandwidth edge at any sample rate)
+FACTS_VERSION = 4
 
 FACT_FIELDS = [
     pa.field(LOUDNESS_LUFS, pa.float64()),

@@ -14,6 +14,7 @@ import soundfile as sf
 from pipeline import facts as FX
 from pipeline import synth
 from pipeline.analyze import AnalyzeConfig, AnalyzeStage
+from pipeline.stage import Resources
 from schemas import facts as F
 from schemas import tables as T
 
@@ -161,6 +162,18 @@ def test_a_changed_config_recomputes_the_parts_and_a_changed_concurrency_does_no
     rejecting = dataclasses.replace(strict, reject_defects=(F.NOISY,))
     assert analyze.main(rejecting, src, out).parts_skipped == 0
     assert {r[T.REASON] for r in pq.read_table(part).to_pylist() if r[F.LOUDNESS_LUFS] is not None} == {"defect:noisy"}
+
+
+def test_analyze_params_follow_the_config_and_the_version_of_the_measurements(monkeypatch):
+    """A folder analyzed by a mosaiq that measured otherwise (an older FACTS_VERSION, set here
+    as the one way to stand for an older release) is measured again, not resumed."""
+    from pipeline import analyze
+
+    p0 = analyze.params(AnalyzeConfig())
+    assert analyze.params(AnalyzeConfig(resources=Resources(batch_size=3, concurrency=2))) == p0
+    assert analyze.params(AnalyzeConfig(thresholds=FX.DefectThresholds(band_limited_hz=24_000.0))) != p0
+    monkeypatch.setattr(F, "FACTS_VERSION", F.FACTS_VERSION - 1)
+    assert analyze.params(AnalyzeConfig()) != p0
 
 
 def test_params_follow_what_the_rows_depend_on(tmp_path):

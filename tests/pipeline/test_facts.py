@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import librosa
 import numpy as np
 import pytest
 from scipy import signal
@@ -68,6 +69,32 @@ def test_a_lowpass_cliff_is_band_limited_and_a_soft_instrument_over_its_noise_fl
     f_solo = FX.measure(solo, SR)
     assert f_solo[F.BANDWIDTH_RATIO] == pytest.approx(1.0)
     assert FX.find_defects(f_solo) == []
+
+
+def test_the_edge_is_the_same_at_any_sample_rate_and_a_cd_master_at_96_khz_lacks_nothing():
+    """A cliff's edge does not depend on how far Nyquist lies above it. Before, the cliff test
+    (nine bands in ten above the cut near silence) fired wherever music held under a tenth of
+    the bands above, and the edge was read there: a CD master resampled to 192 kHz read 13.7
+    kHz, one at 96 kHz 18.8, a 4 kHz lowpass 2.8. And 22 kHz at 96 kHz is a low ratio to
+    Nyquist but no defect: band_limited also needs the edge under `band_limited_hz` (20 kHz)."""
+    x = music(seed=3)
+    for cut_hz in (4000, 8000):
+        edges = []
+        for rate in (SR, 96000, 192000):
+            y = librosa.resample(x, orig_sr=SR, target_sr=rate, res_type="soxr_hq") if rate != SR else x
+            cut = signal.sosfiltfilt(signal.butter(12, cut_hz, fs=rate, output="sos"), y).astype(np.float32)
+            edges.append(FX.measure(cut, rate)[F.BANDWIDTH_HZ])
+        assert all(cut_hz * 0.97 < e < cut_hz * 1.2 for e in edges), (cut_hz, edges)
+        assert max(edges) / min(edges) < 1.05, (cut_hz, edges)
+    track = synth.Track(key=2, minor=False, bpm=100, lead="saw lead", pad="organ", drums=True)
+    master = synth.render_track(np.random.default_rng(5), track, 6.0, 44100)  # a CD master: music up to 22 kHz
+    cd = librosa.resample(master, orig_sr=44100, target_sr=96000, res_type="soxr_hq")  # ... released at 96 kHz
+    f = FX.measure(cd, 96000)
+    assert 20_500 < f[F.BANDWIDTH_HZ] < 22_100 and f[F.BANDWIDTH_RATIO] < 0.5
+    assert F.BAND_LIMITED not in FX.find_defects(f)
+    assert F.BAND_LIMITED in FX.find_defects(f, FX.DefectThresholds(band_limited_hz=24_000))
+    mp3_like = signal.sosfiltfilt(signal.butter(16, 16000, fs=96000, output="sos"), cd).astype(np.float32)
+    assert F.BAND_LIMITED in FX.find_defects(FX.measure(mp3_like, 96000))
 
 
 def test_a_steep_lowpass_over_a_loud_stop_band_is_band_limited_a_dark_mix_over_hiss_is_not():
