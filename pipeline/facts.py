@@ -203,6 +203,9 @@ def _power_spectrogram(x: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray]:
     return freqs, power.T  # (K,), (K, N)
 
 
+_AUDIBLE_TOP_HZ = 22_050.0  # the top of a CD's band: the stop band of a cut is judged up to here at least
+
+
 def bandwidth(freqs: np.ndarray, mean_power: np.ndarray, sr: int, cfg: MeasureConfig) -> float:
     """Effective bandwidth in Hz: the edge of a spectral cliff, or Nyquist when there is none."""
     nyq = sr / 2.0
@@ -221,9 +224,9 @@ def bandwidth(freqs: np.ndarray, mean_power: np.ndarray, sr: int, cfg: MeasureCo
         j = np.searchsorted(centre, f * half)
         if j >= n_bands or below.size == 0:
             break
-        # the level above: the octave after the span (a few stray partials aside), not all the way
-        # to Nyquist, which on a 96 or 192 kHz file is mostly empty and would hide music under it
-        above = level_s[j:max(j + 1, int(np.searchsorted(centre, f * half * 2, side="right")))]
+        # the stop band: up to 22.05 kHz or two octaves on, whichever is higher (a few stray partials
+        # aside); a 96 or 192 kHz file's empty ultrasound beyond would hide the music under it
+        above = level_s[j:max(j + 1, int(np.searchsorted(centre, max(f * half * 4, _AUDIBLE_TOP_HZ), side="right")))]
         top, rest = float(np.median(below)), float(np.percentile(above, 90))
         # a filter's stop band: a steep drop, and under the partials it lets through, another half
         # span up, digital silence (a recording's hiss would still be there)
@@ -244,8 +247,8 @@ def _edge(centre: np.ndarray, power_b: np.ndarray, top: int) -> float:
     hi = np.searchsorted(centre, centre * 2 ** (1 / 6), side="right")
     csum = np.concatenate([[0.0], np.cumsum(power_b)])
     smooth = _db((csum[hi] - csum[lo]) / np.maximum(hi - lo, 1))  # third-octave levels
-    lo, hi = np.searchsorted(centre, centre * 2 ** (-1 / 24)), np.searchsorted(centre, centre * 2 ** (1 / 24), side="right")
-    own = _db((csum[hi] - csum[lo]) / np.maximum(hi - lo, 1))  # twelfth-octave: the band's own level, little spread
+    lo, hi = np.searchsorted(centre, centre * 2 ** (-1 / 12)), np.searchsorted(centre, centre * 2 ** (1 / 12), side="right")
+    own = _db((csum[hi] - csum[lo]) / np.maximum(hi - lo, 1))  # sixth-octave: the band's own level, little spread
 
     def passes(e: int) -> bool:
         return bool(own[e] >= smooth[(centre >= centre[e] / 4) & (centre <= centre[e])].max() - 30.0)

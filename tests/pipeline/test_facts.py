@@ -75,7 +75,7 @@ def test_the_edge_is_the_same_at_any_sample_rate_and_a_cd_master_at_96_khz_lacks
     """A cliff's edge does not depend on how far Nyquist lies above it. Before, the cliff test
     (nine bands in ten above the cut near silence) fired wherever music held under a tenth of
     the bands above, and the edge was read there: a CD master resampled to 192 kHz read 13.7
-    kHz, one at 96 kHz 18.8, a 4 kHz lowpass 2.8. And 22 kHz at 96 kHz is a low ratio to
+    kHz, one at 96 kHz 18.8, a 4 kHz lowpass at 96 kHz 0.46. And 22 kHz at 96 kHz is a low ratio to
     Nyquist but no defect: band_limited also needs the edge under `band_limited_hz` (20 kHz)."""
     x = music(seed=3)
     for cut_hz in (4000, 8000):
@@ -90,7 +90,7 @@ def test_the_edge_is_the_same_at_any_sample_rate_and_a_cd_master_at_96_khz_lacks
     master = synth.render_track(np.random.default_rng(5), track, 6.0, 44100)  # a CD master: music up to 22 kHz
     cd = librosa.resample(master, orig_sr=44100, target_sr=96000, res_type="soxr_hq")  # ... released at 96 kHz
     f = FX.measure(cd, 96000)
-    assert 20_500 < f[F.BANDWIDTH_HZ] < 22_100 and f[F.BANDWIDTH_RATIO] < 0.5
+    assert 20_500 < f[F.BANDWIDTH_HZ] < 23_000 and f[F.BANDWIDTH_RATIO] < 0.5  # the edge, give or take a sixth of an octave
     assert F.BAND_LIMITED not in FX.find_defects(f)
     assert F.BAND_LIMITED in FX.find_defects(f, FX.DefectThresholds(band_limited_hz=24_000))
     mp3_like = signal.sosfiltfilt(signal.butter(16, 16000, fs=96000, output="sos"), cd).astype(np.float32)
