@@ -150,7 +150,10 @@ def loudness_lufs(a: np.ndarray, sr: int) -> float | None:
     if a.shape[1] < int(0.4 * sr) + 1:
         return None
     meter = pyloudnorm.Meter(sr)  # K-weighting designed for this rate
-    x = a[:5].T.astype(np.float64)  # (T, C); BS.1770 weights exist for up to 5 channels
+    # pyloudnorm weighs channels 1, 1, 1, 1.41, 1.41 (L, R, C, Ls, Rs); a 5.1 file (or 7.1) in the
+    # WAVE/FFmpeg order L R C LFE Ls Rs ... leaves out its LFE (BS.1770) and its back pair
+    keep = [0, 1, 2, 4, 5] if a.shape[0] >= 6 else list(range(a.shape[0]))
+    x = a[keep].T.astype(np.float64)  # (T, C)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _finite(meter.integrated_loudness(x))

@@ -57,6 +57,21 @@ def test_clipping_counts_flat_tops_at_the_clip_peak_not_smooth_crests():
     assert FX.clipped_fraction(low[None]) < 1e-3
 
 
+def test_loudness_of_5_1_leaves_out_the_lfe_and_weighs_the_surrounds():
+    """BS.1770 for 5.1 (L R C LFE Ls Rs): the LFE does not count and each surround weighs 1.41
+    (+1.5 dB). Before, the first five channels were taken, so the LFE counted as a surround and
+    the right surround was left out."""
+    sine, quiet = tone(1000, 5, 48000, amp=0.5), np.zeros(5 * 48000, np.float32)
+    alone = FX.measure(sine, 48000)[F.LOUDNESS_LUFS]
+    def surround(i):
+        return FX.measure(np.stack([sine if c == i else quiet for c in range(6)]), 48000)[F.LOUDNESS_LUFS]
+    assert surround(0) == pytest.approx(alone, abs=0.05)  # L
+    assert surround(5) == pytest.approx(alone + 10 * np.log10(1.41), abs=0.05)  # Rs
+    assert surround(3) is None or surround(3) < -69  # the LFE alone: under the absolute gate
+    stereo = FX.measure(np.stack([sine, sine]), 48000)[F.LOUDNESS_LUFS]
+    assert stereo == pytest.approx(alone + 10 * np.log10(2), abs=0.05)
+
+
 def test_a_lowpass_cliff_is_band_limited_and_a_soft_instrument_over_its_noise_floor_is_not():
     x = music()
     cut = signal.sosfilt(signal.butter(8, 2000, fs=SR, output="sos"), x).astype(np.float32)
