@@ -63,7 +63,8 @@ CONTRADICTS_DRUMS = "contradicts_drums"
 CHECK_REASONS = (CONTRADICTS_TEMPO, CONTRADICTS_KEY, CONTRADICTS_DRUMS)
 
 # what analyze measures, and how: part of its parts' params, so a folder analyzed by an older
-# mosaiq is measured again (3: the pitch-class profile; 4: the bandwidth edge at any sample rate)
+# mosaiq is measured again (3: the pitch-class profile; 4: the bandwidth edge at any sample rate,
+# the loudness of 5.1 files)
 FACTS_VERSION = 4
 
 FACT_FIELDS = [
