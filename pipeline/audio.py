@@ -160,6 +160,13 @@ def _unknown_length(f: sf.SoundFile) -> bool:
     return f.format == "FLAC" and not 0 < f.frames < UNKNOWN_FRAMES
 
 
+def span_of(block: np.ndarray, first: int, start: int, n: int | None) -> np.ndarray | None:
+    """The part of a decoded (T, C) `block` whose first frame is frame `first` of the stream that
+    falls in frames [start, start + n) (n None: to the end); None when none does."""
+    lo, hi = max(start - first, 0), len(block) if n is None else min(len(block), start + n - first)
+    return block[lo:hi] if hi > lo else None
+
+
 def read_sequential(f: sf.SoundFile, start: int, n: int | None, block: int = 1 << 16,
                     max_frames: int | None = None) -> np.ndarray:
     """Frames [start, start + n) (n None: to the end) of a stream libsndfile cannot seek in (a
@@ -173,9 +180,8 @@ def read_sequential(f: sf.SoundFile, start: int, n: int | None, block: int = 1 <
             break
         if max_frames is not None and pos + len(data) > max_frames:
             raise AudioError(f"too_long: more than {max_frames} frames at {f.samplerate} Hz", T.REJECTED)
-        lo, hi = max(start - pos, 0), len(data) if n is None else min(len(data), start + n - pos)
-        if hi > lo:
-            out.append(data[lo:hi])
+        if (part := span_of(data, pos, start, n)) is not None:
+            out.append(part)
         pos += len(data)
     return np.concatenate(out) if out else np.zeros((0, f.channels), np.float32)
 

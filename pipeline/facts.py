@@ -246,12 +246,14 @@ def _edge(centre: np.ndarray, power_b: np.ndarray, top: int) -> float:
     two octaves below it. From `top` it walks up while bands pass (the cliff test tolerates a
     tenth of the bands above as stray partials, so it may fire up to a tenth below the edge)
     and down while they fail."""
-    lo = np.searchsorted(centre, centre * 2 ** (-1 / 6))
-    hi = np.searchsorted(centre, centre * 2 ** (1 / 6), side="right")
     csum = np.concatenate([[0.0], np.cumsum(power_b)])
-    smooth = _db((csum[hi] - csum[lo]) / np.maximum(hi - lo, 1))  # third-octave levels
-    lo, hi = np.searchsorted(centre, centre * 2 ** (-1 / 12)), np.searchsorted(centre, centre * 2 ** (1 / 12), side="right")
-    own = _db((csum[hi] - csum[lo]) / np.maximum(hi - lo, 1))  # sixth-octave: the band's own level, little spread
+
+    def levels(octaves: float) -> np.ndarray:  # each band's level over `octaves` around it, dB
+        lo = np.searchsorted(centre, centre * 2 ** (-octaves / 2))
+        hi = np.searchsorted(centre, centre * 2 ** (octaves / 2), side="right")
+        return _db((csum[hi] - csum[lo]) / np.maximum(hi - lo, 1))
+
+    smooth, own = levels(1 / 3), levels(1 / 6)  # the music below; the band's own level, little spread
 
     def passes(e: int) -> bool:
         return bool(own[e] >= smooth[(centre >= centre[e] / 4) & (centre <= centre[e])].max() - 30.0)
@@ -677,7 +679,8 @@ def find_defects(facts: dict, th: DefectThresholds = DefectThresholds()) -> list
 
     found = {
         F.CLIPPING: over(F.CLIPPED_FRACTION, th.clipped_fraction),
-        F.BAND_LIMITED: under(F.BANDWIDTH_RATIO, th.band_limited_ratio) and not over(F.BANDWIDTH_HZ, th.band_limited_hz - 1e-9),
+        F.BAND_LIMITED: under(F.BANDWIDTH_RATIO, th.band_limited_ratio)
+        and (facts.get(F.BANDWIDTH_HZ) is None or facts[F.BANDWIDTH_HZ] < th.band_limited_hz),
         F.NOISY: under(F.SNR_DB, th.noisy_snr_db),
         F.TOO_QUIET: under(F.LOUDNESS_LUFS, th.too_quiet_lufs),
         F.DC: facts.get(F.DC_OFFSET) is not None and abs(facts[F.DC_OFFSET]) > th.dc_offset,

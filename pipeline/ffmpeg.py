@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from pipeline import fs
-from pipeline.audio import AudioError
+from pipeline.audio import AudioError, span_of
 
 # the demuxer (FFmpeg's format name) each extension should hold: a mislabelled file is refused,
 # as libsndfile's formats are
@@ -112,9 +112,8 @@ def _decode(container, stream, rate: int, start: int, n: int | None) -> np.ndarr
                 origin = pts
             first = pts - origin if pts is not None else pos
             pos = first + len(data)
-            lo, hi = max(start - first, 0), len(data) if n is None else min(len(data), start + n - first)
-            if hi > lo:
-                out.append(data[lo:hi])
+            if (part := span_of(data, first, start, n)) is not None:
+                out.append(part)
             if n is not None and pos >= start + n:
                 break
     except av.FFmpegError as e:
