@@ -564,13 +564,15 @@ def tempo(onset_env: np.ndarray, frame_rate: float, cfg: MeasureConfig,
     else:  # a 3:2 relative or the edge of the range: sure only when no octave of it is a tempo at all
         octave = 0.5 if cfg.tempo_min_bpm <= cands[best] / 2 or cands[best] * 2 <= cfg.tempo_max_bpm else 1.0
     at_beat = float(np.clip(_at(ac, 60.0 * frame_rate / cands[best], max_lag), 0.0, 1.0))
-    # sub-grid precision: a parabola through the periodicity around the chosen tempo
+    # sub-grid precision: a parabola through the periodicity around the chosen tempo, where it
+    # peaks there (a candidate at the edge of its 3 % window is on a slope: a parabola through a
+    # slope has its vertex anywhere, once read as 499 BPM)
     i = int(np.argmin(np.abs(bpm - cands[best])))
     result = float(bpm[i])
     if 0 < i < len(bpm) - 1:
         y0, y1, y2 = score[i - 1: i + 2]
         den = y0 - 2 * y1 + y2
-        if den < 0:
+        if den < 0 and y1 >= max(y0, y2):  # then the vertex is within half a step
             result = float(bpm[i] * 2 ** (0.0025 * 0.5 * (y0 - y2) / den))
     return result, share * at_beat, octave
 

@@ -64,8 +64,8 @@ CHECK_REASONS = (CONTRADICTS_TEMPO, CONTRADICTS_KEY, CONTRADICTS_DRUMS)
 
 # what analyze measures, and how: part of its parts' params, so a folder analyzed by an older
 # mosaiq is measured again (3: the pitch-class profile; 4: the bandwidth edge at any sample rate,
-# the loudness of 5.1 files)
-FACTS_VERSION = 4
+# the loudness of 5.1 files; 5: no tempo outside tempo_min_bpm..tempo_max_bpm)
+FACTS_VERSION = 5
 
 FACT_FIELDS = [
     pa.field(LOUDNESS_LUFS, pa.float64()),

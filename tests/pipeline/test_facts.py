@@ -267,6 +267,18 @@ def test_a_fast_generated_rock_track_reads_its_beat_not_half_time():
     assert FX.musical_facts(mono, SR, cfg, bandwidth, clipped=0.01)[F.TEMPO_BPM] == pytest.approx(85, rel=0.04)
 
 
+def test_tempo_stays_in_its_range_on_irregular_envelopes():
+    """Envelopes with no steady beat (random bursts): whatever is read, it is a tempo in the
+    configured range, on the grid's candidate (the sub-grid step moves it by under 0.1 %). A
+    parabola through a slope once put five of these 300 at 330-390 BPM, over the 240 maximum."""
+    cfg, rate = FX.MeasureConfig(), SR / 256
+    for seed in range(300):
+        x = np.random.default_rng(seed).exponential(1.0, 860) ** 2
+        found, conf, octave = FX.tempo(x, rate, cfg)
+        assert found is not None and cfg.tempo_min_bpm <= found <= cfg.tempo_max_bpm, (seed, found)
+        assert 0.0 <= conf <= 1.0 and 0.0 <= octave <= 1.0, (seed, conf, octave)
+
+
 @pytest.mark.parametrize("bad, shown", [(dict(tempo_periodicity_weight=1.5), "1.5"), (dict(tempo_backbeat_ratio=0.0), "0.0"),
                                         (dict(tempo_backbeat_weight=-1.0), "-1.0")])
 def test_tempo_settings_out_of_range_are_refused_with_the_value(bad, shown):
