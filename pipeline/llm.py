@@ -18,6 +18,7 @@ caption cut at `max_tokens` is rejected (`truncated`) instead of kept.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import json
@@ -295,13 +296,31 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset()
 
 
+def node_cpu_flags(timeout_s: float = 120.0) -> dict[str, frozenset[str]]:
+    """The CPU flags of every live Ray node with CPUs, read on the node itself (a zero-CPU task
+    pinned there), by node id: the engine lands on any of them, and the driver's machine (a
+    laptop, a head node with no CPUs for tasks) may have other CPUs. Without Ray, this machine's."""
+    import ray
+
+    if not ray.is_initialized():
+        return {"local": cpu_flags()}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    read = ray.remote(num_cpus=0)(cpu_flags)
+    refs = [read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote() for node in nodes]
+    return dict(zip(nodes, ray.get(refs, timeout=timeout_s)))
+
+
 def default_dtype(device: str, flags: frozenset[str] | None = None) -> str:
-    """The profile's dtype for `device`: bfloat16 on GPU; on CPU bfloat16 where `flags` (this
-    machine's, read where the job is driven: set `dtype` on a cluster of mixed CPUs) include a
-    native bf16 unit, else float32."""
+    """The profile's dtype for `device`: bfloat16 on GPU; on CPU bfloat16 where `flags` include
+    a native bf16 unit, else float32. `flags` unset: those every CPU node of the Ray cluster has
+    (`node_cpu_flags`), so one node without the unit makes it float32."""
     if device == "gpu":
         return "bfloat16"
-    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        per_node = list(node_cpu_flags().values())
+        flags = frozenset.intersection(*per_node) if per_node else frozenset()
     return "bfloat16" if flags & NATIVE_BF16_FLAGS else "float32"
 
 
@@ -608,6 +627,8 @@ def build_processor(cfg: LLMConfig, model_path: str | None = None, postprocess=N
     else:
         model_path = model_path or resolve_model(cfg)
         device = resolve_device(cfg)
+        if not cfg.dtype:  # the profile's, resolved once, from the CPUs of the nodes the engine may land on
+            cfg = dataclasses.replace(cfg, dtype=default_dtype(device))
         setup = chat_setup(cfg, model_path)
         log.info("LLM engine: vLLM on %s, %s", device, engine_kwargs(cfg, device))
         pcfg = vllm_processor_config(cfg, model_path, setup, device)

@@ -144,6 +144,20 @@ def test_dtype_follows_the_device_and_the_cpus_native_bf16(tmp_path):
         assert L.engine_kwargs(L.LLMConfig(dtype=dtype), "cpu")["dtype"] == dtype
 
 
+@pytest.mark.slow
+def test_the_cpu_dtype_is_read_on_the_ray_nodes_the_engine_may_land_on(ray_session):
+    """On a Ray cluster the flags are read on each node with CPUs (a task pinned there), not on
+    the driver's machine; here one node, this machine. A node without a bf16 unit makes the
+    whole profile float32 (the engine may land on it)."""
+    per_node = L.node_cpu_flags()
+    alive = [n["NodeID"] for n in ray_session.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    assert sorted(per_node) == sorted(alive) and len(alive) == 1
+    assert all(flags == L.cpu_flags() for flags in per_node.values())
+    assert L.default_dtype("cpu") == L.default_dtype("cpu", L.cpu_flags())
+    spr, epyc = frozenset({"avx2", "avx512_bf16", "amx_bf16"}), frozenset({"avx2"})
+    assert L.default_dtype("cpu", spr) == "bfloat16" and L.default_dtype("cpu", spr & epyc) == "float32"
+
+
 def test_auto_device_follows_the_ray_cluster(monkeypatch):
     import ray
 
