@@ -262,11 +262,27 @@ def _read_sndfile(path, start_s: float, duration_s: float, expected_sr: int | No
             start = int(round(start_s * sr))
             n = int(round(duration_s * sr))
             if _unknown_length(f):
-                return read_sequential(f, start, n), sr, n
-            f.seek(start)
-            return f.read(n, dtype="float32", always_2d=True), sr, n
+                data = read_sequential(f, start, n)
+            else:
+                f.seek(start)
+                data = f.read(n, dtype="float32", always_2d=True)
+            return _wave_order(data, f.subtype), sr, n
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise AudioError(f"decode failed: {_decoder_message(e)}") from e
+
+
+# Vorbis I (section 4.3.9) and Opus (mapping family 1) store 3, 5, 6, 7 and 8 channels centre
+# second and LFE last (L C R Ls Rs LFE); libsndfile hands them over in that order. WAVE, FLAC and
+# FFmpeg's decoders use L R C LFE Ls Rs: the columns of the file's order to take, in WAVE order
+_VORBIS_TO_WAVE = {3: [0, 2, 1], 5: [0, 2, 1, 3, 4], 6: [0, 2, 1, 5, 3, 4], 7: [0, 2, 1, 6, 5, 3, 4],
+                   8: [0, 2, 1, 7, 5, 6, 3, 4]}
+
+
+def _wave_order(data: np.ndarray, subtype: str) -> np.ndarray:
+    """(T, C) frames as libsndfile decoded them -> channels in WAVE order, as every other
+    decoder gives them (the loudness weighs L R C Ls Rs and leaves out the LFE by position)."""
+    order = _VORBIS_TO_WAVE.get(data.shape[1]) if subtype in ("VORBIS", "OPUS") else None
+    return data if order is None else data[:, order]
 
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:

@@ -64,8 +64,9 @@ CHECK_REASONS = (CONTRADICTS_TEMPO, CONTRADICTS_KEY, CONTRADICTS_DRUMS)
 
 # what analyze measures, and how: part of its parts' params, so a folder analyzed by an older
 # mosaiq is measured again (3: the pitch-class profile; 4: the bandwidth edge at any sample rate,
-# the loudness of 5.1 files; 5: no tempo outside tempo_min_bpm..tempo_max_bpm)
-FACTS_VERSION = 5
+# the loudness of 5.1 files; 5: no tempo outside tempo_min_bpm..tempo_max_bpm; 6: Vorbis and
+# Opus surround channels in WAVE order)
+FACTS_VERSION = 6
 
 FACT_FIELDS = [
     pa.field(LOUDNESS_LUFS, pa.float64()),

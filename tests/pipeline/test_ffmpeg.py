@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 
 from pipeline import audio, ingest
+from pipeline import facts as FX
 from schemas import tables as T
 
 av = pytest.importorskip("av", reason="PyAV (the ffmpeg extra) is not installed")
@@ -150,3 +151,46 @@ def test_without_pyav_an_m4a_is_listed_and_its_row_says_how_to_read_it(tmp_path)
                          env={**os.environ, "PYTHONPATH": str(Path(audio.__file__).parents[1])})
     assert out.stdout.startswith("error not decodable audio: .m4a files are decoded by FFmpeg, which is not installed"), out.stdout
     assert "pip install 'mosaiq[ffmpeg]'" in out.stdout
+
+
+def _ffmpeg_decode(path) -> np.ndarray:
+    """(C, T) float32 as FFmpeg's own decoder gives it (its channel order, WAVE's)."""
+    with av.open(str(path)) as f:
+        return np.concatenate([frame.to_ndarray() for frame in f.decode(audio=0)], axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize("codec", ["vorbis", "opus"])
+def test_5_1_ogg_channels_come_in_wave_order_as_ffmpeg_decodes_them(tmp_path, codec):
+    """Vorbis and Opus store 5.1 centre second and LFE last (L C R Ls Rs LFE), and libsndfile
+    hands the channels over in that order; FFmpeg's decoders, WAVE and FLAC give L R C LFE Ls Rs,
+    the order the loudness weighs (LFE left out, surrounds 1.41). Before, a 5.1 .ogg/.opus read
+    its centre as R and its LFE as Rs. Each channel carries its own tone: mosaiq's read must put
+    each where FFmpeg's decoder does, and measure the same loudness."""
+    sr, layout = 48000, ["FL", "FR", "FC", "LFE", "BL", "BR"]
+    hz = [330, 440, 550, 50, 660, 770]  # in WAVE order
+    t = np.arange(3 * sr) / sr
+    x = np.stack([0.2 * np.sin(2 * np.pi * f * t) for f in hz]).astype(np.float32)
+    path = tmp_path / f"surround.{'ogg' if codec == 'vorbis' else 'opus'}"
+    if codec == "opus":  # as `ffmpeg -i x.wav -c:a libopus x.opus` writes a 5.1 WAVE
+        with av.open(str(path), "w") as out:
+            stream = out.add_stream("libopus", rate=sr, layout="5.1")
+            for i in range(0, x.shape[1], 960):
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[:, i: i + 960]), format="fltp", layout="5.1")
+                frame.sample_rate, frame.pts = sr, i
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+            for packet in stream.encode(None):
+                out.mux(packet)
+    else:  # as oggenc encodes a 5.1 WAVE: reordered to Vorbis's L C R Ls Rs LFE (PyAV has no Vorbis encoder)
+        sf.write(path, x[[0, 2, 1, 4, 5, 3]].T, sr, format="OGG", subtype="VORBIS")
+    with av.open(str(path)) as f:
+        assert [c.name for c in f.streams.audio[0].layout.channels] == layout
+
+    def tone_hz(ch: np.ndarray) -> float:
+        spectrum = np.abs(np.fft.rfft(ch[: sr]))
+        return float(np.argmax(spectrum))  # 1 s: one bin per Hz
+
+    ours, ffmpeg = audio.load_clip(path, 0.5, 2.0, None, mono=False), _ffmpeg_decode(path)
+    assert [tone_hz(c) for c in ffmpeg[:, sr: 2 * sr]] == hz  # the reference reads what was written
+    assert [tone_hz(c) for c in ours] == hz
+    assert FX.loudness_lufs(ours, sr) == pytest.approx(FX.loudness_lufs(ffmpeg, sr), abs=0.2)
