@@ -32,7 +32,8 @@ demo: install
 	$(BIN)/mosaiq curate --config jobs/demo.yaml --output $(OUT)
 
 test: install
-	$(BIN)/python -m pytest -q
+	# the 25 slowest tests are listed at the end, to see where the run's time goes
+	$(BIN)/python -m pytest -q --durations=25
 
 # the edit loop: every test that starts no Ray, vLLM, server or Ray Train (about a minute)
 test-fast: install
