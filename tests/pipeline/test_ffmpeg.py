@@ -32,10 +32,11 @@ def signal(seconds: float, seed: int = 0) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def encode(path, x: np.ndarray, codec: str, fmt: str | None = None, options: dict | None = None) -> None:
+def encode(path, x: np.ndarray, codec: str, fmt: str | None = None, options: dict | None = None,
+           rate: int = SR, layout: str = "stereo") -> None:
     """Write (C, T) float32 `x` with FFmpeg's encoder `codec`, frame by frame, as ffmpeg does."""
     with av.open(str(path), "w", format=fmt, options=options or {}) as out:
-        stream = out.add_stream(codec, rate=SR, layout="stereo")
+        stream = out.add_stream(codec, rate=rate, layout=layout)
         if codec != "alac":
             stream.bit_rate = 160_000
         size, fmt_name = stream.codec_context.frame_size or 1024, stream.codec_context.format.name
@@ -47,8 +48,8 @@ def encode(path, x: np.ndarray, codec: str, fmt: str | None = None, options: dic
                 block = np.round(block.astype(np.float64) * 2147483647).astype(np.int32)
             if not fmt_name.endswith("p"):  # packed: one plane, channels interleaved
                 block = block.T.reshape(1, -1)
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block), format=fmt_name, layout="stereo")
-            frame.sample_rate, frame.pts = SR, i
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block), format=fmt_name, layout=layout)
+            frame.sample_rate, frame.pts = rate, i
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode(None):
@@ -172,15 +173,7 @@ def test_5_1_ogg_channels_come_in_wave_order_as_ffmpeg_decodes_them(tmp_path, co
     x = np.stack([0.2 * np.sin(2 * np.pi * f * t) for f in hz]).astype(np.float32)
     path = tmp_path / f"surround.{'ogg' if codec == 'vorbis' else 'opus'}"
     if codec == "opus":  # as `ffmpeg -i x.wav -c:a libopus x.opus` writes a 5.1 WAVE
-        with av.open(str(path), "w") as out:
-            stream = out.add_stream("libopus", rate=sr, layout="5.1")
-            for i in range(0, x.shape[1], 960):
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[:, i: i + 960]), format="fltp", layout="5.1")
-                frame.sample_rate, frame.pts = sr, i
-                for packet in stream.encode(frame):
-                    out.mux(packet)
-            for packet in stream.encode(None):
-                out.mux(packet)
+        encode(path, x, "libopus", rate=sr, layout="5.1")
     else:  # as oggenc encodes a 5.1 WAVE: reordered to Vorbis's L C R Ls Rs LFE (PyAV has no Vorbis encoder)
         sf.write(path, x[[0, 2, 1, 4, 5, 3]].T, sr, format="OGG", subtype="VORBIS")
     with av.open(str(path)) as f:
