@@ -80,10 +80,14 @@ def probe(path: str | Path) -> Probe:
         raise AudioError(f"unreadable: {e.strerror or e}") from e
     if size == 0:
         raise AudioError("empty file (0 bytes)")
-    if _by_ffmpeg(path):
+    if _by_ffmpeg(path, fresh=True):
         from pipeline import ffmpeg
 
         return Probe(*ffmpeg.probe(path))
+    if path.suffix.lower() == ".mp3" and _mp3_guessed(path):  # and no PyAV to read it whole
+        raise AudioError("not decodable audio: a VBR .mp3 without a Xing/VBRI header gives no length, and libsndfile "
+                         "reads only as far as it guesses from the first frame: pip install 'mosaiq[ffmpeg]' to read "
+                         "it whole, or write the header: ffmpeg -i IN.mp3 -c copy OUT.mp3")
     try:
         with open_sound(path) as f:
             info = _Info(f)
@@ -115,8 +119,90 @@ def probe(path: str | Path) -> Probe:
     return Probe(int(info.samplerate), int(info.channels), int(frames), str(info.format))
 
 
-def _by_ffmpeg(path) -> bool:
-    return fs.location(path).suffix.lower() in FFMPEG_EXTENSIONS
+def _by_ffmpeg(path, fresh: bool = False) -> bool:
+    p = fs.location(path)
+    suffix = p.suffix.lower()
+    return suffix in FFMPEG_EXTENSIONS or (suffix == ".mp3" and _mp3_guessed(p, fresh) and _have_pyav())
+
+
+_MP3_GUESSED: dict[str, bool] = {}  # by location: measured by probe, reused by every clip read after it
+
+
+def _mp3_guessed(p: Path, fresh: bool = False) -> bool:
+    """`_mp3_length_guessed`, measured again when `fresh` (probe: the file may have changed since
+    it was last read here; a clip read after a change is refused by `check_unchanged` first)."""
+    key = str(p)
+    if fresh or key not in _MP3_GUESSED:
+        if len(_MP3_GUESSED) > 4096:
+            _MP3_GUESSED.clear()
+        try:
+            _MP3_GUESSED[key] = _mp3_length_guessed(p)
+        except Exception:  # noqa: BLE001 - unreadable (store clients raise their own types): the decoder says why
+            return False
+    return _MP3_GUESSED[key]
+
+
+def _have_pyav() -> bool:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# MPEG audio Layer III frame headers (ISO/IEC 11172-3, 13818-3): kbit/s by bit-rate index for
+# MPEG-1 and MPEG-2/2.5, sample rates by index for each version (3: MPEG-1, 2: MPEG-2, 0: 2.5)
+_MP3_KBPS = {3: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+             2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)}
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+_MP3_LENGTH_TAGS = (b"Xing", b"Info", b"VBRI")  # the first frame's header of an encoder that wrote the length
+_MP3_WINDOW = 16 << 10  # bytes read where frames are looked for
+
+
+def _mp3_frame(b: bytes, i: int) -> tuple[int, int] | None:
+    """(bit-rate index, frame length in bytes) of a Layer III frame header at b[i:], else None."""
+    if i + 4 > len(b) or b[i] != 0xFF or b[i + 1] & 0xE0 != 0xE0:
+        return None
+    version, layer, kbps_i, rate_i = (b[i + 1] >> 3) & 3, (b[i + 1] >> 1) & 3, b[i + 2] >> 4, (b[i + 2] >> 2) & 3
+    if version == 1 or layer != 1 or kbps_i in (0, 15) or rate_i == 3:
+        return None
+    kbps, rate = _MP3_KBPS[3 if version == 3 else 2][kbps_i], _MP3_RATES[version][rate_i]
+    return kbps_i, (144 if version == 3 else 72) * kbps * 1000 // rate + ((b[i + 2] >> 1) & 1)
+
+
+def _mp3_frames_in(b: bytes, run: int = 3) -> list[tuple[int, int]]:
+    """(offset, bit-rate index) of the frames of the first run of `run` headers in `b` that each
+    follow the last at its length (a lone 0xFFE in the data is no frame), and the frames after."""
+    for i in range(len(b) - 3):
+        frames, j = [], i
+        while (h := _mp3_frame(b, j)) is not None:
+            frames.append((j, h[0]))
+            j += h[1]
+        if len(frames) >= run:
+            return frames
+    return []
+
+
+def _mp3_length_guessed(p: Path) -> bool:
+    """True for a VBR MP3 whose first frame holds no Xing/Info/VBRI header. libsndfile (mpg123)
+    then guesses its length from the first frame's bit rate and reads no further: a 30 s file
+    read as 9 s, the rest lost. (A CBR file's guess is right to a frame or two.)"""
+    with p.open("rb") as f:
+        head = f.read(10)
+        start = 0
+        if head[:3] == b"ID3" and len(head) == 10:  # ID3v2: a syncsafe size, a footer when flagged
+            start = 10 + sum((head[6 + k] & 0x7F) << (7 * (3 - k)) for k in range(4)) + (10 if head[5] & 0x10 else 0)
+        f.seek(start)
+        window = f.read(_MP3_WINDOW)
+        first = _mp3_frames_in(window)
+        if not first or any(tag in window[first[0][0]: first[1][0]] for tag in _MP3_LENGTH_TAGS):
+            return False
+        size = fs.size_and_mtime(p)[0]
+        for share in (0.25, 0.5, 0.75):  # CBR: every frame has the first one's bit rate
+            f.seek(start + int(share * (size - start)))
+            if any(kbps_i != first[0][1] for _, kbps_i in _mp3_frames_in(f.read(_MP3_WINDOW))):
+                return True
+        return any(kbps_i != first[0][1] for _, kbps_i in first)
 
 
 class _Info:

@@ -23,8 +23,9 @@ from pipeline.audio import AudioError, span_of
 EXPECTED_DEMUXER = {
     ".m4a": "mp4", ".mp4": "mp4", ".aac": "aac", ".wma": "asf", ".webm": "matroska", ".mka": "matroska",
     ".ac3": "ac3", ".wv": "wv", ".ape": "ape", ".amr": "amr",
+    ".mp3": "mp3",  # only a VBR .mp3 without a Xing/VBRI header comes here (`audio._mp3_length_guessed`)
 }
-_RAW_STREAMS = {"aac", "ac3", "amr"}  # bare codec streams (ADTS, ...): no container, no index, no length
+_RAW_STREAMS = {"aac", "ac3", "amr", "mp3"}  # bare codec streams (ADTS, ...): no container, no index, no length
 _INSTALL = "pip install 'mosaiq[ffmpeg]' (PyAV, which ships FFmpeg), or convert it first: ffmpeg -i IN OUT.flac"
 
 

@@ -33,11 +33,15 @@ def signal(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 def encode(path, x: np.ndarray, codec: str, fmt: str | None = None, options: dict | None = None,
-           rate: int = SR, layout: str = "stereo") -> None:
-    """Write (C, T) float32 `x` with FFmpeg's encoder `codec`, frame by frame, as ffmpeg does."""
+           rate: int = SR, layout: str = "stereo", qscale: int | None = None) -> None:
+    """Write (C, T) float32 `x` with FFmpeg's encoder `codec`, frame by frame, as ffmpeg does
+    (`qscale`: variable bit rate at that quality, as `ffmpeg -q:a`; else 160 kbit/s)."""
     with av.open(str(path), "w", format=fmt, options=options or {}) as out:
         stream = out.add_stream(codec, rate=rate, layout=layout)
-        if codec != "alac":
+        if qscale is not None:
+            stream.codec_context.qscale = qscale
+            stream.codec_context.flags |= av.codec.context.Flags.qscale
+        elif codec != "alac":
             stream.bit_rate = 160_000
         size, fmt_name = stream.codec_context.frame_size or 1024, stream.codec_context.format.name
         for i in range(0, x.shape[1], size):
@@ -134,24 +138,68 @@ def test_bad_ffmpeg_files_become_rows_with_reasons(tmp_path, ingest_to):
 
 def test_without_pyav_an_m4a_is_listed_and_its_row_says_how_to_read_it(tmp_path):
     """PyAV is installed here, so its absence is simulated (the one fake: `import av` made to
-    fail in a child process, as it fails where the extra was not installed)."""
+    fail in a child process, as it fails where the extra was not installed). A VBR .mp3 without
+    a Xing header, which libsndfile would read only in part, says so too."""
     d = tmp_path / "music"
     d.mkdir()
     encode(d / "song.m4a", signal(2.5), "aac")
+    encode(tmp_path / "vbr.mp3", loud_start(signal(4.0)), "libmp3lame", options={"write_xing": "0"}, qscale=2)
     code = textwrap.dedent(f"""
         import sys
         sys.modules["av"] = None  # `import av` raises ImportError, as without the extra
         from pipeline import audio, ingest
         assert [r.path.rsplit("/", 1)[-1] for r in ingest.scan_folder({str(d)!r})] == ["song.m4a"]
-        try:
-            audio.probe({str(d / "song.m4a")!r})
-        except audio.AudioError as e:
-            print(e.status, e.reason)
+        for path in ({str(d / "song.m4a")!r}, {str(tmp_path / "vbr.mp3")!r}):
+            try:
+                audio.probe(path)
+            except audio.AudioError as e:
+                print(e.status, e.reason)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(audio.__file__).parents[1])})
-    assert out.stdout.startswith("error not decodable audio: .m4a files are decoded by FFmpeg, which is not installed"), out.stdout
-    assert "pip install 'mosaiq[ffmpeg]'" in out.stdout
+    m4a, mp3 = out.stdout.splitlines()
+    assert m4a.startswith("error not decodable audio: .m4a files are decoded by FFmpeg, which is not installed"), m4a
+    assert mp3.startswith("error not decodable audio: a VBR .mp3 without a Xing/VBRI header gives no length"), mp3
+    assert "pip install 'mosaiq[ffmpeg]'" in m4a and "pip install 'mosaiq[ffmpeg]'" in mp3
+
+
+def loud_start(x: np.ndarray, seconds: float = 0.3) -> np.ndarray:
+    """`x` with loud noise over its start: a VBR encoder's first frames at a high bit rate."""
+    y = x.copy()
+    n = int(seconds * SR)
+    y[:, :n] += 0.5 * np.random.default_rng(1).standard_normal((y.shape[0], n)).astype(np.float32)
+    return np.clip(y, -1, 1)
+
+
+def test_a_vbr_mp3_without_a_xing_header_is_read_whole(tmp_path):
+    """An MP3 cutter or a stream dump leaves a VBR file without its Xing/VBRI header, so nothing
+    gives its length: libsndfile guesses it from the first frame's bit rate and reads no further
+    (here over a second of 8 lost: the rest of a song had no clip, and no row said so). Such a file is read
+    by FFmpeg to its end; a VBR file with the header, or a CBR one without (whose guess is
+    right), stays libsndfile's."""
+    x = loud_start(signal(8.0))
+    vbr, with_header, cbr = tmp_path / "vbr.mp3", tmp_path / "header.mp3", tmp_path / "cbr.mp3"
+    encode(vbr, x, "libmp3lame", options={"write_xing": "0"}, qscale=2)  # as `ffmpeg -q:a 2 -write_xing 0` writes it
+    encode(with_header, x, "libmp3lame", qscale=2)
+    encode(cbr, x, "libmp3lame", options={"write_xing": "0"})
+    assert sf.info(str(vbr)).frames < x.shape[1] - SR  # libsndfile alone: the failure this is about
+
+    p = audio.probe(vbr)
+    assert p.format == "FFMPEG:mp3float" and x.shape[1] <= p.frames <= x.shape[1] + 2 * 1152  # + the encoder's delay
+    whole = audio.load_clip(vbr, 0.0, 7.9, None, mono=False)
+    for start in (1.1, 3.0, 6.5):  # read from an offset: the samples of the same span read whole
+        i = int(round(start * SR))
+        clip = audio.load_clip(vbr, start, 1.0, None, mono=False)
+        assert np.sqrt(np.mean((clip - whole[:, i: i + SR]) ** 2)) < 0.01, start
+    for at in (1.25, 2.0):  # the clicks where they were written, after the encoder's delay (no header says it)
+        i = int(at * SR)
+        assert 0 < int(np.argmax(whole[0, i: i + 3 * 1152] > 0.6)) <= 2 * 1152, at
+    assert np.abs(audio.load_clip(vbr, 7.0, 0.9, None)).max() > 0.2  # the end is there: two tones at 0.3
+    for path in (with_header, cbr):
+        p = audio.probe(path)
+        assert p.format == "MP3" and abs(p.frames - x.shape[1]) < 0.25 * SR, (path.name, p)
+    vbr.write_bytes(with_header.read_bytes())  # its header written (ffmpeg -c copy): probed afresh, libsndfile's
+    assert audio.probe(vbr).format == "MP3"
 
 
 def _ffmpeg_decode(path) -> np.ndarray:

@@ -204,7 +204,7 @@ def test_an_m4a_in_a_bucket_is_probed_and_read_through_ffmpeg_as_on_disk(s3_buck
     """FFmpeg reads an object through its fsspec file (ranges), as libsndfile does: the same
     probe and the same samples as the file on disk, and a truncated object is the same row."""
     pytest.importorskip("av", reason="PyAV (the ffmpeg extra) is not installed")
-    from tests.pipeline.test_ffmpeg import encode, signal
+    from tests.pipeline.test_ffmpeg import encode, loud_start, signal
 
     local = tmp_path / "song.m4a"
     encode(local, signal(3.0), "aac", options={"movflags": "faststart"})
@@ -216,6 +216,11 @@ def test_an_m4a_in_a_bucket_is_probed_and_read_through_ffmpeg_as_on_disk(s3_buck
     fs.atomic_write_bytes(cut, local.read_bytes()[: local.stat().st_size // 2])
     with pytest.raises(audio.AudioError, match="truncated: the container declares"):
         audio.probe(cut)
+    vbr = tmp_path / "vbr.mp3"  # the MP3 header check reads its ranges of the object too
+    encode(vbr, loud_start(signal(4.0)), "libmp3lame", options={"write_xing": "0"}, qscale=2)
+    url = f"{s3_bucket}/audio/vbr.mp3"
+    s3fs_().put(str(vbr), fs.location(url).path)
+    assert audio.probe(url) == audio.probe(vbr) and audio.probe(url).format == "FFMPEG:mp3float"
 
 
 # --- the demo in a bucket, end to end ----------------------------------------------------------
