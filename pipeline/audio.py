@@ -42,6 +42,12 @@ _EXPECTED_FORMAT = {
 }
 
 _SHOULD_BE = re.compile(r"^(data|RIFF|SSND|FORM)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# a chunk size this large is a writer's "length unknown" placeholder, not a length: FFmpeg writing
+# a WAV to a pipe leaves 0xFFFFFFFF, other recorders values near 2**31; libsndfile then reads to
+# the end of the file, as FFmpeg does
+_UNKNOWN_SIZE = 0x7FFFF000
+_EMPTY_DATA = re.compile(r"^(data|SSND)\s*:\s*0\s*$", re.MULTILINE)
+_HEADER_BYTES = 4096  # more than a WAV/AIFF header with its metadata chunks usually takes
 _LENGTH_SLACK_S = 0.25  # how far a lossy header's frame count may overstate the real length
 UNKNOWN_FRAMES = 1 << 62  # libsndfile's frame count for a stream of unknown length is about 2**63
 
@@ -96,10 +102,13 @@ def probe(path: str | Path) -> Probe:
     expected = _EXPECTED_FORMAT.get(path.suffix.lower())
     if expected is not None and info.format not in expected:
         raise AudioError(f"wrong extension: {path.suffix} file holds {info.format} audio")
-    m = _SHOULD_BE.search(info.extra_info or "")
-    if m:
-        raise AudioError(f"truncated: header declares {m.group(1)} chunk of {m.group(2)} bytes, file holds {m.group(3)}")
+    for m in _SHOULD_BE.finditer(info.extra_info or ""):
+        if int(m.group(2)) < _UNKNOWN_SIZE:
+            raise AudioError(f"truncated: header declares {m.group(1)} chunk of {m.group(2)} bytes, file holds {m.group(3)}")
     frames = info.frames
+    if frames == 0 and _EMPTY_DATA.search(info.extra_info or "") and size > _HEADER_BYTES:
+        raise AudioError(f"no audio frames: the header declares an empty audio chunk, yet the file holds {size} bytes "
+                         f"(a recording whose header was never written back?): rewrite it: ffmpeg -i IN OUT.wav")
     if info.format == "FLAC" and info.samplerate > 0 and not 0 < frames < UNKNOWN_FRAMES:
         # a legal FLAC may leave its length unknown (total_samples = 0): libsndfile then
         # reports 0 or SF_COUNT_MAX frames, so the stream is decoded to measure it

@@ -2,7 +2,9 @@
 through PyAV. The files are written by FFmpeg's own encoders and muxers (PyAV's libavcodec and
 libavformat, what `ffmpeg -i in.wav out.m4a` runs), as users' files are."""
 
+import io
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -34,9 +36,9 @@ def signal(seconds: float, seed: int = 0) -> np.ndarray:
 
 def encode(path, x: np.ndarray, codec: str, fmt: str | None = None, options: dict | None = None,
            rate: int = SR, layout: str = "stereo", qscale: int | None = None) -> None:
-    """Write (C, T) float32 `x` with FFmpeg's encoder `codec`, frame by frame, as ffmpeg does
-    (`qscale`: variable bit rate at that quality, as `ffmpeg -q:a`; else 160 kbit/s)."""
-    with av.open(str(path), "w", format=fmt, options=options or {}) as out:
+    """Write (C, T) float32 `x` to a path or file object with FFmpeg's encoder `codec`, frame by
+    frame, as ffmpeg does (`qscale`: variable bit rate at that quality, as `ffmpeg -q:a`; else 160 kbit/s)."""
+    with av.open(path if isinstance(path, io.IOBase) else str(path), "w", format=fmt, options=options or {}) as out:
         stream = out.add_stream(codec, rate=rate, layout=layout)
         if qscale is not None:
             stream.codec_context.qscale = qscale
@@ -235,3 +237,45 @@ def test_5_1_ogg_channels_come_in_wave_order_as_ffmpeg_decodes_them(tmp_path, co
     assert [tone_hz(c) for c in ffmpeg[:, sr: 2 * sr]] == hz  # the reference reads what was written
     assert [tone_hz(c) for c in ours] == hz
     assert FX.loudness_lufs(ours, sr) == pytest.approx(FX.loudness_lufs(ffmpeg, sr), abs=0.2)
+
+
+class _Pipe(io.RawIOBase):
+    """A file object that cannot seek, as a pipe: what `ffmpeg ... -f wav - > OUT.wav` writes to."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.data += bytes(b)
+        return len(b)
+
+
+def test_a_wav_written_to_a_pipe_is_read_whole_and_one_never_finished_says_so(tmp_path):
+    """A WAV written to a pipe (`ffmpeg -i IN -f wav - > OUT.wav`, or a recorder's stdout) cannot
+    go back to fill in its lengths: FFmpeg leaves RIFF and data sizes at 0xFFFFFFFF. libsndfile
+    reads such a file to its end, as FFmpeg does, but mosaiq took the size for a truncation and
+    made the file an error row. A real truncation still is one; a recording whose lengths were
+    never written back (0) is an error row that says so and how to mend it."""
+    x = signal(2.0)
+    pipe = _Pipe()
+    encode(pipe, x, "pcm_s16le", fmt="wav")
+    data = bytes(pipe.data)
+    at = data.index(b"data")
+    assert data[4:8] == data[at + 4: at + 8] == b"\xff\xff\xff\xff"
+    piped = tmp_path / "piped.wav"
+    piped.write_bytes(data)
+    assert audio.probe(piped) == audio.Probe(SR, 2, x.shape[1], "WAV")
+    np.testing.assert_allclose(audio.load_clip(piped, 0.5, 1.5, None, mono=False), x[:, SR // 2: 2 * SR], atol=1e-4)  # 16 bits
+
+    def with_sizes(name: str, size: int):
+        path = tmp_path / name
+        path.write_bytes(data[:4] + struct.pack("<I", size) + data[8: at + 4] + struct.pack("<I", size) + data[at + 8:])
+        return path
+
+    with pytest.raises(audio.AudioError, match="truncated: header declares"):
+        audio.probe(with_sizes("cut.wav", 2 * (len(data) - at - 8)))  # the header says twice what is there
+    with pytest.raises(audio.AudioError, match="empty audio chunk, yet the file holds .* ffmpeg -i IN OUT.wav"):
+        audio.probe(with_sizes("unfinished.wav", 0))
