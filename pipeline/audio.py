@@ -90,10 +90,8 @@ def probe(path: str | Path) -> Probe:
         from pipeline import ffmpeg
 
         return Probe(*ffmpeg.probe(path))
-    if path.suffix.lower() == ".mp3" and _mp3_guessed(path):  # and no PyAV to read it whole
-        raise AudioError("not decodable audio: a VBR .mp3 without a Xing/VBRI header gives no length, and libsndfile "
-                         "reads only as far as it guesses from the first frame: pip install 'mosaiq[ffmpeg]' to read "
-                         "it whole, or write the header: ffmpeg -i IN.mp3 -c copy OUT.mp3")
+    if (short := _sndfile_falls_short(path)) is not None:  # and no PyAV to read it whole
+        raise AudioError(f"not decodable audio: {short}")
     try:
         with open_sound(path) as f:
             info = _Info(f)
@@ -130,25 +128,28 @@ def probe(path: str | Path) -> Probe:
 
 def _by_ffmpeg(path, fresh: bool = False) -> bool:
     p = fs.location(path)
-    suffix = p.suffix.lower()
-    return suffix in FFMPEG_EXTENSIONS or (suffix == ".mp3" and _mp3_guessed(p, fresh) and _have_pyav())
+    return p.suffix.lower() in FFMPEG_EXTENSIONS or (_sndfile_falls_short(p, fresh) is not None and _have_pyav())
 
 
-_MP3_GUESSED: dict[str, bool] = {}  # by location: measured by probe, reused by every clip read after it
+_FALLS_SHORT: dict[str, str | None] = {}  # by location: measured by probe, reused by every clip read after it
 
 
-def _mp3_guessed(p: Path, fresh: bool = False) -> bool:
-    """`_mp3_length_guessed`, measured again when `fresh` (probe: the file may have changed since
-    it was last read here; a clip read after a change is refused by `check_unchanged` first)."""
+def _sndfile_falls_short(p: Path, fresh: bool = False) -> str | None:
+    """Why libsndfile would read only part of this file, which FFmpeg reads whole (None: it reads
+    it all). Measured again when `fresh` (probe: the file may have changed since it was last
+    read here; a clip read after a change is refused by `check_unchanged` first)."""
+    check = _SHORT_READS.get(p.suffix.lower())
+    if check is None:
+        return None
     key = str(p)
-    if fresh or key not in _MP3_GUESSED:
-        if len(_MP3_GUESSED) > 4096:
-            _MP3_GUESSED.clear()
+    if fresh or key not in _FALLS_SHORT:
+        if len(_FALLS_SHORT) > 4096:
+            _FALLS_SHORT.clear()
         try:
-            _MP3_GUESSED[key] = _mp3_length_guessed(p)
+            _FALLS_SHORT[key] = check(p)
         except Exception:  # noqa: BLE001 - unreadable (store clients raise their own types): the decoder says why
-            return False
-    return _MP3_GUESSED[key]
+            return None
+    return _FALLS_SHORT[key]
 
 
 def _have_pyav() -> bool:
@@ -165,7 +166,7 @@ _MP3_KBPS = {3: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 32
              2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)}
 _MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
 _MP3_LENGTH_TAGS = (b"Xing", b"Info", b"VBRI")  # the first frame's header of an encoder that wrote the length
-_MP3_WINDOW = 16 << 10  # bytes read where frames are looked for
+_WINDOW = 16 << 10  # bytes read where frames (or Ogg pages) are looked for
 
 
 def _mp3_frame(b: bytes, i: int) -> tuple[int, int] | None:
@@ -192,26 +193,49 @@ def _mp3_frames_in(b: bytes, run: int = 3) -> list[tuple[int, int]]:
     return []
 
 
-def _mp3_length_guessed(p: Path) -> bool:
-    """True for a VBR MP3 whose first frame holds no Xing/Info/VBRI header. libsndfile (mpg123)
-    then guesses its length from the first frame's bit rate and reads no further: a 30 s file
-    read as 9 s, the rest lost. (A CBR file's guess is right to a frame or two.)"""
+def _mp3_length_guessed(p: Path) -> str | None:
+    """A VBR MP3 whose first frame holds no Xing/Info/VBRI header: libsndfile (mpg123) guesses its
+    length from the first frame's bit rate and reads no further (a 30 s file read as 9 s, the
+    rest lost). A CBR file's guess is right to a frame or two."""
     with p.open("rb") as f:
         head = f.read(10)
         start = 0
         if head[:3] == b"ID3" and len(head) == 10:  # ID3v2: a syncsafe size, a footer when flagged
             start = 10 + sum((head[6 + k] & 0x7F) << (7 * (3 - k)) for k in range(4)) + (10 if head[5] & 0x10 else 0)
         f.seek(start)
-        window = f.read(_MP3_WINDOW)
+        window = f.read(_WINDOW)
         first = _mp3_frames_in(window)
         if not first or any(tag in window[first[0][0]: first[1][0]] for tag in _MP3_LENGTH_TAGS):
-            return False
+            return None
         size = fs.size_and_mtime(p)[0]
-        for share in (0.25, 0.5, 0.75):  # CBR: every frame has the first one's bit rate
+        rates = {kbps_i for _, kbps_i in first}
+        for share in (0.25, 0.5, 0.75):  # CBR: every frame at the first one's bit rate
             f.seek(start + int(share * (size - start)))
-            if any(kbps_i != first[0][1] for _, kbps_i in _mp3_frames_in(f.read(_MP3_WINDOW))):
-                return True
-        return any(kbps_i != first[0][1] for _, kbps_i in first)
+            rates |= {kbps_i for _, kbps_i in _mp3_frames_in(f.read(_WINDOW))}
+    if len(rates) == 1:
+        return None
+    return ("a VBR .mp3 without a Xing/VBRI header gives no length, and libsndfile reads only as far as it guesses "
+            "from the first frame: pip install 'mosaiq[ffmpeg]' to read it whole, or write the header: "
+            "ffmpeg -i IN.mp3 -c copy OUT.mp3")
+
+
+def _ogg_chained(p: Path) -> str | None:
+    """A chained Ogg file (streams one after another, as a radio stream dump or `cat a.ogg b.ogg`
+    writes): libsndfile reads the first stream and stops. Its last page belongs to another
+    stream (serial number) than its first."""
+    with p.open("rb") as f:
+        first = f.read(27)
+        size = fs.size_and_mtime(p)[0]
+        f.seek(max(0, size - _WINDOW))
+        tail = f.read(_WINDOW)
+    last = tail.rfind(b"OggS\x00")
+    if first[:5] != b"OggS\x00" or last < 0 or last + 18 > len(tail) or tail[last + 14: last + 18] == first[14:18]:
+        return None
+    return ("a chained Ogg file (streams one after another), of which libsndfile reads only the first: "
+            "pip install 'mosaiq[ffmpeg]' to read it whole, or convert it: ffmpeg -i IN OUT.flac")
+
+
+_SHORT_READS = {".mp3": _mp3_length_guessed, ".ogg": _ogg_chained, ".oga": _ogg_chained, ".opus": _ogg_chained}
 
 
 class _Info:

@@ -23,9 +23,14 @@ from pipeline.audio import AudioError, span_of
 EXPECTED_DEMUXER = {
     ".m4a": "mp4", ".mp4": "mp4", ".aac": "aac", ".wma": "asf", ".webm": "matroska", ".mka": "matroska",
     ".ac3": "ac3", ".wv": "wv", ".ape": "ape", ".amr": "amr",
-    ".mp3": "mp3",  # only a VBR .mp3 without a Xing/VBRI header comes here (`audio._mp3_length_guessed`)
+    # only what libsndfile would read in part comes here (`audio._sndfile_falls_short`): a VBR .mp3
+    # without a Xing header, a chained Ogg file
+    ".mp3": "mp3", ".ogg": "ogg", ".oga": "ogg", ".opus": "ogg",
 }
 _RAW_STREAMS = {"aac", "ac3", "amr", "mp3"}  # bare codec streams (ADTS, ...): no container, no index, no length
+# timestamps that start again at each chained stream, and a length that is the last stream's:
+# counted by decoding from the start
+_CHAINED = {"ogg"}
 _INSTALL = "pip install 'mosaiq[ffmpeg]' (PyAV, which ships FFmpeg), or convert it first: ffmpeg -i IN OUT.flac"
 
 
@@ -83,17 +88,17 @@ def frame_array(frame) -> np.ndarray:
 _PREROLL_S = 0.2
 
 
-def _decode(container, stream, rate: int, start: int, n: int | None) -> np.ndarray:
+def _decode(container, stream, rate: int, start: int, n: int | None, seek: bool = True) -> np.ndarray:
     """Frames [start, start + n) (n None: to the end) as (T, C) float32. Sample 0 is the first
     sample decoded from the beginning, as `ffmpeg -i IN OUT.wav` writes it (a WMA stream's first
     frame carries a timestamp of tens of ms, an AAC one in MP4 zero). A stream whose timestamps
     count samples (MP4: 1/rate) is entered by seeking; one with coarser ones (ASF, Matroska: ms)
     is decoded from the beginning and its samples counted, as a timestamp there is off by up to
-    half a millisecond."""
+    half a millisecond. `seek` False: decoded from the beginning and counted (chained streams)."""
     import av
 
     channels = stream.codec_context.layout.nb_channels
-    by_pts = Fraction(stream.time_base) <= Fraction(1, rate)
+    by_pts = seek and Fraction(stream.time_base) <= Fraction(1, rate)
     out, pos, origin = [], 0, None
     try:
         if start > 0 and by_pts:  # the origin from the first frame, then to the key frame before the pre-roll
@@ -124,7 +129,7 @@ def _decode(container, stream, rate: int, start: int, n: int | None) -> np.ndarr
 
 def _counted(container, stream, rate: int) -> tuple[int, int, int, str]:
     """The probe of a stream that gives no trustworthy length: decoded to its end and counted."""
-    frames = len(_decode(container, stream, rate, 0, None))
+    frames = len(_decode(container, stream, rate, 0, None, seek=False))
     if frames <= 0:
         raise AudioError("no audio frames: the stream decodes to nothing")
     return rate, stream.codec_context.layout.nb_channels, frames, f"FFMPEG:{stream.codec_context.name}"
@@ -144,7 +149,7 @@ def probe(path) -> tuple[int, int, int, str]:
         rate, channels = int(s.codec_context.sample_rate or 0), int(s.codec_context.layout.nb_channels or 0)
         if rate <= 0 or channels <= 0:
             raise AudioError(f"no audio frames (rate={rate}, channels={channels})")
-        if demuxers & _RAW_STREAMS:  # no index: the length the demuxer gives is guessed from the bit rate
+        if demuxers & (_RAW_STREAMS | _CHAINED):  # no index (the length is guessed from the bit rate), or chained
             return _counted(c, s, rate)
         if s.duration:
             frames = int(round(s.duration * Fraction(s.time_base) * rate))
@@ -166,4 +171,5 @@ def read(path, start_s: float, duration_s: float, expected_sr: int | None = None
         if expected_sr is not None and rate != expected_sr:
             raise AudioError(f"sample rate changed: the file is {rate} Hz now, the table says {expected_sr} Hz")
         n = int(round(duration_s * rate))
-        return _decode(c, s, rate, int(round(start_s * rate)), n), rate, n
+        chained = bool(set(c.format.name.split(",")) & _CHAINED)
+        return _decode(c, s, rate, int(round(start_s * rate)), n, seek=not chained), rate, n

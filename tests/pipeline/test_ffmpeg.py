@@ -146,12 +146,13 @@ def test_without_pyav_an_m4a_is_listed_and_its_row_says_how_to_read_it(tmp_path)
     d.mkdir()
     encode(d / "song.m4a", signal(2.5), "aac")
     encode(tmp_path / "vbr.mp3", loud_start(signal(4.0)), "libmp3lame", options={"write_xing": "0"}, qscale=2)
+    chained(tmp_path / "chained.ogg", "VORBIS")
     code = textwrap.dedent(f"""
         import sys
         sys.modules["av"] = None  # `import av` raises ImportError, as without the extra
         from pipeline import audio, ingest
         assert [r.path.rsplit("/", 1)[-1] for r in ingest.scan_folder({str(d)!r})] == ["song.m4a"]
-        for path in ({str(d / "song.m4a")!r}, {str(tmp_path / "vbr.mp3")!r}):
+        for path in ({str(d / "song.m4a")!r}, {str(tmp_path / "vbr.mp3")!r}, {str(tmp_path / "chained.ogg")!r}):
             try:
                 audio.probe(path)
             except audio.AudioError as e:
@@ -159,10 +160,11 @@ def test_without_pyav_an_m4a_is_listed_and_its_row_says_how_to_read_it(tmp_path)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(audio.__file__).parents[1])})
-    m4a, mp3 = out.stdout.splitlines()
+    m4a, mp3, ogg = out.stdout.splitlines()
     assert m4a.startswith("error not decodable audio: .m4a files are decoded by FFmpeg, which is not installed"), m4a
     assert mp3.startswith("error not decodable audio: a VBR .mp3 without a Xing/VBRI header gives no length"), mp3
-    assert "pip install 'mosaiq[ffmpeg]'" in m4a and "pip install 'mosaiq[ffmpeg]'" in mp3
+    assert ogg.startswith("error not decodable audio: a chained Ogg file (streams one after another)"), ogg
+    assert all("pip install 'mosaiq[ffmpeg]'" in line for line in (m4a, mp3, ogg))
 
 
 def loud_start(x: np.ndarray, seconds: float = 0.3) -> np.ndarray:
@@ -279,3 +281,37 @@ def test_a_wav_written_to_a_pipe_is_read_whole_and_one_never_finished_says_so(tm
         audio.probe(with_sizes("cut.wav", 2 * (len(data) - at - 8)))  # the header says twice what is there
     with pytest.raises(audio.AudioError, match="empty audio chunk, yet the file holds .* ffmpeg -i IN OUT.wav"):
         audio.probe(with_sizes("unfinished.wav", 0))
+
+
+def chained(path, subtype: str, seconds: float = 2.0) -> list[float]:
+    """A chained Ogg file as `cat a.ogg b.ogg > path` writes it: two streams, one tone each (Hz)."""
+    rate, hz = (48000 if subtype == "OPUS" else SR), [440.0, 660.0]
+    t = np.arange(int(seconds * rate)) / rate
+    links = []
+    for i, f in enumerate(hz):
+        link = Path(f"{path}.{i}")
+        sf.write(link, (0.3 * np.sin(2 * np.pi * f * t)).astype(np.float32), rate, format="OGG", subtype=subtype)
+        links.append(link.read_bytes())
+    Path(path).write_bytes(b"".join(links))
+    return hz
+
+
+@pytest.mark.parametrize("subtype, suffix", [("VORBIS", ".ogg"), ("OPUS", ".opus")])
+def test_a_chained_ogg_file_is_read_whole(tmp_path, subtype, suffix):
+    """A chained Ogg file (a radio stream dump, `cat a.ogg b.ogg`) holds streams one after
+    another; libsndfile reads the first and stops, so the second had no clip and no row said
+    so. FFmpeg reads every stream; its timestamps start again at each, so the clips are counted
+    from the start. A plain Ogg file stays libsndfile's."""
+    path = tmp_path / f"chained{suffix}"
+    hz = chained(path, subtype)
+    alone = audio.probe(f"{path}.0")
+    assert alone.format == "OGG" and sf.info(str(path)).frames == alone.frames  # libsndfile alone: the first stream
+    p = audio.probe(path)
+    assert p.format.startswith("FFMPEG:") and 2 * alone.frames <= p.frames <= 2 * alone.frames + 1024
+    rate = p.sample_rate
+
+    def tone_hz(start_s: float) -> float:
+        clip = audio.load_clip(path, start_s, 1.0, None)
+        return float(np.argmax(np.abs(np.fft.rfft(clip))) * rate / len(clip))
+
+    assert [tone_hz(0.5), tone_hz(2.5)] == hz  # a clip in each stream holds that stream's tone
