@@ -43,8 +43,8 @@ _EXPECTED_FORMAT = {
 
 _SHOULD_BE = re.compile(r"^(data|RIFF|SSND|FORM)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 # a chunk size this large is a writer's "length unknown" placeholder, not a length: FFmpeg writing
-# a WAV to a pipe leaves 0xFFFFFFFF, other recorders values near 2**31; libsndfile then reads to
-# the end of the file, as FFmpeg does
+# a WAV to a pipe leaves 0xFFFFFFFF (an AIFF 0), other recorders values near 2**31; libsndfile then
+# reads to the end of the file, as FFmpeg does
 _UNKNOWN_SIZE = 0x7FFFF000
 _EMPTY_DATA = re.compile(r"^(data|SSND)\s*:\s*0\s*$", re.MULTILINE)
 _HEADER_BYTES = 4096  # more than a WAV/AIFF header with its metadata chunks usually takes
@@ -101,7 +101,7 @@ def probe(path: str | Path) -> Probe:
     if expected is not None and info.format not in expected:
         raise AudioError(f"wrong extension: {path.suffix} file holds {info.format} audio")
     for m in _SHOULD_BE.finditer(info.extra_info or ""):
-        if int(m.group(2)) < _UNKNOWN_SIZE:
+        if int(m.group(3)) < int(m.group(2)) < _UNKNOWN_SIZE:  # less than declared (a smaller size: a pipe's 0, or junk after)
             raise AudioError(f"truncated: header declares {m.group(1)} chunk of {m.group(2)} bytes, file holds {m.group(3)}")
     frames = info.frames
     if frames == 0 and _EMPTY_DATA.search(info.extra_info or "") and size > _HEADER_BYTES:

@@ -255,22 +255,30 @@ class _Pipe(io.RawIOBase):
         return len(b)
 
 
-def test_a_wav_written_to_a_pipe_is_read_whole_and_one_never_finished_says_so(tmp_path):
-    """A WAV written to a pipe (`ffmpeg -i IN -f wav - > OUT.wav`, or a recorder's stdout) cannot
-    go back to fill in its lengths: FFmpeg leaves RIFF and data sizes at 0xFFFFFFFF. libsndfile
-    reads such a file to its end, as FFmpeg does, but mosaiq took the size for a truncation and
-    made the file an error row. A real truncation still is one; a recording whose lengths were
-    never written back (0) is an error row that says so and how to mend it."""
+@pytest.mark.parametrize("fmt, codec, placeholder", [("wav", "pcm_s16le", b"\xff\xff\xff\xff"), ("aiff", "pcm_s16be", bytes(4))])
+def test_a_file_written_to_a_pipe_is_read_whole(tmp_path, fmt, codec, placeholder):
+    """A WAV or AIFF written to a pipe (`ffmpeg -i IN -f wav - > OUT.wav`, or a recorder's
+    stdout) cannot go back to fill in its lengths: FFmpeg leaves a WAV's RIFF size at 0xFFFFFFFF,
+    an AIFF's FORM size at 0. libsndfile reads such a file to its end, as FFmpeg does, but
+    mosaiq took the size for a truncation and made the file an error row."""
     x = signal(2.0)
     pipe = _Pipe()
-    encode(pipe, x, "pcm_s16le", fmt="wav")
+    encode(pipe, x, codec, fmt=fmt)
+    assert bytes(pipe.data[4:8]) == placeholder
+    piped = tmp_path / f"piped.{fmt}"
+    piped.write_bytes(bytes(pipe.data))
+    assert audio.probe(piped) == audio.Probe(SR, 2, x.shape[1], fmt.upper())
+    np.testing.assert_allclose(audio.load_clip(piped, 0.5, 1.5, None, mono=False), x[:, SR // 2: 2 * SR], atol=1e-4)  # 16 bits
+
+
+def test_a_truncated_wav_and_one_never_finished_are_rows_that_say_so(tmp_path):
+    """A real truncation (the header declares more than the file holds) is still one; a
+    recording whose lengths were never written back (0 over audio) is an error row that says
+    so and how to mend it (was: "no audio frames")."""
+    pipe = _Pipe()
+    encode(pipe, signal(2.0), "pcm_s16le", fmt="wav")
     data = bytes(pipe.data)
     at = data.index(b"data")
-    assert data[4:8] == data[at + 4: at + 8] == b"\xff\xff\xff\xff"
-    piped = tmp_path / "piped.wav"
-    piped.write_bytes(data)
-    assert audio.probe(piped) == audio.Probe(SR, 2, x.shape[1], "WAV")
-    np.testing.assert_allclose(audio.load_clip(piped, 0.5, 1.5, None, mono=False), x[:, SR // 2: 2 * SR], atol=1e-4)  # 16 bits
 
     def with_sizes(name: str, size: int):
         path = tmp_path / name
