@@ -310,7 +310,16 @@ def node_cpu_flags(timeout_s: float = 120.0) -> dict[str, frozenset[str]]:
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
     read = ray.remote(num_cpus=0)(cpu_flags)
     refs = [read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote() for node in nodes]
-    return dict(zip(nodes, ray.get(refs, timeout=timeout_s)))
+    deadline, flags = time.monotonic() + timeout_s, {}
+    for node, ref in zip(nodes, refs):
+        try:
+            flags[node] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+        except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError):
+            log.info("llm: node %s left the cluster before it told its CPU flags: no engine runs there", node)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:  # not known: as if without the unit
+            log.warning("llm: node %s did not tell its CPU flags (%s): taken as without a bf16 unit", node, type(e).__name__)
+            flags[node] = frozenset()
+    return flags
 
 
 def default_dtype(device: str, flags: frozenset[str] | None = None) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -156,6 +157,22 @@ def test_the_cpu_dtype_is_read_on_the_ray_nodes_the_engine_may_land_on(ray_sessi
     assert L.default_dtype("cpu") == L.default_dtype("cpu", L.cpu_flags())
     spr, epyc = frozenset({"avx2", "avx512_bf16", "amx_bf16"}), frozenset({"avx2"})
     assert L.default_dtype("cpu", spr) == "bfloat16" and L.default_dtype("cpu", spr & epyc) == "float32"
+
+
+@pytest.mark.slow
+def test_a_node_that_leaves_before_telling_its_cpu_flags_is_left_out(ray_session, monkeypatch, caplog):
+    """An autoscaler may drain a node between the listing and the read: its pinned task is then
+    unschedulable. That node runs no engine, so it is left out, and the caption stage starts (it
+    stopped with TaskUnschedulableError). The race cannot be caused on demand: the one fake here
+    is a listed node that no longer exists (`ray.nodes` given one more entry)."""
+    real = ray_session.nodes()
+    gone = {"NodeID": "ab" * 28, "Alive": True, "Resources": {"CPU": 4.0}}
+    monkeypatch.setattr(ray_session, "nodes", lambda: [*real, gone])
+    with caplog.at_level(logging.INFO, logger="pipeline.llm"):
+        per_node = L.node_cpu_flags(timeout_s=60)
+    assert gone["NodeID"] not in per_node and list(per_node.values()) == [L.cpu_flags()]
+    assert "left the cluster before it told its CPU flags" in caplog.text
+    assert L.default_dtype("cpu") == L.default_dtype("cpu", L.cpu_flags())
 
 
 def test_auto_device_follows_the_ray_cluster(monkeypatch):
