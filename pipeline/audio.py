@@ -404,6 +404,20 @@ def _wave_order(data: np.ndarray, subtype: str) -> np.ndarray:
     return data if order is None else data[:, order]
 
 
+def cancels_in_mono(path, start_s: float, duration_s: float, checks: "SignalChecks") -> str | None:
+    """Why a clip whose mono downmix is silent is not silent itself: its channels cancel (one's
+    polarity flipped, a miswired or badly transferred recording). None when no channel is
+    louder than silence either. Decodes the clip again, with its channels: for silent clips only."""
+    channels = load_clip(path, start_s, duration_s, None, mono=False)
+    if channels.shape[0] < 2 or all(checks.reason(ch) is not None for ch in channels):
+        return None
+    from pipeline.facts import stereo_correlation
+
+    corr = stereo_correlation(channels)
+    return (f"silent in mono: its channels cancel in the downmix, each louder than {checks.silence_dbfs} dBFS "
+            f"(stereo correlation {corr:.2f}: out of phase)")
+
+
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     import torch
     import torchaudio.functional as AF

@@ -113,6 +113,7 @@ class DefectThresholds:
     too_quiet_lufs: float = -40.0  # too_quiet: integrated loudness under -40 LUFS
     dc_offset: float = 0.01  # dc_offset: a channel mean beyond 1 % of full scale (-40 dBFS)
     silent_fraction: float = 0.5  # silent_parts: more than half of the 50 ms frames silent
+    out_of_phase_correlation: float = -0.3  # out_of_phase: stereo correlation under -0.3 (one channel's polarity flipped)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -687,5 +688,6 @@ def find_defects(facts: dict, th: DefectThresholds = DefectThresholds()) -> list
         F.TOO_QUIET: under(F.LOUDNESS_LUFS, th.too_quiet_lufs),
         F.DC: facts.get(F.DC_OFFSET) is not None and abs(facts[F.DC_OFFSET]) > th.dc_offset,
         F.SILENT_PARTS: over(F.SILENCE_FRACTION, th.silent_fraction),
+        F.OUT_OF_PHASE: under(F.STEREO_CORRELATION, th.out_of_phase_correlation),
     }
     return [name for name in F.DEFECT_NAMES if found[name]]

@@ -95,6 +95,8 @@ class ScoreStage(Stage):
                     audio.check_unchanged(path, size, mtime, digest)
                     wav = audio.load_clip(path, start, dur, T.PMOS_SAMPLE_RATE)
                     bad = checks.reason(wav)
+                    if bad and bad.startswith("silent"):
+                        bad = audio.cancels_in_mono(path, start, dur, checks) or bad
                     if bad:
                         status[i], reason[i], wav = T.REJECTED, bad, None
                 except audio.AudioError as e:

@@ -53,7 +53,8 @@ NOISY = "noisy"
 TOO_QUIET = "too_quiet"
 DC = "dc_offset"
 SILENT_PARTS = "silent_parts"
-DEFECT_NAMES = (CLIPPING, BAND_LIMITED, NOISY, TOO_QUIET, DC, SILENT_PARTS)
+OUT_OF_PHASE = "out_of_phase"  # the channels (nearly) cancel in the mono downmix that p-MOS, CLAP and the trainer hear
+DEFECT_NAMES = (CLIPPING, BAND_LIMITED, NOISY, TOO_QUIET, DC, SILENT_PARTS, OUT_OF_PHASE)
 DEFECT_REASON_PREFIX = "defect:"  # reason of a row rejected for a defect: "defect:clipping"
 
 # --- caption check reasons -------------------------------------------------------------------

@@ -172,6 +172,21 @@ def test_quiet_dc_silence_and_stereo():
     assert FX.measure(x, SR)[F.STEREO_CORRELATION] is None
 
 
+def test_a_channel_with_its_polarity_flipped_is_out_of_phase_and_a_wide_mix_is_not():
+    """A miswired or badly transferred recording has one channel inverted: the mono downmix that
+    p-MOS, CLAP and the trainer hear cancels (hollow, or silent outright). A wide mix, even two
+    unrelated tracks, reads near 0 or above; inverting a channel of a mix negates its own
+    correlation."""
+    a, b = music(seed=1), music(seed=2, key=2, bpm=97, drums=False)
+    wide = np.stack([0.7 * a + 0.3 * b, 0.3 * a + 0.7 * b])
+    for stereo in (np.stack([a, a]), wide, np.stack([a, b])):
+        assert F.OUT_OF_PHASE not in FX.find_defects(FX.measure(stereo, SR))
+    for stereo in (np.stack([a, -a]), wide * np.array([[1.0], [-1.0]], np.float32)):
+        f = FX.measure(stereo, SR)
+        assert f[F.STEREO_CORRELATION] < -0.3 and F.OUT_OF_PHASE in FX.find_defects(f)
+    assert F.OUT_OF_PHASE not in FX.find_defects(FX.measure(a, SR))  # mono: nothing to cancel
+
+
 @pytest.mark.parametrize("sr", [16000, 44100, 48000])
 def test_measure_works_at_any_rate_and_names_every_fact_column(sr):
     x = tone(440, 3, sr)

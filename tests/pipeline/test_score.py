@@ -47,6 +47,7 @@ def test_stage_scores_ok_rows_and_reports_bad_samples(tmp_path, stage, ingest_to
     write(tmp_path / "silent.wav", np.zeros_like(music))
     write(tmp_path / "dc.wav", np.full_like(music, 0.5))  # clipped to a constant: no signal left
     write(tmp_path / "hiss.flac", (1e-5 * rng.standard_normal(len(music))).astype(np.float32), subtype="PCM_24")
+    write(tmp_path / "inverted.wav", np.stack([music, -music]).T)  # one channel's polarity flipped
     table = ingest_to(tmp_path, tmp_path / "clips")
     # a row that was already rejected upstream passes through untouched
     out = stage(table)
@@ -56,9 +57,13 @@ def test_stage_scores_ok_rows_and_reports_bad_samples(tmp_path, stage, ingest_to
     assert rows["music.wav"][T.SCORER] == "distillmos"
     assert rows["nan.wav"][T.STATUS] == T.REJECTED and rows["nan.wav"][T.REASON].startswith("non_finite_samples: 100 ")
     assert rows["inf.wav"][T.REASON].startswith("non_finite_samples: 1 ")
-    for name in ("silent.wav", "dc.wav", "hiss.flac"):
+    for name in ("silent.wav", "dc.wav", "hiss.flac", "inverted.wav"):
         assert rows[name][T.STATUS] == T.REJECTED and rows[name][T.REASON].startswith("silent"), name
         assert rows[name][T.PMOS] is None
+    # loud in each channel, silent in mono: the reason says why, not just "silent"
+    assert rows["inverted.wav"][T.REASON].startswith("silent in mono: its channels cancel in the downmix")
+    assert "stereo correlation -1.00: out of phase" in rows["inverted.wav"][T.REASON]
+    assert rows["silent.wav"][T.REASON].startswith("silent: ")
 
 
 def test_stage_passes_non_ok_rows_and_catches_files_that_changed(tmp_path, stage, ingest_to):
