@@ -86,6 +86,9 @@ def probe(path: str | Path) -> Probe:
         raise AudioError(f"unreadable: {e.strerror or e}") from e
     if size == 0:
         raise AudioError("empty file (0 bytes)")
+    if path.name.startswith("._") and _appledouble(path):
+        raise AudioError(f"not audio: a macOS AppleDouble file, the metadata Finder writes beside "
+                         f"{path.name[2:]!r} on a disk that is not a Mac's (delete them: dot_clean, or find . -name '._*' -delete)")
     if _by_ffmpeg(path, fresh=True):
         from pipeline import ffmpeg
 
@@ -124,6 +127,17 @@ def probe(path: str | Path) -> Probe:
     if len(tail) == 0:
         raise AudioError(f"truncated: the header declares {frames} frames but the end holds none")
     return Probe(int(info.samplerate), int(info.channels), int(frames), str(info.format))
+
+
+_APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"
+
+
+def _appledouble(p: Path) -> bool:
+    try:
+        with p.open("rb") as f:
+            return f.read(4) == _APPLEDOUBLE_MAGIC
+    except Exception:  # noqa: BLE001 - unreadable: the decoder says why
+        return False
 
 
 def _by_ffmpeg(path, fresh: bool = False) -> bool:

@@ -1,4 +1,5 @@
 import json
+import struct
 import unittest.mock as mock
 
 import numpy as np
@@ -112,6 +113,15 @@ def test_manifest_without_path_column_is_a_clear_error(tmp_path, ingest_to):
         ingest_to(tmp_path / "m.csv", tmp_path / "out")
 
 
+def appledouble() -> bytes:
+    """What macOS writes as `._NAME` beside a file copied to a disk without resource forks
+    (exFAT, FAT32, SMB): an AppleDouble header (RFC 1740: magic, version 2, filler, two entries:
+    Finder info and an empty resource fork), padded to 4 KiB."""
+    head = struct.pack(">II16sH", 0x00051607, 0x00020000, b"Mac OS X        ", 2)
+    entries = struct.pack(">III", 9, 50, 32) + struct.pack(">III", 2, 82, 0)  # id, offset, length
+    return (head + entries + b"WAVEhook" + bytes(24)).ljust(4096, b"\0")
+
+
 def test_bad_files_become_rows_with_reasons(tmp_path, ingest_to):
     d = tmp_path / "bad"
     d.mkdir()
@@ -130,6 +140,7 @@ def test_bad_files_become_rows_with_reasons(tmp_path, ingest_to):
     sf.write(d / "huge_rate.wav", np.zeros(10, np.float32) + 0.1, 2_000_000)
     sf.write(d / "ok.wav", tone(3), 16000)
     (d / "copy.wav").write_bytes((d / "ok.wav").read_bytes())
+    (d / "._ok.wav").write_bytes(appledouble())
     rows = {k: v[0] for k, v in by_path(ingest_to(d, tmp_path / "out")).items()}
     expect = {
         "zero.wav": (T.ERROR, "empty file (0 bytes)"),
@@ -141,6 +152,7 @@ def test_bad_files_become_rows_with_reasons(tmp_path, ingest_to):
         "huge_rate.wav": (T.REJECTED, "sample_rate_too_high: 2000000 Hz"),
         "copy.wav": (T.OK, ""),
         "ok.wav": (T.REJECTED, "duplicate: same audio as"),
+        "._ok.wav": (T.ERROR, "not audio: a macOS AppleDouble file, the metadata Finder writes beside 'ok.wav'"),
     }
     for name, (status, reason) in expect.items():
         assert rows[name][T.STATUS] == status, (name, rows[name][T.REASON])
