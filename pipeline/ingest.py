@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import math
@@ -126,7 +127,13 @@ def read_manifest(path: str | Path) -> list[SourceRow]:
         raise ValueError(f"manifest {str(path)!r}: unknown type {suffix!r}; expected .csv, .jsonl or .parquet")
     with path.open("rb") as f:
         if suffix == ".csv":
-            df = pd.read_csv(f, dtype=str)  # empty cells and NaN/NA/null read as missing, not as text
+            text = _manifest_text(f.read(), path)
+            df = pd.read_csv(io.StringIO(text), dtype=str)  # empty cells and NaN/NA/null read as missing, not as text
+            header = str(df.columns[0]) if len(df.columns) == 1 else ""
+            for sep in (";", "\t"):  # Excel's CSV where the decimal mark is a comma; its "Unicode text"
+                if PATH_COLUMN in header.split(sep):
+                    df = pd.read_csv(io.StringIO(text), dtype=str, sep=sep)
+                    break
         elif suffix == ".parquet":
             df = pd.read_parquet(f)
         else:
@@ -149,6 +156,19 @@ def read_manifest(path: str | Path) -> list[SourceRow]:
             )
         )
     return rows
+
+
+def _manifest_text(raw: bytes, path) -> str:
+    """A CSV manifest's text: UTF-8 (with or without the BOM Excel writes), or UTF-16 with its
+    BOM; a legacy encoding cannot be told from another, so it is refused with where it fails."""
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return raw.decode("utf-16")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"manifest {str(path)!r} is not UTF-8 text: byte 0x{raw[e.start]:02x} on line {line} (saved in a "
+                         f"legacy encoding such as Windows-1252?): save it as UTF-8 (Excel: 'CSV UTF-8')") from None
 
 
 def _jsonable(v):

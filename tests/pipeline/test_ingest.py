@@ -107,6 +107,23 @@ def test_manifest_captions_tags_metadata(music, tmp_path, fmt, ingest_to):
     assert missing[0][T.CAPTION_ORIGINAL].startswith("Ignore all previous")  # kept as data
 
 
+@pytest.mark.parametrize("name, data", [
+    ("semicolons", "path;caption\na.wav;calm piano\n".encode()),  # Excel's CSV where the decimal mark is a comma
+    ("bom", "\ufeffpath,caption\na.wav,calm piano\n".encode()),  # Excel's "CSV UTF-8"
+    ("unicode_text", "path\tcaption\r\na.wav\tcalm piano\r\n".encode("utf-16")),  # Excel's "Unicode text": UTF-16, tabs
+], ids=["semicolons", "bom", "unicode_text"])
+def test_manifests_as_spreadsheets_save_them_are_read(music, tmp_path, ingest_to, name, data):
+    (music / f"{name}.csv").write_bytes(data)
+    rows = by_path(ingest_to(music / f"{name}.csv", tmp_path / "out"))
+    assert list(rows) == ["a.wav"] and rows["a.wav"][0][T.CAPTION_ORIGINAL] == "calm piano"
+
+
+def test_a_manifest_in_a_legacy_encoding_is_a_clear_error(tmp_path, ingest_to):
+    (tmp_path / "m.csv").write_bytes("path,caption\na.wav,caf\xe9 music\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=r"m.csv' is not UTF-8 text: byte 0xe9 on line 2 .* save it as UTF-8"):
+        ingest_to(tmp_path / "m.csv", tmp_path / "out")
+
+
 def test_manifest_without_path_column_is_a_clear_error(tmp_path, ingest_to):
     (tmp_path / "m.csv").write_text("file,caption\na.wav,x\n")
     with pytest.raises(ValueError, match=r"no 'path' column; it has \['file', 'caption'\]"):
