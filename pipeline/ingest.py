@@ -137,7 +137,7 @@ def read_manifest(path: str | Path) -> list[SourceRow]:
         elif suffix == ".parquet":
             df = pd.read_parquet(f)
         else:
-            df = pd.read_json(f, lines=True, dtype=False)
+            df = pd.DataFrame(_json_lines(f.read(), path))
     if PATH_COLUMN not in df.columns:
         raise ValueError(f"manifest {str(path)!r} has no {PATH_COLUMN!r} column; it has {list(df.columns)}")
     extra = [c for c in df.columns if c not in (PATH_COLUMN, CAPTION_COLUMN, TAGS_COLUMN)]
@@ -155,6 +155,23 @@ def read_manifest(path: str | Path) -> list[SourceRow]:
                 metadata_json=json.dumps(meta, sort_keys=True, ensure_ascii=False),
             )
         )
+    return rows
+
+
+def _json_lines(raw: bytes, path) -> list[dict]:
+    """The objects of a JSON-lines manifest, one a line (blank lines skipped); a line that is not
+    a JSON object is refused with its number."""
+    rows = []
+    for i, line in enumerate(_manifest_text(raw, path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"manifest {str(path)!r}, line {i}: not JSON: {e.msg} at column {e.colno}") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"manifest {str(path)!r}, line {i}: a JSON {type(obj).__name__}, not an object with a 'path'")
+        rows.append(obj)
     return rows
 
 

@@ -124,6 +124,15 @@ def test_a_manifest_in_a_legacy_encoding_is_a_clear_error(tmp_path, ingest_to):
         ingest_to(tmp_path / "m.csv", tmp_path / "out")
 
 
+def test_a_jsonl_manifest_line_that_is_not_an_object_is_named(tmp_path, ingest_to):
+    (tmp_path / "m.jsonl").write_text('{"path": "a.wav"}\n\n{"path": "b.wav", caption: "x"}\n')
+    with pytest.raises(ValueError, match=r"m.jsonl', line 3: not JSON: Expecting property name .* at column 19"):
+        ingest_to(tmp_path / "m.jsonl", tmp_path / "out")
+    (tmp_path / "m.jsonl").write_text('{"path": "a.wav"}\n["b.wav"]\n')
+    with pytest.raises(ValueError, match=r"m.jsonl', line 2: a JSON list, not an object"):
+        ingest_to(tmp_path / "m.jsonl", tmp_path / "out")
+
+
 def test_manifest_without_path_column_is_a_clear_error(tmp_path, ingest_to):
     (tmp_path / "m.csv").write_text("file,caption\na.wav,x\n")
     with pytest.raises(ValueError, match=r"no 'path' column; it has \['file', 'caption'\]"):
