@@ -118,25 +118,18 @@ def test_manifests_as_spreadsheets_save_them_are_read(music, tmp_path, ingest_to
     assert list(rows) == ["a.wav"] and rows["a.wav"][0][T.CAPTION_ORIGINAL] == "calm piano"
 
 
-def test_a_manifest_in_a_legacy_encoding_is_a_clear_error(tmp_path, ingest_to):
-    (tmp_path / "m.csv").write_bytes("path,caption\na.wav,caf\xe9 music\n".encode("cp1252"))
-    with pytest.raises(ValueError, match=r"m.csv' is not UTF-8 text: byte 0xe9 on line 2 .* save it as UTF-8"):
-        ingest_to(tmp_path / "m.csv", tmp_path / "out")
-
-
-def test_a_jsonl_manifest_line_that_is_not_an_object_is_named(tmp_path, ingest_to):
-    (tmp_path / "m.jsonl").write_text('{"path": "a.wav"}\n\n{"path": "b.wav", caption: "x"}\n')
-    with pytest.raises(ValueError, match=r"m.jsonl', line 3: not JSON: Expecting property name .* at column 19"):
-        ingest_to(tmp_path / "m.jsonl", tmp_path / "out")
-    (tmp_path / "m.jsonl").write_text('{"path": "a.wav"}\n["b.wav"]\n')
-    with pytest.raises(ValueError, match=r"m.jsonl', line 2: a JSON list, not an object"):
-        ingest_to(tmp_path / "m.jsonl", tmp_path / "out")
-
-
-def test_manifest_without_path_column_is_a_clear_error(tmp_path, ingest_to):
-    (tmp_path / "m.csv").write_text("file,caption\na.wav,x\n")
-    with pytest.raises(ValueError, match=r"no 'path' column; it has \['file', 'caption'\]"):
-        ingest_to(tmp_path / "m.csv", tmp_path / "out")
+@pytest.mark.parametrize("name, data, error", [
+    ("m.csv", "file,caption\na.wav,x\n".encode(), r"no 'path' column; it has \['file', 'caption'\]"),
+    ("m.csv", "path,caption\na.wav,caf\xe9 music\n".encode("cp1252"),  # Excel's CSV on Windows, not "CSV UTF-8"
+     r"m.csv' is not UTF-8 text: byte 0xe9 on line 2 .* save it as UTF-8"),
+    ("m.jsonl", b'{"path": "a.wav"}\n\n{"path": "b.wav", caption: "x"}\n',
+     r"m.jsonl', line 3: not JSON: Expecting property name .* at column 19"),
+    ("m.jsonl", b'{"path": "a.wav"}\n["b.wav"]\n', r"m.jsonl', line 2: a JSON list, not an object"),
+], ids=["no_path_column", "legacy_encoding", "jsonl_bad_line", "jsonl_not_an_object"])
+def test_a_manifest_that_cannot_be_read_is_a_clear_error(tmp_path, ingest_to, name, data, error):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ValueError, match=error):
+        ingest_to(tmp_path / name, tmp_path / "out")
 
 
 def appledouble() -> bytes:
