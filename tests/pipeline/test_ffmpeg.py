@@ -178,7 +178,8 @@ def loud_start(x: np.ndarray, seconds: float = 0.3) -> np.ndarray:
 def test_a_vbr_mp3_without_a_xing_header_is_read_whole(tmp_path):
     """An MP3 cutter or a stream dump leaves a VBR file without its Xing/VBRI header, so nothing
     gives its length: libsndfile guesses it from the first frame's bit rate and reads no further
-    (here over a second of 8 lost: the rest of a song had no clip, and no row said so). Such a file is read
+    (here over a second of 8 lost: the rest of a song had no clip, and no row said so), or, where
+    the first frames are quiet, past the end (a sound file refused as truncated). Such a file is read
     by FFmpeg to its end; a VBR file with the header, or a CBR one without (whose guess is
     right), stays libsndfile's."""
     x = loud_start(signal(8.0))
@@ -204,6 +205,14 @@ def test_a_vbr_mp3_without_a_xing_header_is_read_whole(tmp_path):
         assert p.format == "MP3" and abs(p.frames - x.shape[1]) < 0.25 * SR, (path.name, p)
     vbr.write_bytes(with_header.read_bytes())  # its header written (ffmpeg -c copy): probed afresh, libsndfile's
     assert audio.probe(vbr).format == "MP3"
+    # a quiet start (the first frames at a low bit rate): libsndfile's guess runs long, and the
+    # file was refused as "truncated: the header declares ... but the end holds none"
+    quiet = x.copy()
+    quiet[:, : SR // 2] = 0.0
+    encode(vbr, quiet, "libmp3lame", options={"write_xing": "0"}, qscale=2)
+    assert sf.info(str(vbr)).frames > x.shape[1] + SR
+    p = audio.probe(vbr)
+    assert p.format == "FFMPEG:mp3float" and x.shape[1] <= p.frames <= x.shape[1] + 2 * 1152
 
 
 def _ffmpeg_decode(path) -> np.ndarray:
