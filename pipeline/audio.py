@@ -245,8 +245,8 @@ def _ogg_chained(p: Path) -> str | None:
     last = tail.rfind(b"OggS\x00")
     if first[:5] != b"OggS\x00" or last < 0 or last + 18 > len(tail) or tail[last + 14: last + 18] == first[14:18]:
         return None
-    return ("a chained Ogg file (streams one after another), of which libsndfile reads only the first: "
-            "pip install 'mosaiq[ffmpeg]' to read it whole, or convert it: ffmpeg -i IN OUT.flac")
+    return ("an Ogg file of several streams (chained one after another, or multiplexed), of which libsndfile "
+            "reads only the first: pip install 'mosaiq[ffmpeg]' to read it whole, or convert it: ffmpeg -i IN OUT.flac")
 
 
 _SHORT_READS = {".mp3": _mp3_length_guessed, ".ogg": _ogg_chained, ".oga": _ogg_chained, ".opus": _ogg_chained}

@@ -163,7 +163,7 @@ def test_without_pyav_an_m4a_is_listed_and_its_row_says_how_to_read_it(tmp_path)
     m4a, mp3, ogg = out.stdout.splitlines()
     assert m4a.startswith("error not decodable audio: .m4a files are decoded by FFmpeg, which is not installed"), m4a
     assert mp3.startswith("error not decodable audio: a VBR .mp3 without a Xing/VBRI header gives no length"), mp3
-    assert ogg.startswith("error not decodable audio: a chained Ogg file (streams one after another)"), ogg
+    assert ogg.startswith("error not decodable audio: an Ogg file of several streams (chained one after another"), ogg
     assert all("pip install 'mosaiq[ffmpeg]'" in line for line in (m4a, mp3, ogg))
 
 
