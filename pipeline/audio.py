@@ -221,7 +221,7 @@ def _mp3_length_guessed(p: Path) -> str | None:
         first = _mp3_frames_in(window)
         if not first or any(tag in window[first[0][0]: first[1][0]] for tag in _MP3_LENGTH_TAGS):
             return None
-        size = fs.size_and_mtime(p)[0]
+        size = f.seek(0, 2)
         rates = {kbps_i for _, kbps_i in first}
         for share in (0.25, 0.5, 0.75):  # CBR: every frame at the first one's bit rate
             f.seek(start + int(share * (size - start)))
@@ -239,8 +239,7 @@ def _ogg_chained(p: Path) -> str | None:
     stream (serial number) than its first."""
     with p.open("rb") as f:
         first = f.read(27)
-        size = fs.size_and_mtime(p)[0]
-        f.seek(max(0, size - _WINDOW))
+        f.seek(max(0, f.seek(0, 2) - _WINDOW))
         tail = f.read(_WINDOW)
     last = tail.rfind(b"OggS\x00")
     if first[:5] != b"OggS\x00" or last < 0 or last + 18 > len(tail) or tail[last + 14: last + 18] == first[14:18]:

@@ -59,6 +59,11 @@ def _message(e: Exception) -> str:
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
+def _demuxers(container) -> set[str]:
+    """The names FFmpeg's demuxer answers to ("mov,mp4,m4a,3gp,3g2,mj2" for MP4)."""
+    return set(container.format.name.split(","))
+
+
 def _stream(container):
     if not container.streams.audio:
         raise AudioError(f"no audio stream: the {container.format.name} container holds "
@@ -141,7 +146,7 @@ def probe(path) -> tuple[int, int, int, str]:
     (truncated). The length is the container's (a stream that gives none is decoded to count)."""
     suffix = fs.location(path).suffix.lower()
     with _open(path) as c:
-        demuxers = set(c.format.name.split(","))
+        demuxers = _demuxers(c)
         expected = EXPECTED_DEMUXER.get(suffix)
         if expected is not None and expected not in demuxers:
             raise AudioError(f"wrong extension: {suffix} file holds {c.format.name} data")
@@ -171,5 +176,5 @@ def read(path, start_s: float, duration_s: float, expected_sr: int | None = None
         if expected_sr is not None and rate != expected_sr:
             raise AudioError(f"sample rate changed: the file is {rate} Hz now, the table says {expected_sr} Hz")
         n = int(round(duration_s * rate))
-        chained = bool(set(c.format.name.split(",")) & _CHAINED)
+        chained = bool(_demuxers(c) & _CHAINED)
         return _decode(c, s, rate, int(round(start_s * rate)), n, seek=not chained), rate, n

@@ -176,8 +176,8 @@ def _json_lines(raw: bytes, path) -> list[dict]:
 
 
 def _manifest_text(raw: bytes, path) -> str:
-    """A CSV manifest's text: UTF-8 (with or without the BOM Excel writes), or UTF-16 with its
-    BOM; a legacy encoding cannot be told from another, so it is refused with where it fails."""
+    """A CSV or JSON-lines manifest's text: UTF-8 (with or without the BOM Excel writes), or UTF-16
+    with its BOM; a legacy encoding cannot be told from another, so it is refused with where it fails."""
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return raw.decode("utf-16")
     try:

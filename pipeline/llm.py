@@ -316,7 +316,7 @@ def node_cpu_flags(timeout_s: float = 120.0) -> dict[str, frozenset[str]]:
             flags[node] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
         except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError):
             log.info("llm: node %s left the cluster before it told its CPU flags: no engine runs there", node)
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:  # not known: as if without the unit
+        except ray.exceptions.RayError as e:  # a timeout or a failure: not known, so as if without the unit
             log.warning("llm: node %s did not tell its CPU flags (%s): taken as without a bf16 unit", node, type(e).__name__)
             flags[node] = frozenset()
     return flags
